@@ -1,0 +1,8 @@
+"""hyprec: hybrid-precision inference. Weights and activations in float32, attention in float16/bfloat16."""
+
+from hyprec.dtype_policy import DtypePolicy, resolve_policy
+from hyprec.entrypoints.llm import LLM
+from hyprec.errors import HyprecError
+
+__version__ = "0.1.0"
+__all__ = ["LLM", "DtypePolicy", "HyprecError", "__version__", "resolve_policy"]

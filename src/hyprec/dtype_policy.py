@@ -1,0 +1,151 @@
+"""The dtype policy: the one place that decides which tensors live in which floating-point format.
+
+Names the user passes (``dtype``, ``attn_dtype``, ``kv_cache_dtype``) are validated and resolved here into a
+:class:`DtypePolicy`. Everything downstream reads the resolved torch dtypes from that object:
+
+* ``compute_dtype``: weights and activations (residual stream, FFN, embeddings).
+* ``attn_dtype``: q/k/v as they enter the fused attention kernel (the only place half precision is used in
+  ``hybrid`` mode; the kernels keep QK^T and the softmax statistics in float32 internally).
+* ``kv_cache_dtype``: storage format of cached keys/values (decoder models).
+
+Norms, softmax statistics, positions, pooling and final outputs are always float32, whatever the policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from hyprec.errors import ConfigError
+
+DTYPES = ("auto", "float32", "float16", "bfloat16", "hybrid")
+ATTN_DTYPES = ("auto", "float32", "float16", "bfloat16")
+KV_CACHE_DTYPES = ATTN_DTYPES
+
+_TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}
+_SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _canonical(value: object, field: str, valid: tuple[str, ...]) -> str:
+    if isinstance(value, torch.dtype):
+        value = str(value).removeprefix("torch.")
+    if not isinstance(value, str):
+        raise ConfigError(f"{field}={value!r}: expected one of {', '.join(valid)}")
+    name = _ALIASES.get(value.lower(), value.lower())
+    if name not in valid:
+        raise ConfigError(f"{field}={value!r} is not valid; expected one of {', '.join(valid)}")
+    return name
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """Short name used in policy labels: fp32, fp16, bf16."""
+    return _SHORT[dtype]
+
+
+@dataclass(frozen=True)
+class DtypePolicy:
+    """A resolved dtype policy. Build it with :func:`resolve_policy`."""
+
+    mode: str  # "float32", "float16", "bfloat16" (whole model) or "hybrid"
+    compute_dtype: torch.dtype
+    attn_dtype: torch.dtype
+    kv_cache_dtype: torch.dtype
+    reason: str  # why auto choices were made; shown by `hyprec info`
+
+    @property
+    def name(self) -> str:
+        """A label such as ``hybrid-fp16`` or ``float32``."""
+        return f"hybrid-{dtype_name(self.attn_dtype)}" if self.mode == "hybrid" else self.mode
+
+    def as_dict(self) -> dict[str, str]:
+        return {
+            "policy": self.name,
+            "dtype": self.mode,
+            "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
+            "attn_dtype": str(self.attn_dtype).removeprefix("torch."),
+            "kv_cache_dtype": str(self.kv_cache_dtype).removeprefix("torch."),
+            "reason": self.reason,
+        }
+
+    def __str__(self) -> str:
+        d = self.as_dict()
+        return (
+            f"{d['policy']} (weights/activations {d['compute_dtype']}, attention {d['attn_dtype']}, "
+            f"KV cache {d['kv_cache_dtype']}; {d['reason']})"
+        )
+
+
+def resolve_policy(
+    dtype: str | torch.dtype = "auto",
+    attn_dtype: str | torch.dtype = "auto",
+    kv_cache_dtype: str | torch.dtype = "auto",
+    *,
+    checkpoint_dtype: torch.dtype = torch.float32,
+    fp16_attention_safe: Callable[[], tuple[bool, str]] | None = None,
+) -> DtypePolicy:
+    """Validate the user's dtype names and resolve every ``auto``.
+
+    Args:
+        dtype: ``auto`` | ``float32`` | ``float16`` | ``bfloat16`` | ``hybrid``. ``auto`` takes the checkpoint's
+            dtype, except that a float32 checkpoint resolves to ``hybrid`` (float32 everywhere but attention).
+        attn_dtype: ``auto`` | ``float32`` | ``float16`` | ``bfloat16``. In hybrid mode ``auto`` picks float16 when
+            ``fp16_attention_safe`` certifies it, otherwise bfloat16 (float32's range, coarser mantissa).
+        kv_cache_dtype: ``auto`` follows ``attn_dtype``.
+        checkpoint_dtype: dtype the weights were stored in.
+        fp16_attention_safe: lazily evaluated check returning ``(safe, evidence)``; only called when needed.
+
+    Raises:
+        ConfigError: for unknown names or combinations that make no sense (listed in the message).
+    """
+    mode = _canonical(dtype, "dtype", DTYPES)
+    attn = _canonical(attn_dtype, "attn_dtype", ATTN_DTYPES)
+    kv = _canonical(kv_cache_dtype, "kv_cache_dtype", KV_CACHE_DTYPES)
+    reasons = []
+
+    if mode == "auto":
+        if checkpoint_dtype == torch.float32:
+            mode = "hybrid"
+            reasons.append("float32 checkpoint -> hybrid")
+        else:
+            mode = str(checkpoint_dtype).removeprefix("torch.")
+            reasons.append(f"{mode} checkpoint -> {mode}")
+
+    if mode == "hybrid":
+        compute = torch.float32
+        if attn == "float32":
+            raise ConfigError(
+                "dtype='hybrid' with attn_dtype='float32' is plain float32; use dtype='float32', "
+                "or attn_dtype in (auto, float16, bfloat16)"
+            )
+        if attn == "auto":
+            safe, evidence = fp16_attention_safe() if fp16_attention_safe else (True, "no check available")
+            attn = "float16" if safe else "bfloat16"
+            reasons.append(f"attention {attn}: {evidence}")
+    else:
+        compute = _TORCH[mode]
+        if attn not in ("auto", mode):
+            raise ConfigError(
+                f"dtype={mode!r} runs the whole model in {mode}, so attn_dtype must be 'auto' or {mode!r} "
+                f"(got {attn!r}); use dtype='hybrid' for float32 weights with half-precision attention"
+            )
+        attn = mode
+
+    if kv == "auto":
+        kv = attn
+    elif _TORCH[kv] in HALF_DTYPES and _TORCH[attn] in HALF_DTYPES and kv != attn:
+        raise ConfigError(
+            f"kv_cache_dtype={kv!r} with attn_dtype={attn!r} would round keys/values through two half formats; "
+            f"use kv_cache_dtype in ('auto', {attn!r}, 'float32')"
+        )
+
+    return DtypePolicy(
+        mode=mode,
+        compute_dtype=compute,
+        attn_dtype=_TORCH[attn],
+        kv_cache_dtype=_TORCH[kv],
+        reason="; ".join(reasons) or "as requested",
+    )

@@ -1,0 +1,1 @@
+"""The engine: batching, model execution, outputs."""

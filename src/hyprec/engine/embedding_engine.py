@@ -1,0 +1,216 @@
+"""The embedding engine: texts -> tokens -> token-budget batches -> encoder -> pooling head -> float32 vectors."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from hyprec.config import EngineConfig, ModelConfig, read_json
+from hyprec.dtype_policy import DtypePolicy, resolve_policy
+from hyprec.engine.batching import BatchStats, plan_batches
+from hyprec.errors import InputTypeError, InvalidInputError, ModelLoadError, NonFiniteOutputError
+from hyprec.layers.attention import AttentionMetadata
+from hyprec.layers.attention_backends import select_backend
+from hyprec.loading.st_pipeline import read_pipeline
+from hyprec.loading.tokenizer import TextTokenizer
+from hyprec.loading.weights import Checkpoint, load_weights
+from hyprec.models.base import EncoderModel
+from hyprec.models.registry import model_class
+from hyprec.pooling import EmbeddingHead
+from hyprec.precision.attention_bounds import fp16_attention_check
+
+log = logging.getLogger("hyprec")
+
+
+def validate_texts(texts: object) -> list[str]:
+    """A list of strings from ``texts`` (one string or a sequence of them), or an error naming the bad item."""
+    if isinstance(texts, str):
+        return [texts]
+    if not isinstance(texts, Sequence) or isinstance(texts, (bytes, bytearray)):
+        raise InputTypeError(f"texts must be a string or a list of strings, got {type(texts).__name__}")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise InputTypeError(f"texts[{i}] is {type(t).__name__} ({t!r:.40}); expected str")
+    return list(texts)
+
+
+def _positive_int(value: object, name: str, upper: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InvalidInputError(f"{name}={value!r}: expected a positive integer")
+    if upper is not None and value > upper:
+        raise InvalidInputError(f"{name}={value!r}: expected at most {upper}")
+    return int(value)
+
+
+class EmbeddingEngine:
+    """Owns one encoder model, its tokenizer and pooling head, and the resolved dtype policy."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        dtype: str = "auto",
+        attn_dtype: str = "auto",
+        kv_cache_dtype: str = "auto",
+        engine_config: EngineConfig | None = None,
+    ):
+        self.model_dir = model_dir
+        self.engine_config = engine_config or EngineConfig()
+        self.device = torch.device(self.engine_config.device)
+        self.pipeline = read_pipeline(model_dir)
+        tdir = self.pipeline.transformer_dir
+        self.model_config = ModelConfig.from_dir(tdir)
+        cls = model_class(self.model_config)
+        checkpoint = Checkpoint.open(tdir)
+        self.checkpoint_dtype = checkpoint.floating_dtype()
+
+        @functools.cache
+        def build(compute_dtype: torch.dtype) -> EncoderModel:
+            with torch.device("meta"):
+                model = cls(self.model_config)
+            load_weights(
+                model,
+                checkpoint,
+                compute_dtype=compute_dtype,
+                device=self.device,
+                prefixes=cls.checkpoint_prefixes,
+                ignored=cls.ignored_weights,
+            )
+            return model.eval()
+
+        self.policy: DtypePolicy = resolve_policy(
+            dtype,
+            attn_dtype,
+            kv_cache_dtype,
+            checkpoint_dtype=self.checkpoint_dtype,
+            fp16_attention_safe=lambda: fp16_attention_check(build(torch.float32)),
+        )
+        self.model = build(self.policy.compute_dtype)
+        self.backend = select_backend(self.device, self.policy.attn_dtype, needs_bias=cls.uses_attention_bias)
+        self.head = EmbeddingHead(self.pipeline).to(self.device).eval()
+        self.max_seq_length = self._max_seq_length()
+        self.tokenizer = TextTokenizer(tdir, self.max_seq_length)
+        self.dimension = self._output_dimension()
+        self.last_stats = BatchStats()
+        log.info("hyprec: %s: policy %s, attention backend %s", model_dir.name, self.policy, self.backend.name)
+
+    def _max_seq_length(self) -> int:
+        limit = self.model.max_positions
+        length = self.pipeline.max_seq_length
+        if length is None:
+            tok_cfg_file = self.pipeline.transformer_dir / "tokenizer_config.json"
+            tok_cfg = read_json(tok_cfg_file, "tokenizer config") if tok_cfg_file.exists() else {}
+            length = min(int(tok_cfg.get("model_max_length", limit)), limit)
+        if not isinstance(length, int) or length < 2:
+            raise ModelLoadError(f"{self.model_dir}: max_seq_length={length!r}: expected an integer >= 2")
+        if length > limit:
+            log.warning("max_seq_length %d exceeds the model's %d positions; using %d", length, limit, limit)
+            length = limit
+        return length
+
+    def _output_dimension(self) -> int:
+        if self.pipeline.dense:
+            return self.pipeline.dense[-1].out_features
+        return self.model.hidden_size * len(self.pipeline.pooling.modes)
+
+    def _prompt(self, prompt_name: str | None, prompt: str | None) -> str:
+        if prompt is not None and prompt_name is not None:
+            raise InvalidInputError("give either prompt or prompt_name, not both")
+        if prompt is not None:
+            if not isinstance(prompt, str):
+                raise InputTypeError(f"prompt must be a string, got {type(prompt).__name__}")
+            return prompt
+        name = prompt_name if prompt_name is not None else self.pipeline.default_prompt_name
+        if name is None:
+            return ""
+        if name not in self.pipeline.prompts:
+            known = ", ".join(sorted(self.pipeline.prompts)) or "none"
+            raise InvalidInputError(f"prompt_name={name!r} is not defined by this model; its prompts: {known}")
+        return self.pipeline.prompts[name]
+
+    def tokenize(self, texts: list[str], prompt: str = "") -> list[list[int]]:
+        """Token ids as sentence-transformers produces them: prompt prepended, whitespace stripped, truncated."""
+        inputs = [(prompt + t).strip() for t in texts]
+        if self.pipeline.do_lower_case:
+            inputs = [t.lower() for t in inputs]
+        return self.tokenizer.encode(inputs)
+
+    @torch.inference_mode()
+    def embed(
+        self,
+        texts: str | Sequence[str],
+        *,
+        normalize: bool | None = None,
+        dimensions: int | None = None,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        batch_size: int | None = None,
+        show_progress: bool = False,
+    ) -> np.ndarray:
+        """Embeddings ``float32 [len(texts), dim]`` in input order. See :meth:`hyprec.LLM.embed`."""
+        items = validate_texts(texts)
+        if dimensions is not None:
+            dimensions = _positive_int(dimensions, "dimensions", self.dimension)
+        if normalize is not None and not isinstance(normalize, bool):
+            raise InputTypeError(f"normalize must be True, False or None, got {normalize!r}")
+        max_seqs = self.engine_config.max_num_seqs if batch_size is None else _positive_int(batch_size, "batch_size")
+        prompt_text = self._prompt(prompt_name, prompt)
+        # ST counts the prompt's tokens minus the trailing special token; pooling may skip them.
+        prompt_len = self.tokenizer.count(prompt_text) - 1 if prompt_text else 0
+
+        ids = self.tokenize(items, prompt_text)
+        out = np.empty((len(items), dimensions or self.dimension), dtype=np.float32)
+        stats = BatchStats()
+        batches = plan_batches([len(x) for x in ids], self.engine_config.max_num_batched_tokens, max_seqs)
+        for batch in tqdm(batches, desc="embed", unit="batch", disable=not show_progress):
+            lens = [len(ids[i]) for i in batch]
+            stats.add(lens)
+            vectors = self._run_batch([ids[i] for i in batch], [prompt_len] * len(batch), normalize, dimensions)
+            if not torch.isfinite(vectors).all():
+                bad = [batch[j] for j in torch.nonzero(~torch.isfinite(vectors).all(dim=1)).flatten().tolist()]
+                raise NonFiniteOutputError(
+                    f"non-finite embeddings for inputs {bad[:10]} under policy {self.policy.name}; "
+                    "retry with dtype='float32' or dtype='hybrid'"
+                )
+            out[batch] = vectors.cpu().numpy()
+        self.last_stats = stats
+        return out
+
+    def _run_batch(
+        self, ids: list[list[int]], prompt_lens: list[int], normalize: bool | None, dimensions: int | None
+    ) -> torch.Tensor:
+        lens = [len(x) for x in ids]
+        flat = torch.tensor([t for seq in ids for t in seq], dtype=torch.long, device=self.device)
+        meta = AttentionMetadata.for_sequences(
+            lens, attn_dtype=self.policy.attn_dtype, backend=self.backend, device=self.device
+        )
+        hidden = self.model(flat, meta)
+        return self.head(hidden, lens, prompt_lens, normalize=normalize, dimensions=dimensions)
+
+    def info(self) -> dict[str, Any]:
+        cfg = self.model_config
+        return {
+            "model": str(self.model_dir),
+            "architecture": ", ".join(cfg.architectures) or cfg.model_type,
+            "model_type": cfg.model_type,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "hidden_size": cfg.get("hidden_size"),
+            "num_layers": cfg.get("num_hidden_layers"),
+            "num_heads": cfg.get("num_attention_heads"),
+            "vocab_size": cfg.get("vocab_size"),
+            "max_seq_length": self.max_seq_length,
+            "embedding_dimension": self.dimension,
+            "checkpoint_dtype": str(self.checkpoint_dtype).removeprefix("torch."),
+            "pipeline": self.pipeline.describe(),
+            "prompts": sorted(self.pipeline.prompts),
+            "device": str(self.device),
+            "attention_backend": self.backend.name,
+            "policy": self.policy.as_dict(),
+        }

@@ -1,0 +1,1 @@
+"""User-facing entry points: Python API and CLI."""

@@ -1,0 +1,149 @@
+"""The ``hyprec`` command line: ``hyprec embed`` and ``hyprec info``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from hyprec.dtype_policy import ATTN_DTYPES, DTYPES, KV_CACHE_DTYPES
+from hyprec.errors import HyprecError, InvalidInputError
+
+PROGRESS_THRESHOLD = 256  # show a progress bar for inputs with more texts than this
+
+
+def read_texts(path: Path) -> list[str]:
+    """Texts from a ``.txt`` file (one per line) or a ``.jsonl`` file (JSON strings or objects with "text")."""
+    if path.suffix not in (".txt", ".jsonl"):
+        raise InvalidInputError(f"--input {path}: expected a .txt or .jsonl file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise InvalidInputError(f"--input {path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"--input {path}: cannot read as UTF-8 text: {exc}") from None
+    if path.suffix == ".txt":
+        return lines
+    texts = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InvalidInputError(f"{path}:{n}: invalid JSON ({exc.msg})") from None
+        if isinstance(item, dict):
+            item = item.get("text")
+        if not isinstance(item, str):
+            raise InvalidInputError(f'{path}:{n}: expected a JSON string or an object with a "text" string field')
+        texts.append(item)
+    return texts
+
+
+def write_embeddings(vectors: np.ndarray, output: Path | None) -> None:
+    if output is None:
+        for i, v in enumerate(vectors):
+            sys.stdout.write(json.dumps({"index": i, "embedding": v.tolist()}) + "\n")
+        return
+    if output.suffix == ".npy":
+        np.save(output, vectors)
+    elif output.suffix == ".jsonl":
+        with open(output, "w", encoding="utf-8") as f:
+            for i, v in enumerate(vectors):
+                f.write(json.dumps({"index": i, "embedding": v.tolist()}) + "\n")
+    else:
+        raise InvalidInputError(f"--output {output}: expected a .npy or .jsonl file")
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="auto", help=f"one of {', '.join(DTYPES)}")
+    p.add_argument("--attn-dtype", default="auto", help=f"one of {', '.join(ATTN_DTYPES)}")
+    p.add_argument("--kv-cache-dtype", default="auto", help=f"one of {', '.join(KV_CACHE_DTYPES)}")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hyprec", description="Hybrid-precision inference engine.")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only print results and errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    embed = sub.add_parser("embed", help="embed texts (arguments, --input file)")
+    embed.add_argument("texts", nargs="*", metavar="TEXT")
+    embed.add_argument("--model", default=None, help="model directory or alias (default: minilm)")
+    _add_model_options(embed)
+    embed.add_argument("--input", type=Path, help=".txt (one text per line) or .jsonl")
+    embed.add_argument("--output", type=Path, help=".npy or .jsonl (default: JSON lines on stdout)")
+    embed.add_argument("--dimensions", type=int, help="Matryoshka truncation")
+    embed.add_argument("--prompt-name", help="a prompt defined by the model")
+    embed.add_argument("--batch-size", type=int, help="most texts per forward pass")
+    embed.add_argument("--no-normalize", dest="normalize", action="store_false", default=None,
+                       help="skip the model's Normalize step")
+
+    info = sub.add_parser("info", help="architecture, sizes, resolved policy and pooling pipeline")
+    info.add_argument("model", nargs="?", default=None)
+    _add_model_options(info)
+    info.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def _load(args: argparse.Namespace, model: str | None):
+    from hyprec.entrypoints.llm import LLM  # imported late: `hyprec --help` stays fast
+
+    return LLM(model, dtype=args.dtype, attn_dtype=args.attn_dtype, kv_cache_dtype=args.kv_cache_dtype,
+               device=args.device)
+
+
+def cmd_embed(args: argparse.Namespace) -> None:
+    texts = list(args.texts)
+    if args.input is not None:
+        texts += read_texts(args.input)
+    if not texts:
+        raise InvalidInputError("no texts: give TEXT arguments or --input FILE")
+    if args.output is not None and args.output.suffix not in (".npy", ".jsonl"):
+        raise InvalidInputError(f"--output {args.output}: expected a .npy or .jsonl file")
+    llm = _load(args, args.model)
+    vectors = llm.embed(
+        texts,
+        normalize=args.normalize,
+        dimensions=args.dimensions,
+        prompt_name=args.prompt_name,
+        batch_size=args.batch_size,
+        show_progress=len(texts) > PROGRESS_THRESHOLD,
+    )
+    write_embeddings(vectors, args.output)
+    if args.output is not None:
+        print(f"wrote {vectors.shape[0]} x {vectors.shape[1]} embeddings to {args.output}", file=sys.stderr)
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    info = _load(args, args.model).info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    policy = info.pop("policy")
+    width = max(map(len, info)) + 2
+    for key, value in info.items():
+        print(f"{key:<{width}}{value}")
+    print("policy")
+    for key, value in policy.items():
+        print(f"  {key:<{width - 2}}{value}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
+                        stream=sys.stderr)
+    try:
+        {"embed": cmd_embed, "info": cmd_info}[args.command](args)
+    except HyprecError as exc:
+        print(f"hyprec: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

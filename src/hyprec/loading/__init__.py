@@ -1,0 +1,1 @@
+"""Reading model directories: weights, tokenizer, sentence-transformers pipeline files."""

@@ -1,0 +1,1 @@
+"""Model families, one file each, mirroring Hugging Face module and weight names."""

@@ -1,0 +1,67 @@
+"""What every model family provides to the engine."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hyprec.config import ModelConfig
+from hyprec.errors import UnsupportedArchitectureError
+from hyprec.layers.attention import AttentionMetadata
+
+
+def attention_heads(config: ModelConfig) -> tuple[int, int]:
+    """(num_attention_heads, head_dim), checking that the hidden size splits evenly into heads."""
+    hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    if heads < 1 or hidden % heads:
+        raise UnsupportedArchitectureError(
+            f"{config.path / 'config.json'}: hidden_size={hidden} is not divisible by num_attention_heads={heads}"
+        )
+    return heads, hidden // heads
+
+
+@dataclass
+class AttentionInputs:
+    """The norm whose output feeds a layer's q/k/v projections, and those projections (for weight bounds)."""
+
+    layer: str
+    norm: nn.Module
+    projections: list[nn.Linear]
+
+
+class EncoderModel(nn.Module):
+    """A bidirectional encoder over packed token ids, returning packed last hidden states.
+
+    Subclasses set the class attributes and implement ``forward`` and ``attention_inputs``.
+    """
+
+    #: prefixes a checkpoint may carry in front of our weight names (``bert.`` in ``BertForMaskedLM``).
+    checkpoint_prefixes: tuple[str, ...] = ()
+    #: checkpoint weights that are expected but unused (pooler heads, saved position-id buffers).
+    ignored_weights: tuple[str, ...] = ("pooler.", "embeddings.position_ids", "lm_head.", "cls.")
+    #: whether attention needs an additive bias (rules out kernels without a bias input).
+    uses_attention_bias: bool = False
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.get("hidden_size"))
+
+    @property
+    def max_positions(self) -> int:
+        """Longest sequence the position embeddings can address."""
+        return int(self.config.get("max_position_embeddings"))
+
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids ``[N]`` (packed) -> hidden states ``[N, hidden]`` in the compute dtype."""
+        raise NotImplementedError
+
+    def attention_inputs(self) -> Iterator[AttentionInputs]:
+        """Per layer: the norm feeding q/k/v and the q/k/v projections."""
+        raise NotImplementedError

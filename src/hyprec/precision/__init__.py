@@ -1,0 +1,1 @@
+"""Precision analysis: what may overflow in half precision, and where."""
