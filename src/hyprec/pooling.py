@@ -25,9 +25,9 @@ _DENSE_ACTIVATIONS = {
 
 def _pool_one(h: torch.Tensor, start: int, mode: str) -> torch.Tensor:
     """Pool one sequence's hidden states ``h`` [L, d]; tokens before ``start`` (a prompt) are left out."""
-    if mode == "cls":
-        return h[0]
     body = h[start:]
+    if mode == "cls":
+        return body[0]  # ST >= 6: the first token not excluded as prompt
     if mode == "max":
         return body.max(dim=0).values
     if mode == "mean":
@@ -60,11 +60,17 @@ class Dense(nn.Module):
         super().__init__()
         with torch.device("meta"):
             self.linear = nn.Linear(spec.in_features, spec.out_features, bias=spec.bias)
+            if spec.residual and spec.in_features != spec.out_features:
+                self.residual = nn.Linear(spec.in_features, spec.out_features, bias=False)
         load_weights(self, Checkpoint.open(spec.path), compute_dtype=torch.float32)
         self.activation = _DENSE_ACTIVATIONS[spec.activation]()
+        self.use_residual = spec.residual
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.activation(self.linear(x))
+        out = self.activation(self.linear(x))
+        if self.use_residual:
+            out = out + (self.residual(x) if hasattr(self, "residual") else x)
+        return out
 
 
 class EmbeddingHead(nn.Module):

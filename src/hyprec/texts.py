@@ -10,8 +10,24 @@ import importlib
 import inspect
 from importlib import resources
 
-_DOC_MODULES = ("json", "os", "itertools", "functools", "collections", "re", "math", "string", "textwrap",
-                "statistics", "shutil", "pathlib", "random", "heapq", "bisect", "datetime")
+_DOC_MODULES = (
+    "json",
+    "os",
+    "itertools",
+    "functools",
+    "collections",
+    "re",
+    "math",
+    "string",
+    "textwrap",
+    "statistics",
+    "shutil",
+    "pathlib",
+    "random",
+    "heapq",
+    "bisect",
+    "datetime",
+)
 
 
 def hand_written() -> list[str]:

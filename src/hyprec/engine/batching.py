@@ -23,21 +23,31 @@ class BatchStats:
         self.padded_tokens += len(lengths) * max(lengths)
 
 
-def plan_batches(lengths: list[int], max_tokens: int, max_seqs: int) -> list[list[int]]:
+MAX_PADDING = 0.1
+
+
+def plan_batches(
+    lengths: list[int], max_tokens: int, max_seqs: int, max_padding: float = MAX_PADDING
+) -> list[list[int]]:
     """Group sequence indices into batches, longest first.
 
-    Sorting by length keeps each batch's sequences similar, so the padded attention tensor (``batch * longest``)
-    carries little padding; the budget caps that padded size. A sequence longer than the budget runs alone.
+    Token-wise work (projections, FFN, norms) runs on packed real tokens, so padding only costs inside the
+    attention backend, whose padded tensor is ``batch * longest``. Sorting by length keeps batches uniform; a
+    batch closes when that padded size would pass ``max_tokens``, when it holds ``max_seqs`` sequences, or when
+    its padded share would pass ``max_padding``. A sequence longer than the budget runs alone.
     """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches: list[list[int]] = []
     current: list[int] = []
+    real = 0
     for i in order:
-        longest = lengths[current[0]] if current else lengths[i]
-        if current and (len(current) >= max_seqs or (len(current) + 1) * longest > max_tokens):
-            batches.append(current)
-            current = []
+        if current:
+            padded = (len(current) + 1) * lengths[current[0]]
+            if len(current) >= max_seqs or padded > max_tokens or 1 - (real + lengths[i]) / padded > max_padding:
+                batches.append(current)
+                current, real = [], 0
         current.append(i)
+        real += lengths[i]
     if current:
         batches.append(current)
     return batches

@@ -96,10 +96,14 @@ class EmbeddingEngine:
         self.backend = select_backend(self.device, self.policy.attn_dtype, needs_bias=cls.uses_attention_bias)
         self.head = EmbeddingHead(self.pipeline).to(self.device).eval()
         self.max_seq_length = self._max_seq_length()
-        self.tokenizer = TextTokenizer(tdir, self.max_seq_length)
         self.dimension = self._output_dimension()
         self.last_stats = BatchStats()
         log.info("hyprec: %s: policy %s, attention backend %s", model_dir.name, self.policy, self.backend.name)
+
+    @functools.cached_property
+    def tokenizer(self) -> TextTokenizer:
+        """Loaded on first use, so token-id-only use works for directories without tokenizer files."""
+        return TextTokenizer(self.pipeline.transformer_dir, self.max_seq_length)
 
     def _max_seq_length(self) -> int:
         limit = self.model.max_positions
@@ -183,16 +187,35 @@ class EmbeddingEngine:
         self.last_stats = stats
         return out
 
-    def _run_batch(
-        self, ids: list[list[int]], prompt_lens: list[int], normalize: bool | None, dimensions: int | None
-    ) -> torch.Tensor:
+    def _forward(self, ids: list[list[int]]) -> torch.Tensor:
+        """Packed last hidden states ``[sum(len), hidden]`` of one batch of token-id lists."""
         lens = [len(x) for x in ids]
         flat = torch.tensor([t for seq in ids for t in seq], dtype=torch.long, device=self.device)
         meta = AttentionMetadata.for_sequences(
             lens, attn_dtype=self.policy.attn_dtype, backend=self.backend, device=self.device
         )
-        hidden = self.model(flat, meta)
-        return self.head(hidden, lens, prompt_lens, normalize=normalize, dimensions=dimensions)
+        return self.model(flat, meta)
+
+    def _run_batch(
+        self, ids: list[list[int]], prompt_lens: list[int], normalize: bool | None, dimensions: int | None
+    ) -> torch.Tensor:
+        hidden = self._forward(ids)
+        return self.head(hidden, [len(x) for x in ids], prompt_lens, normalize=normalize, dimensions=dimensions)
+
+    @torch.inference_mode()
+    def last_hidden_states(self, token_ids: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """Float32 last hidden states ``[len_i, hidden]`` of each token-id list, all run as one batch."""
+        ids = [list(map(int, seq)) for seq in token_ids]
+        if not ids or any(not seq for seq in ids):
+            raise InvalidInputError("token_ids: expected a non-empty list of non-empty token-id lists")
+        vocab = self.model_config.get("vocab_size")
+        for i, seq in enumerate(ids):
+            if min(seq) < 0 or max(seq) >= vocab or len(seq) > self.model.max_positions:
+                raise InvalidInputError(
+                    f"token_ids[{i}]: ids must lie in [0, {vocab}) and length <= {self.model.max_positions}"
+                )
+        hidden = self._forward(ids).float()
+        return list(torch.split(hidden, [len(x) for x in ids]))
 
     def info(self) -> dict[str, Any]:
         cfg = self.model_config

@@ -80,8 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--dimensions", type=int, help="Matryoshka truncation")
     embed.add_argument("--prompt-name", help="a prompt defined by the model")
     embed.add_argument("--batch-size", type=int, help="most texts per forward pass")
-    embed.add_argument("--no-normalize", dest="normalize", action="store_false", default=None,
-                       help="skip the model's Normalize step")
+    embed.add_argument(
+        "--no-normalize",
+        dest="normalize",
+        action="store_false",
+        default=None,
+        help="skip the model's Normalize step",
+    )
 
     info = sub.add_parser("info", help="architecture, sizes, resolved policy and pooling pipeline")
     info.add_argument("model", nargs="?", default=None)
@@ -93,8 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args: argparse.Namespace, model: str | None):
     from hyprec.entrypoints.llm import LLM  # imported late: `hyprec --help` stays fast
 
-    return LLM(model, dtype=args.dtype, attn_dtype=args.attn_dtype, kv_cache_dtype=args.kv_cache_dtype,
-               device=args.device)
+    return LLM(
+        model,
+        dtype=args.dtype,
+        attn_dtype=args.attn_dtype,
+        kv_cache_dtype=args.kv_cache_dtype,
+        device=args.device,
+    )
 
 
 def cmd_embed(args: argparse.Namespace) -> None:
@@ -135,8 +145,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         {"embed": cmd_embed, "info": cmd_info}[args.command](args)
     except HyprecError as exc:

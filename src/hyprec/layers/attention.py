@@ -94,9 +94,7 @@ class Attention(nn.Module):
         self.num_kv_heads = num_kv_heads or num_heads
         self.scale = scale if scale is not None else head_dim**-0.5
 
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q: ``[N, num_heads, head_dim]``, k/v: ``[N, num_kv_heads, head_dim]`` -> ``[N, num_heads * head_dim]``."""
         out_dtype = q.dtype
         dt = meta.attn_dtype

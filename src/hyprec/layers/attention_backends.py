@@ -105,7 +105,9 @@ def flash_attn_available() -> bool:
 _SDPA = SDPABackend()
 
 
-def select_backend(device: torch.device | str, attn_dtype: torch.dtype, *, needs_bias: bool = False) -> AttentionBackend:
+def select_backend(
+    device: torch.device | str, attn_dtype: torch.dtype, *, needs_bias: bool = False
+) -> AttentionBackend:
     """The backend for (device, attention dtype): FlashAttention on CUDA in half precision when installed and
     the model needs no additive bias, otherwise the SDPA reference."""
     if torch.device(device).type == "cuda" and attn_dtype in HALF and not needs_bias and flash_attn_available():

@@ -41,6 +41,7 @@ class DenseSpec:
     out_features: int
     bias: bool
     activation: str  # one of _ACTIVATIONS
+    residual: bool = False  # ST's use_residual: out = act(linear(x)) + x (or + residual(x) if sizes differ)
 
 
 @dataclass
@@ -57,7 +58,10 @@ class PipelineSpec:
     default_prompt_name: str | None = None
 
     def describe(self) -> str:
-        steps = [f"Transformer(max_seq_length={self.max_seq_length})", f"Pooling({'+'.join(self.pooling.modes)})"]
+        steps = [
+            f"Transformer(max_seq_length={self.max_seq_length})",
+            f"Pooling({'+'.join(self.pooling.modes)})",
+        ]
         steps += [f"Dense({d.in_features}->{d.out_features}, {d.activation})" for d in self.dense]
         if self.normalize:
             steps.append("Normalize")
@@ -76,8 +80,9 @@ def _module_kind(entry: dict, modules_file: Path) -> str:
 
 def _read_pooling(directory: Path) -> PoolingSpec:
     cfg = read_json(directory / "config.json", "pooling config")
-    if "pooling_mode" in cfg:  # newer ST files may name the mode directly
-        modes = [cfg["pooling_mode"]]
+    if "pooling_mode" in cfg:  # ST >= 6 names the modes, in concatenation order
+        mode = cfg["pooling_mode"]
+        modes = [mode] if isinstance(mode, str) else list(mode)
     else:
         modes = [m for m in POOLING_MODES if cfg.get(_POOLING_KEYS[m])]
     bad = [m for m in modes if m not in POOLING_MODES]
@@ -97,9 +102,20 @@ def _read_dense(directory: Path) -> DenseSpec:
             f"{directory / 'config.json'}: activation_function {cfg.get('activation_function')!r} is not "
             f"supported; expected one of {', '.join(_ACTIVATIONS)}"
         )
+    if cfg.get("module_input_name", "sentence_embedding") != "sentence_embedding":
+        raise ModelLoadError(
+            f"{directory / 'config.json'}: module_input_name={cfg['module_input_name']!r} is not supported; "
+            "hyprec applies Dense modules to the pooled sentence_embedding"
+        )
     try:
-        return DenseSpec(directory, int(cfg["in_features"]), int(cfg["out_features"]), bool(cfg.get("bias", True)),
-                         activation)
+        return DenseSpec(
+            path=directory,
+            in_features=int(cfg["in_features"]),
+            out_features=int(cfg["out_features"]),
+            bias=bool(cfg.get("bias", True)),
+            activation=activation,
+            residual=bool(cfg.get("use_residual", False)),
+        )
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelLoadError(f"{directory / 'config.json'}: bad or missing field {exc}") from None
 

@@ -25,7 +25,12 @@ log = logging.getLogger(__name__)
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_BIN = "pytorch_model.bin"
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_SAFETENSORS_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+}
 
 
 @dataclass
@@ -90,7 +95,7 @@ class Checkpoint:
             return dtypes[0] if dtypes else torch.float32
         for path in self.files:
             with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
+                for name in f:
                     dtype = _SAFETENSORS_DTYPES.get(f.get_slice(name).get_dtype())
                     if dtype is not None:
                         return dtype

@@ -30,9 +30,9 @@ def relative_position_bucket(relative_position: torch.Tensor) -> torch.Tensor:
     ret = (n < 0).long() * half
     n = n.abs()
     max_exact = half // 2
-    large = max_exact + (
-        torch.log(n.float() / max_exact) / math.log(MAX_DISTANCE / max_exact) * (half - max_exact)
-    ).long()
+    large = (
+        max_exact + (torch.log(n.float() / max_exact) / math.log(MAX_DISTANCE / max_exact) * (half - max_exact)).long()
+    )
     large = large.clamp(max=half - 1)
     return ret + torch.where(n < max_exact, n, large)
 

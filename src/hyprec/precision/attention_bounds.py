@@ -61,4 +61,7 @@ def fp16_attention_check(model: EncoderModel) -> tuple[bool, str]:
     limit = FP16_MAX / SAFETY_MARGIN
     if worst.bound <= limit:
         return True, f"q/k/v bound {worst.bound:.4g} <= {limit:.4g} in every layer (worst {worst.layer})"
-    return False, f"q/k/v bound {worst.bound:.4g} at {worst.layer} exceeds {limit:.4g}, float16 could overflow"
+    return (
+        False,
+        f"q/k/v bound {worst.bound:.4g} at {worst.layer} exceeds {limit:.4g}, float16 could overflow",
+    )
