@@ -230,11 +230,6 @@ def test_argparse_errors_exit_2(capsys):
     assert "argument --dimensions: invalid int value: 'abc'" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=FileNotFoundError,
-    reason="src bug: --output into a missing directory escapes as a FileNotFoundError traceback",
-)
 def test_output_into_missing_directory(capsys, tmp_path):
     target = tmp_path / "no-such-dir" / "v.npy"
     rc, _, err = run_cli(capsys, "embed", "hi", "--output", str(target))

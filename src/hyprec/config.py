@@ -13,17 +13,36 @@ from hyprec.errors import ConfigError, ModelLoadError
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _MISSING = object()
+# Types of required fields, checked on access (fields with a default are checked against the default's type).
+_FIELD_TYPES: dict[str, type] = {
+    name: int
+    for name in (
+        "hidden_size",
+        "num_attention_heads",
+        "num_hidden_layers",
+        "intermediate_size",
+        "vocab_size",
+        "max_position_embeddings",
+        "num_key_value_heads",
+        "head_dim",
+    )
+}
 
 
-def read_json(path: Path, what: str) -> Any:
-    """Read a JSON file, turning a missing or malformed file into a ModelLoadError naming it."""
+def read_json(path: Path, what: str, expected: type = dict) -> Any:
+    """Read a JSON file holding an ``expected`` container (dict or list); a missing, malformed or wrongly
+    shaped file raises a ModelLoadError naming it."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            value = json.load(f)
     except FileNotFoundError:
         raise ModelLoadError(f"{what} not found: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelLoadError(f"{what} {path} is not valid JSON: {exc}") from None
+    if not isinstance(value, expected):
+        kind = {dict: "a JSON object", list: "a JSON list"}.get(expected, expected.__name__)
+        raise ModelLoadError(f"{what} {path}: expected {kind}, got {type(value).__name__}")
+    return value
 
 
 @dataclass
@@ -35,10 +54,7 @@ class ModelConfig:
 
     @classmethod
     def from_dir(cls, path: Path) -> ModelConfig:
-        raw = read_json(path / "config.json", "model config")
-        if not isinstance(raw, dict):
-            raise ModelLoadError(f"{path / 'config.json'}: expected a JSON object, got {type(raw).__name__}")
-        return cls(path=path, raw=raw)
+        return cls(path=path, raw=read_json(path / "config.json", "model config"))
 
     @property
     def model_type(self) -> str:
@@ -55,12 +71,22 @@ class ModelConfig:
         return _TORCH_DTYPES.get(str(name)) if name else None
 
     def get(self, key: str, default: Any = _MISSING) -> Any:
-        """A config field; a missing required field raises an error naming the file and the field."""
+        """A config field; a missing required field, or a value whose type differs from the default's (ints for
+        sizes, floats for epsilons ...), raises an error naming the file and the field."""
         if key in self.raw and self.raw[key] is not None:
-            return self.raw[key]
-        if default is _MISSING:
+            value = self.raw[key]
+        elif default is _MISSING:
             raise ModelLoadError(f"{self.path / 'config.json'}: required field {key!r} is missing")
-        return default
+        else:
+            return default
+        want = type(default) if default is not _MISSING and default is not None else _FIELD_TYPES.get(key)
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if want is not None and (not isinstance(value, want) or (want is int and isinstance(value, bool))):
+            raise ModelLoadError(
+                f"{self.path / 'config.json'}: field {key!r} = {value!r}: expected {want.__name__}"
+            )
+        return value
 
 
 @dataclass

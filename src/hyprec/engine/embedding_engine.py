@@ -38,11 +38,17 @@ def validate_texts(texts: object) -> list[str]:
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise InputTypeError(f"texts[{i}] is {type(t).__name__} ({t!r:.40}); expected str")
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidInputError(f"texts[{i}] is not valid Unicode: {exc.reason} at position {exc.start}") from None
     return list(texts)
 
 
 def _positive_int(value: object, name: str, upper: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InputTypeError(f"{name}={value!r}: expected a positive integer, got {type(value).__name__}")
+    if value < 1:
         raise InvalidInputError(f"{name}={value!r}: expected a positive integer")
     if upper is not None and value > upper:
         raise InvalidInputError(f"{name}={value!r}: expected at most {upper}")
@@ -205,7 +211,10 @@ class EmbeddingEngine:
     @torch.inference_mode()
     def last_hidden_states(self, token_ids: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """Float32 last hidden states ``[len_i, hidden]`` of each token-id list, all run as one batch."""
-        ids = [list(map(int, seq)) for seq in token_ids]
+        ids = [list(seq) for seq in token_ids]
+        if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) for seq in ids for t in seq):
+            raise InputTypeError("token_ids: expected lists of integers")
+        ids = [[int(t) for t in seq] for seq in ids]
         if not ids or any(not seq for seq in ids):
             raise InvalidInputError("token_ids: expected a non-empty list of non-empty token-id lists")
         vocab = self.model_config.get("vocab_size")

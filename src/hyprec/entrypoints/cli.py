@@ -113,8 +113,11 @@ def cmd_embed(args: argparse.Namespace) -> None:
         texts += read_texts(args.input)
     if not texts:
         raise InvalidInputError("no texts: give TEXT arguments or --input FILE")
-    if args.output is not None and args.output.suffix not in (".npy", ".jsonl"):
-        raise InvalidInputError(f"--output {args.output}: expected a .npy or .jsonl file")
+    if args.output is not None:
+        if args.output.suffix not in (".npy", ".jsonl"):
+            raise InvalidInputError(f"--output {args.output}: expected a .npy or .jsonl file")
+        if not args.output.parent.is_dir():
+            raise InvalidInputError(f"--output {args.output}: directory {args.output.parent} does not exist")
     llm = _load(args, args.model)
     vectors = llm.embed(
         texts,

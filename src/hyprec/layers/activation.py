@@ -29,11 +29,11 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-def get_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The activation called ``name`` in a config.json ``hidden_act`` field."""
+def get_activation(name: str, source: object = "config.json") -> Callable[[torch.Tensor], torch.Tensor]:
+    """The activation called ``name`` in the ``hidden_act`` field of ``source`` (named in errors)."""
     try:
         return ACTIVATIONS[name]
     except (KeyError, TypeError):
         raise ModelLoadError(
-            f"hidden_act={name!r} is not supported; expected one of {', '.join(sorted(ACTIVATIONS))}"
+            f"{source}: hidden_act={name!r} is not supported; expected one of {', '.join(sorted(ACTIVATIONS))}"
         ) from None

@@ -125,8 +125,10 @@ def read_pipeline(model_dir: Path) -> PipelineSpec:
     modules_file = model_dir / "modules.json"
     spec = PipelineSpec(transformer_dir=model_dir)
     if modules_file.exists():
-        modules = read_json(modules_file, "modules list")
-        kinds = [(_module_kind(m, modules_file), model_dir / m.get("path", "")) for m in modules]
+        modules = read_json(modules_file, "modules list", expected=list)
+        if not all(isinstance(m, dict) for m in modules):
+            raise ModelLoadError(f"{modules_file}: expected a list of module objects")
+        kinds = [(_module_kind(m, modules_file), model_dir / str(m.get("path", ""))) for m in modules]
         if not kinds or kinds[0][0] != "Transformer":
             raise ModelLoadError(f"{modules_file}: the first module must be a Transformer")
         spec.transformer_dir = kinds[0][1]
@@ -154,7 +156,10 @@ def read_pipeline(model_dir: Path) -> PipelineSpec:
     st_cfg = model_dir / "config_sentence_transformers.json"
     if st_cfg.exists():
         cfg = read_json(st_cfg, "sentence-transformers config")
-        spec.prompts = dict(cfg.get("prompts") or {})
+        prompts = cfg.get("prompts") or {}
+        if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
+            raise ModelLoadError(f"{st_cfg}: 'prompts' must map prompt names to strings")
+        spec.prompts = prompts
         spec.default_prompt_name = cfg.get("default_prompt_name")
         if spec.default_prompt_name and spec.default_prompt_name not in spec.prompts:
             raise ModelLoadError(

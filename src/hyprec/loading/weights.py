@@ -44,8 +44,14 @@ class Checkpoint:
     @classmethod
     def open(cls, directory: Path) -> Checkpoint:
         if (directory / SAFETENSORS_INDEX).exists():
-            index = read_json(directory / SAFETENSORS_INDEX, "safetensors index")
-            files = sorted({directory / f for f in index.get("weight_map", {}).values()})
+            index_file = directory / SAFETENSORS_INDEX
+            weight_map = read_json(index_file, "safetensors index").get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ModelLoadError(f"{index_file}: expected a non-empty 'weight_map' object")
+            files = sorted({directory / str(f) for f in weight_map.values()})
+            for f in files:
+                if not f.exists():
+                    raise ModelLoadError(f"weights file {f} listed in {index_file} does not exist")
         elif (directory / SAFETENSORS).exists():
             files = [directory / SAFETENSORS]
         elif (directory / TORCH_BIN).exists():
@@ -95,7 +101,7 @@ class Checkpoint:
             return dtypes[0] if dtypes else torch.float32
         for path in self.files:
             with safe_open(str(path), framework="pt") as f:
-                for name in f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                     dtype = _SAFETENSORS_DTYPES.get(f.get_slice(name).get_dtype())
                     if dtype is not None:
                         return dtype

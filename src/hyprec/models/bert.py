@@ -77,7 +77,7 @@ class BertIntermediate(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.dense = nn.Linear(config.get("hidden_size"), config.get("intermediate_size"))
-        self.act = get_activation(config.get("hidden_act", "gelu"))
+        self.act = get_activation(config.get("hidden_act", "gelu"), config.path / "config.json")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.dense(x))
