@@ -122,9 +122,7 @@ def test_embed_no_normalize(capsys, minilm_hybrid):
     assert rc == 0, err
     got = embeddings_of(parse_lines(out))
     assert abs(float(np.linalg.norm(got[0])) - 1.0) > 1e-3
-    np.testing.assert_allclose(
-        got, minilm_hybrid.embed(["a longer sentence here"], normalize=False), atol=1e-6
-    )
+    np.testing.assert_allclose(got, minilm_hybrid.embed(["a longer sentence here"], normalize=False), atol=1e-6)
 
 
 # -------------------------------------------------------------------------------------------------- info

@@ -124,22 +124,16 @@ def test_embed_rejects_non_string_texts(minilm_hybrid, texts, names):
     ("kwargs", "error", "names"),
     [
         pytest.param({"dimensions": 0}, InvalidInputError, ["dimensions=0", "positive integer"], id="dim-0"),
-        pytest.param(
-            {"dimensions": -1}, InvalidInputError, ["dimensions=-1", "positive integer"], id="dim-neg"
-        ),
+        pytest.param({"dimensions": -1}, InvalidInputError, ["dimensions=-1", "positive integer"], id="dim-neg"),
         pytest.param(
             {"dimensions": DIM + 1},
             InvalidInputError,
             [f"dimensions={DIM + 1}", f"at most {DIM}"],
             id="dim-too-big",
         ),
-        pytest.param(
-            {"dimensions": 8.0}, InputTypeError, ["dimensions=8.0", "positive integer"], id="dim-float"
-        ),
+        pytest.param({"dimensions": 8.0}, InputTypeError, ["dimensions=8.0", "positive integer"], id="dim-float"),
         pytest.param({"dimensions": True}, InputTypeError, ["dimensions=True"], id="dim-bool"),
-        pytest.param(
-            {"batch_size": 0}, InvalidInputError, ["batch_size=0", "positive integer"], id="batch-0"
-        ),
+        pytest.param({"batch_size": 0}, InvalidInputError, ["batch_size=0", "positive integer"], id="batch-0"),
         pytest.param(
             {"normalize": "yes"},
             InputTypeError,
@@ -267,9 +261,7 @@ def test_dtype_alias_through_llm(minilm_dir):
         pytest.param({"device": "tpu"}, ["device='tpu'", "'cpu', 'cuda' or 'cuda:N'"], id="tpu"),
         pytest.param({"device": "meta"}, ["device='meta'", "'cpu', 'cuda' or 'cuda:N'"], id="meta"),
         pytest.param({"device": None}, ["device=None"], id="none"),
-        pytest.param(
-            {"max_num_batched_tokens": 0}, ["max_num_batched_tokens=0", "positive integer"], id="budget-0"
-        ),
+        pytest.param({"max_num_batched_tokens": 0}, ["max_num_batched_tokens=0", "positive integer"], id="budget-0"),
         pytest.param({"max_num_seqs": 1.5}, ["max_num_seqs=1.5", "positive integer"], id="seqs-float"),
     ],
 )

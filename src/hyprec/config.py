@@ -83,9 +83,7 @@ class ModelConfig:
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if want is not None and (not isinstance(value, want) or (want is int and isinstance(value, bool))):
-            raise ModelLoadError(
-                f"{self.path / 'config.json'}: field {key!r} = {value!r}: expected {want.__name__}"
-            )
+            raise ModelLoadError(f"{self.path / 'config.json'}: field {key!r} = {value!r}: expected {want.__name__}")
         return value
 
 
