@@ -11,6 +11,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -84,6 +85,10 @@ class Checkpoint:
     def names(self) -> list[str]:
         return list(self._where)
 
+    def source(self, name: str) -> str:
+        """The file a tensor comes from (for error messages)."""
+        return str(self._where[name])
+
     def get(self, name: str) -> torch.Tensor:
         if self._bin is not None:
             return self._bin[name]
@@ -117,7 +122,7 @@ def _float32_param_names(model: nn.Module) -> set[str]:
     }
 
 
-def _checkpoint_names(ckpt: Checkpoint, prefixes: tuple[str, ...], wanted: set[str]) -> Iterator[tuple[str, str]]:
+def _checkpoint_names(ckpt: WeightSource, prefixes: tuple[str, ...], wanted: set[str]) -> Iterator[tuple[str, str]]:
     """(model name, checkpoint name) pairs, stripping a task-head prefix such as ``bert.`` where present."""
     for name in ckpt.names():
         local = name
@@ -128,9 +133,20 @@ def _checkpoint_names(ckpt: Checkpoint, prefixes: tuple[str, ...], wanted: set[s
         yield local, name
 
 
+class WeightSource(Protocol):
+    """What :func:`load_weights` needs from a checkpoint (safetensors/bin :class:`Checkpoint`, GGUF files)."""
+
+    files: list[Path]
+
+    def names(self) -> list[str]: ...
+    def get(self, name: str) -> torch.Tensor: ...
+    def source(self, name: str) -> str: ...
+    def floating_dtype(self) -> torch.dtype: ...
+
+
 def load_weights(
     model: nn.Module,
-    ckpt: Checkpoint,
+    ckpt: WeightSource,
     *,
     compute_dtype: torch.dtype,
     device: torch.device | str = "cpu",
@@ -158,7 +174,7 @@ def load_weights(
         want = expected[local]
         if tuple(tensor.shape) != tuple(want.shape):
             raise ModelLoadError(
-                f"weight {name!r} in {ckpt._where[name]} has shape {tuple(tensor.shape)}, "
+                f"weight {name!r} in {ckpt.source(name)} has shape {tuple(tensor.shape)}, "
                 f"expected {tuple(want.shape)} from config.json"
             )
         dtype = torch.float32 if local in keep_fp32 else compute_dtype
