@@ -414,7 +414,7 @@ def test_unknown_model_type(with_json, bert_config):
     assert str(d / "config.json") in msg
     assert "model_type='gpt2'" in msg
     assert "GPT2Model" in msg
-    assert "bert, mpnet, roberta, xlm-roberta" in msg  # the supported list
+    assert all(name in msg for name in ("bert", "mpnet", "roberta", "xlm-roberta", "llama", "gemma3_text"))
 
 
 def test_heads_do_not_divide_hidden_size(with_json, bert_config):

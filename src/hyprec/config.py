@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,11 @@ class ModelConfig:
 
     path: Path
     raw: dict[str, Any]
+    source: Path | None = None  # the file the fields came from (config.json, or a .gguf file)
+
+    @property
+    def file(self) -> Path:
+        return self.source or self.path / "config.json"
 
     @classmethod
     def from_dir(cls, path: Path) -> ModelConfig:
@@ -76,14 +81,14 @@ class ModelConfig:
         if key in self.raw and self.raw[key] is not None:
             value = self.raw[key]
         elif default is _MISSING:
-            raise ModelLoadError(f"{self.path / 'config.json'}: required field {key!r} is missing")
+            raise ModelLoadError(f"{self.file}: required field {key!r} is missing")
         else:
             return default
         want = type(default) if default is not _MISSING and default is not None else _FIELD_TYPES.get(key)
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if want is not None and (not isinstance(value, want) or (want is int and isinstance(value, bool))):
-            raise ModelLoadError(f"{self.path / 'config.json'}: field {key!r} = {value!r}: expected {want.__name__}")
+            raise ModelLoadError(f"{self.file}: field {key!r} = {value!r}: expected {want.__name__}")
         return value
 
 
@@ -94,14 +99,24 @@ class EngineConfig:
     device: str = "cpu"
     max_num_batched_tokens: int = 16384  # token budget of one forward pass
     max_num_seqs: int = 256  # most sequences in one forward pass
-    extra: dict[str, Any] = field(default_factory=dict)
+    # Decoders only.
+    block_size: int = 16  # tokens per KV cache block
+    max_model_len: int | None = None  # context window; default: the model's, capped at 8192 on CPU
+    num_kv_blocks: int | None = None  # KV cache blocks per cache group; default: from kv_cache_memory
+    kv_cache_memory: int = 2**30  # bytes for the KV cache when num_kv_blocks is not given
 
     def __post_init__(self) -> None:
         self.device = resolve_device(self.device)
-        for name in ("max_num_batched_tokens", "max_num_seqs"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name}={value!r}: expected a positive integer")
+        for name in ("max_num_batched_tokens", "max_num_seqs", "block_size", "kv_cache_memory"):
+            _check_positive(name, getattr(self, name))
+        for name in ("max_model_len", "num_kv_blocks"):
+            if getattr(self, name) is not None:
+                _check_positive(name, getattr(self, name))
+
+
+def _check_positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name}={value!r}: expected a positive integer")
 
 
 def resolve_device(device: str | torch.device) -> str:

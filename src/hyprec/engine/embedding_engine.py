@@ -13,18 +13,16 @@ import torch
 from tqdm.auto import tqdm
 
 from hyprec.config import EngineConfig, ModelConfig, read_json
-from hyprec.dtype_policy import DtypePolicy, resolve_policy
 from hyprec.engine.batching import BatchStats, plan_batches
+from hyprec.engine.model_loading import load_model
 from hyprec.errors import InputTypeError, InvalidInputError, ModelLoadError, NonFiniteOutputError
 from hyprec.layers.attention import AttentionMetadata
 from hyprec.layers.attention_backends import select_backend
 from hyprec.loading.st_pipeline import read_pipeline
 from hyprec.loading.tokenizer import TextTokenizer
-from hyprec.loading.weights import Checkpoint, load_weights
-from hyprec.models.base import EncoderModel
+from hyprec.loading.weights import Checkpoint
 from hyprec.models.registry import model_class
 from hyprec.pooling import EmbeddingHead
-from hyprec.precision.attention_bounds import fp16_attention_check
 
 log = logging.getLogger("hyprec")
 
@@ -76,29 +74,15 @@ class EmbeddingEngine:
         cls = model_class(self.model_config)
         checkpoint = Checkpoint.open(tdir)
         self.checkpoint_dtype = checkpoint.floating_dtype()
-
-        @functools.cache
-        def build(compute_dtype: torch.dtype) -> EncoderModel:
-            with torch.device("meta"):
-                model = cls(self.model_config)
-            load_weights(
-                model,
-                checkpoint,
-                compute_dtype=compute_dtype,
-                device=self.device,
-                prefixes=cls.checkpoint_prefixes,
-                ignored=cls.ignored_weights,
-            )
-            return model.eval()
-
-        self.policy: DtypePolicy = resolve_policy(
-            dtype,
-            attn_dtype,
-            kv_cache_dtype,
-            checkpoint_dtype=self.checkpoint_dtype,
-            fp16_attention_safe=lambda: fp16_attention_check(build(torch.float32)),
+        self.model, self.policy = load_model(
+            cls,
+            self.model_config,
+            checkpoint,
+            dtype=dtype,
+            attn_dtype=attn_dtype,
+            kv_cache_dtype=kv_cache_dtype,
+            device=self.device,
         )
-        self.model = build(self.policy.compute_dtype)
         self.backend = select_backend(self.device, self.policy.attn_dtype, needs_bias=cls.uses_attention_bias)
         self.head = EmbeddingHead(self.pipeline).to(self.device).eval()
         self.max_seq_length = self._max_seq_length()

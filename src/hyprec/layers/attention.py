@@ -2,49 +2,103 @@
 
 Models hand packed (unpadded) q/k/v of shape ``[num_tokens, heads, head_dim]`` to :class:`Attention`, together
 with an :class:`AttentionMetadata` that describes the batch. The layer casts q/k/v to the policy's attention
-dtype, runs the backend chosen for (device, attention dtype) and casts the result back to the compute dtype.
-Fused kernels keep QK^T, the softmax statistics and the PV accumulation in float32 internally, which is why
-half-precision inputs cost so little accuracy there (see shared numerics notes).
+dtype, writes new keys/values to the KV cache (decoders), and runs the backend chosen for (device, attention
+dtype); the result is cast back to the compute dtype. Fused kernels keep QK^T, the softmax statistics and the PV
+accumulation in float32 internally, which is why half-precision inputs cost so little accuracy there.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 if TYPE_CHECKING:
+    from hyprec.engine.kv_cache import KVCache
     from hyprec.layers.attention_backends import AttentionBackend
 
 
 @dataclass
+class Packing:
+    """Variable-length segments packed back to back along the token axis.
+
+    Attributes:
+        lens: tokens of each segment.
+        cu: int32 prefix sums of ``lens`` (length ``batch + 1``), as varlen kernels expect.
+        max_len: longest segment.
+        batch_index: for each packed token, its segment.
+        position: for each packed token, its index inside its segment.
+    """
+
+    lens: list[int]
+    cu: torch.Tensor
+    max_len: int
+    batch_index: torch.Tensor
+    position: torch.Tensor
+
+    @classmethod
+    def of(cls, lens: list[int], device: torch.device | str) -> Packing:
+        lens_t = torch.tensor(lens, dtype=torch.int64, device=device)
+        cu = torch.zeros(len(lens) + 1, dtype=torch.int32, device=device)
+        cu[1:] = torch.cumsum(lens_t, 0)
+        batch_index = torch.repeat_interleave(torch.arange(len(lens), device=device), lens_t)
+        position = torch.arange(int(lens_t.sum()), device=device) - cu[:-1].long()[batch_index]
+        return cls(list(lens), cu, max(lens), batch_index, position)
+
+    @property
+    def ragged(self) -> bool:
+        return min(self.lens) != self.max_len
+
+
+@dataclass
+class CacheGroupSlots:
+    """Where one step reads and writes the KV cache, for the layers of one cache group.
+
+    Attributes:
+        write_slots: flat cache slot of each new token (``block * block_size + offset``), packed like the queries.
+        read_slots: flat cache slots of the keys each sequence attends to, packed by sequence.
+        keys: packing of the gathered keys.
+        key_start: absolute position of each sequence's first gathered key ``[batch]``.
+        window: sliding window (keys with ``pos > query_pos - window``), or None for full attention.
+    """
+
+    write_slots: torch.Tensor
+    read_slots: torch.Tensor
+    keys: Packing
+    key_start: torch.Tensor
+    window: int | None = None
+
+
+@dataclass
 class AttentionMetadata:
-    """Describes one forward batch of variable-length sequences packed back to back.
+    """Describes one forward batch.
+
+    Encoders: queries and keys are this batch's tokens, no cache, no causal mask. Decoders: queries are the new
+    tokens of each sequence (a prompt chunk or one decode token), starting at absolute position ``query_start``;
+    keys come from the KV cache per cache group.
 
     Attributes:
         attn_dtype: dtype q/k/v are cast to before the kernel.
-        backend: the kernel implementation (chosen once per batch by :func:`select_backend`).
-        seq_lens: tokens of each sequence, in packing order.
-        cu_seqlens: int32 prefix sums of ``seq_lens`` (length ``batch + 1``), as varlen kernels expect.
-        max_seqlen: longest sequence in the batch.
-        batch_index: for each packed token, its sequence (used by padded backends).
-        position: for each packed token, its position inside its sequence.
-        causal: causal masking (decoders) or full bidirectional attention (encoders).
-        bias: optional additive float32 bias ``[1 or batch, heads, max_seqlen, max_seqlen]`` (MPNet's relative
-            position bias); backends apply it inside the fused kernel as an additive mask.
+        backend: the kernel implementation (chosen once by :func:`select_backend`).
+        queries: packing of the new tokens.
+        causal: causal masking (decoders).
+        bias: optional additive float32 bias ``[1 or batch, heads, max_len, max_len]`` (MPNet's relative position
+            bias, encoders only); backends apply it inside the fused kernel as an additive mask.
+        query_start: absolute position of each sequence's first query ``[batch]`` (decoders).
+        kv_cache: the cache tensors (decoders).
+        groups: per cache group, where to read and write it (decoders).
     """
 
     attn_dtype: torch.dtype
     backend: AttentionBackend
-    seq_lens: list[int]
-    cu_seqlens: torch.Tensor
-    max_seqlen: int
-    batch_index: torch.Tensor
-    position: torch.Tensor
+    queries: Packing
     causal: bool = False
     bias: torch.Tensor | None = None
+    query_start: torch.Tensor | None = None
+    kv_cache: KVCache | None = None
+    groups: dict[str, CacheGroupSlots] = field(default_factory=dict)
 
     @classmethod
     def for_sequences(
@@ -56,25 +110,25 @@ class AttentionMetadata:
         device: torch.device | str,
         causal: bool = False,
     ) -> AttentionMetadata:
-        lens = torch.tensor(seq_lens, dtype=torch.int64, device=device)
-        cu = torch.zeros(len(seq_lens) + 1, dtype=torch.int32, device=device)
-        cu[1:] = torch.cumsum(lens, 0)
-        batch_index = torch.repeat_interleave(torch.arange(len(seq_lens), device=device), lens)
-        position = torch.arange(int(lens.sum()), device=device) - cu[:-1].long()[batch_index]
-        return cls(
-            attn_dtype=attn_dtype,
-            backend=backend,
-            seq_lens=list(seq_lens),
-            cu_seqlens=cu,
-            max_seqlen=max(seq_lens),
-            batch_index=batch_index,
-            position=position,
-            causal=causal,
-        )
+        """Metadata for a cache-less batch whose sequences attend to themselves (encoders)."""
+        return cls(attn_dtype=attn_dtype, backend=backend, queries=Packing.of(seq_lens, device), causal=causal)
+
+    # Encoder-side shorthands.
+    @property
+    def seq_lens(self) -> list[int]:
+        return self.queries.lens
+
+    @property
+    def max_seqlen(self) -> int:
+        return self.queries.max_len
+
+    @property
+    def position(self) -> torch.Tensor:
+        return self.queries.position
 
     @property
     def num_tokens(self) -> int:
-        return int(self.batch_index.numel())
+        return int(self.queries.batch_index.numel())
 
 
 class Attention(nn.Module):
@@ -85,21 +139,51 @@ class Attention(nn.Module):
         head_dim: size of each head.
         num_kv_heads: key/value heads (grouped-query attention when fewer than ``num_heads``).
         scale: softmax scale; ``1/sqrt(head_dim)`` by default.
+        layer_idx: index of the layer's KV cache tensors (decoders).
+        sliding_window: attend only to the last ``sliding_window`` positions (the query's own included).
     """
 
-    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int | None = None, scale: float | None = None):
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        num_kv_heads: int | None = None,
+        scale: float | None = None,
+        *,
+        layer_idx: int = 0,
+        sliding_window: int | None = None,
+    ):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.num_kv_heads = num_kv_heads or num_heads
         self.scale = scale if scale is not None else head_dim**-0.5
+        self.layer_idx = layer_idx
+        self.sliding_window = sliding_window
+
+    @property
+    def cache_group(self) -> str:
+        """Layers with the same window share block tables; a sliding layer keeps only its window cached."""
+        return "full" if self.sliding_window is None else f"sliding-{self.sliding_window}"
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q: ``[N, num_heads, head_dim]``, k/v: ``[N, num_kv_heads, head_dim]`` -> ``[N, num_heads * head_dim]``."""
         out_dtype = q.dtype
         dt = meta.attn_dtype
-        out = meta.backend.forward(q.to(dt), k.to(dt), v.to(dt), meta, self.scale)
+        q = q.to(dt)
+        if meta.kv_cache is None:
+            out = meta.backend.forward(q, k.to(dt), v.to(dt), meta, None, self.scale)
+        else:
+            slots = meta.groups[self.cache_group]
+            k_cache, v_cache = meta.kv_cache.layer(self.layer_idx)
+            # The cache stores keys/values in kv_cache_dtype; reads come back in the attention dtype.
+            k_cache[slots.write_slots] = k.to(k_cache.dtype)
+            v_cache[slots.write_slots] = v.to(v_cache.dtype)
+            keys = k_cache[slots.read_slots].to(dt)
+            values = v_cache[slots.read_slots].to(dt)
+            out = meta.backend.forward(q, keys, values, meta, slots, self.scale)
         return out.to(out_dtype).reshape(q.shape[0], self.num_heads * self.head_dim)
 
     def extra_repr(self) -> str:
-        return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}"
+        window = f", window={self.sliding_window}" if self.sliding_window else ""
+        return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}{window}"

@@ -167,7 +167,8 @@ def load_weights(
     unexpected = []
     for local, name in _checkpoint_names(ckpt, prefixes, set(expected)):
         if local not in expected:
-            if not any(local.startswith(i) or name.startswith(i) for i in ignored):
+            bare = next((name[len(p) :] for p in prefixes if name.startswith(p)), name)
+            if not any(bare.startswith(i) for i in ignored):
                 unexpected.append(name)
             continue
         tensor = ckpt.get(name)

@@ -18,7 +18,7 @@ def attention_heads(config: ModelConfig) -> tuple[int, int]:
     hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
     if heads < 1 or hidden % heads:
         raise UnsupportedArchitectureError(
-            f"{config.path / 'config.json'}: hidden_size={hidden} is not divisible by num_attention_heads={heads}"
+            f"{config.file}: hidden_size={hidden} is not divisible by num_attention_heads={heads}"
         )
     return heads, hidden // heads
 
@@ -64,4 +64,36 @@ class EncoderModel(nn.Module):
 
     def attention_inputs(self) -> Iterator[AttentionInputs]:
         """Per layer: the norm feeding q/k/v and the q/k/v projections."""
+        raise NotImplementedError
+
+
+class DecoderModel(nn.Module):
+    """A causal language model over packed tokens with a paged KV cache.
+
+    ``forward`` returns packed hidden states; ``compute_logits`` turns the rows that need a next token into float32
+    logits. Subclasses mirror the Hugging Face ``XxxForCausalLM`` weight names.
+    """
+
+    checkpoint_prefixes: tuple[str, ...] = ()
+    ignored_weights: tuple[str, ...] = ("model.rotary_emb.", "rotary_emb.")
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+
+    @property
+    def max_positions(self) -> int:
+        return int(self.config.get("max_position_embeddings"))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        raise NotImplementedError
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def attention_layers(self) -> list[nn.Module]:
+        """The :class:`~hyprec.layers.attention.Attention` module of every layer, in order."""
+        raise NotImplementedError
+
+    def attention_inputs(self) -> Iterator[AttentionInputs]:
         raise NotImplementedError

@@ -77,7 +77,7 @@ class BertIntermediate(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.dense = nn.Linear(config.get("hidden_size"), config.get("intermediate_size"))
-        self.act = get_activation(config.get("hidden_act", "gelu"), config.path / "config.json")
+        self.act = get_activation(config.get("hidden_act", "gelu"), config.file)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.dense(x))
@@ -119,8 +119,7 @@ class BertModel(EncoderModel):
         position_type = config.get("position_embedding_type", "absolute")
         if position_type != "absolute":
             raise UnsupportedArchitectureError(
-                f"{config.path / 'config.json'}: position_embedding_type={position_type!r} is not supported "
-                "(expected 'absolute')"
+                f"{config.file}: position_embedding_type={position_type!r} is not supported (expected 'absolute')"
             )
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoder(config)

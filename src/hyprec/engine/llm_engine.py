@@ -1,0 +1,239 @@
+"""The generation engine: requests -> scheduler -> model runner -> sampler -> detokenised, stop-checked outputs.
+
+``step()`` runs one forward pass over whatever the scheduler picked (prefill chunks and decode tokens together),
+so requests added between steps join the running batch (continuous batching).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from hyprec.config import EngineConfig, ModelConfig
+from hyprec.engine.block_manager import BlockManager
+from hyprec.engine.kv_cache import KVCache, cache_groups
+from hyprec.engine.model_loading import load_model
+from hyprec.engine.model_runner import ModelRunner
+from hyprec.engine.scheduler import Scheduler
+from hyprec.engine.sequence import Sequence
+from hyprec.errors import ConfigError, InvalidInputError
+from hyprec.layers.attention_backends import select_backend
+from hyprec.loading.generation_tokenizer import GenerationTokenizer
+from hyprec.loading.weights import WeightSource
+from hyprec.models.base import DecoderModel
+from hyprec.models.registry import model_class
+from hyprec.outputs import CompletionOutput, RequestOutput
+from hyprec.sampling.sampler import make_generator
+from hyprec.sampling_params import SamplingParams
+
+log = logging.getLogger("hyprec")
+CPU_MAX_MODEL_LEN = 8192
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+
+
+class LLMEngine:
+    """Owns one decoder model, its KV cache and scheduler."""
+
+    def __init__(
+        self,
+        name: str,
+        config: ModelConfig,
+        checkpoint: WeightSource,
+        tokenizer: GenerationTokenizer | None,
+        *,
+        dtype: str = "auto",
+        attn_dtype: str = "auto",
+        kv_cache_dtype: str = "auto",
+        engine_config: EngineConfig | None = None,
+    ):
+        self.name = name
+        self.model_config = config
+        self.tokenizer = tokenizer
+        self.engine_config = ec = engine_config or EngineConfig()
+        self.device = torch.device(ec.device)
+        model, self.policy = load_model(
+            model_class(config),
+            config,
+            checkpoint,
+            dtype=dtype,
+            attn_dtype=attn_dtype,
+            kv_cache_dtype=kv_cache_dtype,
+            device=self.device,
+        )
+        self.model: DecoderModel = model
+        self.checkpoint_dtype = checkpoint.floating_dtype()
+        self.max_model_len = self._max_model_len()
+        layers = self.model.attention_layers()
+        per_token = sum(2 * a.num_kv_heads * a.head_dim for a in layers) * self.policy.kv_cache_dtype.itemsize
+        num_blocks = ec.num_kv_blocks or max(1, ec.kv_cache_memory // (per_token * ec.block_size))
+        if num_blocks * ec.block_size < self.max_model_len:
+            raise ConfigError(
+                f"KV cache of {num_blocks} blocks x {ec.block_size} tokens cannot hold one sequence of "
+                f"max_model_len={self.max_model_len}; raise num_kv_blocks/kv_cache_memory or lower max_model_len"
+            )
+        groups = cache_groups(layers, num_blocks, ec.block_size, ec.max_num_seqs, ec.max_num_batched_tokens)
+        self.kv_cache = KVCache(layers, groups, ec.block_size, self.policy.kv_cache_dtype, self.device)
+        self.blocks = BlockManager(groups, ec.block_size)
+        self.scheduler = Scheduler(self.blocks, ec.max_num_seqs, ec.max_num_batched_tokens)
+        self.backend = select_backend(self.device, self.policy.attn_dtype)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.blocks, self.backend, self.policy, self.device)
+        self.requests: dict[str, Request] = {}
+        self._next_id = 0
+        log.info("hyprec: %s: policy %s, attention backend %s", name, self.policy, self.backend.name)
+
+    def _max_model_len(self) -> int:
+        limit = self.model.max_positions
+        if self.engine_config.max_model_len is not None:
+            if self.engine_config.max_model_len > limit:
+                raise ConfigError(f"max_model_len={self.engine_config.max_model_len} exceeds the model's {limit}")
+            return self.engine_config.max_model_len
+        return min(limit, CPU_MAX_MODEL_LEN) if self.device.type == "cpu" else limit
+
+    # ------------------------------------------------------------------ requests
+
+    def add_request(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        *,
+        prompt: str | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a request; returns its id. Its sequences join the running batch at the next step."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidInputError(f"params: expected SamplingParams, got {type(params).__name__}")
+        vocab = self.model_config.get("vocab_size")
+        if not prompt_token_ids:
+            raise InvalidInputError("prompt: empty (no tokens)")
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in prompt_token_ids):
+            raise InvalidInputError(f"prompt_token_ids: expected integers in [0, {vocab})")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise InvalidInputError(
+                f"prompt of {len(prompt_token_ids)} tokens does not fit the context window "
+                f"(max_model_len={self.max_model_len}, which must also leave room for one generated token)"
+            )
+        rid = request_id if request_id is not None else str(self._next_id)
+        self._next_id += 1
+        if rid in self.requests:
+            raise InvalidInputError(f"request_id {rid!r} is already in use")
+        seqs = [
+            Sequence(
+                request_id=rid,
+                index=i,
+                prompt_token_ids=list(prompt_token_ids),
+                params=params,
+                generator=None if params.seed is None else make_generator(params.seed, i, self.device),
+            )
+            for i in range(params.n)
+        ]
+        self.requests[rid] = Request(rid, prompt, list(prompt_token_ids), params, seqs)
+        for seq in seqs:
+            self.scheduler.add(seq)
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        self.scheduler.abort(request_id)
+        self.requests.pop(request_id, None)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ------------------------------------------------------------------ stepping
+
+    def step(self) -> list[RequestOutput]:
+        """One forward pass; returns the current state of every request that advanced (finished ones removed)."""
+        plan = self.scheduler.schedule()
+        if not plan.scheduled:
+            return []
+        sampled = self.runner.step(plan.scheduled)
+        sampling = [item.seq for item in plan.scheduled if item.samples]
+        for item in plan.scheduled:
+            item.seq.num_computed_tokens += item.num_new_tokens
+        if sampled is not None:
+            for i, seq in enumerate(sampling):
+                self._append(seq, sampled.token_ids[i], sampled.logprobs[i], sampled.top_logprobs[i])
+        touched = dict.fromkeys(item.seq.request_id for item in plan.scheduled)
+        outputs = [self._request_output(self.requests[rid]) for rid in touched]
+        for out in outputs:
+            if out.finished:
+                del self.requests[out.request_id]
+        return outputs
+
+    def _append(self, seq: Sequence, token: int, logprob: float, top: list[tuple[int, float]] | None) -> None:
+        p = seq.params
+        seq.output_token_ids.append(token)
+        seq.output_logprobs.append(logprob)
+        if p.logprobs is not None:
+            seq.output_top_logprobs.append(top or [])
+        if self.tokenizer is not None:
+            seq.text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=p.skip_special_tokens)
+        if token in p.stop_token_ids:
+            return self.scheduler.finish_with(seq, "stop", token)
+        if not p.ignore_eos and self.tokenizer is not None and token in self.tokenizer.eos_token_ids:
+            return self.scheduler.finish_with(seq, "stop", None)
+        for stop in p.stop:
+            at = seq.text.find(stop)
+            if at >= 0:
+                seq.text = seq.text[: at + (len(stop) if p.include_stop_str_in_output else 0)]
+                return self.scheduler.finish_with(seq, "stop", stop)
+        if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return self.scheduler.finish_with(seq, "length", None)
+        return None
+
+    @staticmethod
+    def _request_output(req: Request) -> RequestOutput:
+        outs = []
+        for seq in req.seqs:
+            logprobs = None
+            if req.params.logprobs is not None:
+                logprobs = [
+                    {**dict(top), tok: lp}
+                    for tok, lp, top in zip(
+                        seq.output_token_ids, seq.output_logprobs, seq.output_top_logprobs, strict=True
+                    )
+                ]
+            outs.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=seq.text,
+                    token_ids=list(seq.output_token_ids),
+                    finish_reason=seq.finish_reason,
+                    stop_reason=seq.stop_reason,
+                    logprobs=logprobs,
+                    cumulative_logprob=float(sum(seq.output_logprobs)),
+                )
+            )
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs)
+
+    def info(self) -> dict[str, Any]:
+        cfg = self.model_config
+        return {
+            "model": self.name,
+            "architecture": ", ".join(cfg.architectures) or cfg.model_type,
+            "model_type": cfg.model_type,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "hidden_size": cfg.get("hidden_size"),
+            "num_layers": cfg.get("num_hidden_layers"),
+            "num_heads": cfg.get("num_attention_heads"),
+            "num_kv_heads": cfg.get("num_key_value_heads", cfg.get("num_attention_heads")),
+            "vocab_size": cfg.get("vocab_size"),
+            "max_model_len": self.max_model_len,
+            "checkpoint_dtype": str(self.checkpoint_dtype).removeprefix("torch."),
+            "kv_cache_groups": {n: (g.window, g.num_blocks) for n, g in self.kv_cache.groups.items()},
+            "kv_cache_bytes": self.kv_cache.nbytes,
+            "kv_cache_bytes_per_token": self.kv_cache.bytes_per_token(),
+            "device": str(self.device),
+            "attention_backend": self.backend.name,
+            "policy": self.policy.as_dict(),
+        }

