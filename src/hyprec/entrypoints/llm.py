@@ -1,38 +1,51 @@
-"""The Python API: ``from hyprec import LLM``."""
+"""The Python API: ``from hyprec import LLM, SamplingParams``."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from hyprec.config import EngineConfig
 from hyprec.dtype_policy import DtypePolicy
-from hyprec.engine.embedding_engine import EmbeddingEngine
+from hyprec.engine.embedding_engine import EmbeddingEngine, validate_texts
+from hyprec.engine.llm_engine import LLMEngine
+from hyprec.engine.sources import open_engine
+from hyprec.errors import InputTypeError, InvalidInputError
 from hyprec.model_sources import resolve_model
+from hyprec.outputs import RequestOutput
+from hyprec.sampling_params import SamplingParams
+
+PromptType = str | list[int] | dict[str, Any]
+Messages = list[dict[str, str]]
 
 
 class LLM:
     """A model loaded for inference under a hybrid-precision dtype policy.
 
     Args:
-        model: a local model directory (sentence-transformers or Hugging Face layout) or an alias
-            (``minilm``, ``mpnet``). ``None`` loads the embedded default, all-MiniLM-L6-v2.
+        model: a local model directory (sentence-transformers or Hugging Face layout), a ``.gguf`` file, or an alias
+            (``minilm``, ``mpnet``, ``gemma``). ``None`` loads the embedded default, all-MiniLM-L6-v2.
         dtype: ``auto`` (float32 checkpoints run ``hybrid``), ``float32``, ``float16``, ``bfloat16`` or
             ``hybrid`` (float32 weights and activations, attention in ``attn_dtype``).
         attn_dtype: ``auto`` (float16 when the weights certify q/k/v cannot overflow it, else bfloat16),
             ``float32``, ``float16`` or ``bfloat16``.
-        kv_cache_dtype: ``auto`` (follows ``attn_dtype``) or a dtype name.
+        kv_cache_dtype: ``auto`` (follows ``attn_dtype``) or a dtype name (decoders).
         device: ``cpu`` or ``cuda[:N]``.
-        max_num_batched_tokens: token budget of one forward pass (padded tokens of the attention batch).
+        max_num_batched_tokens: token budget of one forward pass.
         max_num_seqs: most sequences in one forward pass.
+        **engine_options: further :class:`~hyprec.config.EngineConfig` fields (``max_model_len``, ``num_kv_blocks``,
+            ``block_size``, ``kv_cache_memory``).
 
     Example:
         >>> llm = LLM()  # all-MiniLM-L6-v2, hybrid precision
         >>> llm.embed(["hello world"]).shape
         (1, 384)
+        >>> gemma = LLM("gemma")  # Gemma-3-270M from GGUF: float32 residual stream, float16 attention and KV cache
+        >>> gemma.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=8))[0].outputs[0].text
     """
 
     def __init__(
@@ -45,9 +58,18 @@ class LLM:
         device: str = "cpu",
         max_num_batched_tokens: int = 16384,
         max_num_seqs: int = 256,
+        **engine_options: Any,
     ):
-        config = EngineConfig(device=device, max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)
-        self._engine = EmbeddingEngine(
+        try:
+            config = EngineConfig(
+                device=device,
+                max_num_batched_tokens=max_num_batched_tokens,
+                max_num_seqs=max_num_seqs,
+                **engine_options,
+            )
+        except TypeError as exc:
+            raise InvalidInputError(f"unknown engine option: {exc}") from None
+        self._engine = open_engine(
             resolve_model(model),
             dtype=dtype,
             attn_dtype=attn_dtype,
@@ -61,12 +83,18 @@ class LLM:
         return self._engine.policy
 
     @property
-    def engine(self) -> EmbeddingEngine:
+    def engine(self) -> EmbeddingEngine | LLMEngine:
         return self._engine
 
+    @property
+    def is_generative(self) -> bool:
+        return isinstance(self._engine, LLMEngine)
+
     def info(self) -> dict[str, Any]:
-        """Architecture, sizes, resolved policy, attention backend and pooling pipeline."""
+        """Architecture, sizes, resolved policy, attention backend, and the pooling pipeline or KV cache layout."""
         return self._engine.info()
+
+    # ------------------------------------------------------------------ embeddings
 
     def embed(
         self,
@@ -91,10 +119,18 @@ class LLM:
             batch_size: most texts per forward pass (the token budget still applies).
             show_progress: a progress bar on stderr.
 
+        Decoder models embed with last-token pooling (Qwen3-Embedding style), normalised unless
+        ``normalize=False``.
+
         Raises:
             InputTypeError: a text is not a string. InvalidInputError: bad parameters.
             NonFiniteOutputError: the computation produced NaN/inf (never returned silently).
         """
+        if isinstance(self._engine, LLMEngine):
+            items = [(prompt or "") + t for t in validate_texts(texts)]
+            ids = [self._tokenizer().encode(t) for t in items]
+            vectors = self._engine.embed(ids, normalize=normalize is not False).numpy()
+            return vectors[:, :dimensions] if dimensions else vectors
         return self._engine.embed(
             texts,
             normalize=normalize,
@@ -104,3 +140,104 @@ class LLM:
             batch_size=batch_size,
             show_progress=show_progress,
         )
+
+    # ------------------------------------------------------------------ generation
+
+    def _generator(self) -> LLMEngine:
+        if not isinstance(self._engine, LLMEngine):
+            raise InvalidInputError(f"{self._engine.model_dir.name} is an embedding model; use embed()")
+        return self._engine
+
+    def _tokenizer(self):
+        tok = self._generator().tokenizer
+        if tok is None:
+            raise InvalidInputError("this model has no tokenizer; pass prompts as token-id lists")
+        return tok
+
+    def _prompt_ids(self, prompt: PromptType, i: int) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self._tokenizer().encode(prompt)
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if isinstance(prompt.get("prompt"), str):
+                return prompt["prompt"], self._tokenizer().encode(prompt["prompt"])
+        if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return None, list(prompt)
+        raise InputTypeError(
+            f"prompts[{i}] is {type(prompt).__name__}; expected a string, a list of token ids, or "
+            '{"prompt": str} / {"prompt_token_ids": [int, ...]}'
+        )
+
+    def _add(
+        self, prompts: PromptType | Sequence[PromptType], params: SamplingParams | Sequence[SamplingParams] | None
+    ):
+        engine = self._generator()
+        if isinstance(prompts, (str, dict)) or (
+            isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts)
+        ):
+            prompts = [prompts]
+        if not isinstance(prompts, Sequence) or isinstance(prompts, (bytes, bytearray)):
+            raise InputTypeError(f"prompts: expected a prompt or a list of prompts, got {type(prompts).__name__}")
+        plist = list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * len(prompts)
+        if len(plist) != len(prompts):
+            raise InvalidInputError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
+        encoded = [self._prompt_ids(p, i) for i, p in enumerate(prompts)]  # validate all before queueing any
+        return [engine.add_request(ids, sp, prompt=text) for (text, ids), sp in zip(encoded, plist, strict=True)]
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Generate completions for one prompt or a list (strings, token-id lists, or dicts), run together with
+        continuous batching. Returns one :class:`RequestOutput` per prompt, in order."""
+        ids = self._add(prompts, sampling_params)
+        return self._run(ids, use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self._generator()
+        done: dict[str, RequestOutput] = {}
+        try:
+            with tqdm(total=len(ids), desc="generate", unit="req", disable=not use_tqdm) as bar:
+                while len(done) < len(ids):
+                    for out in engine.step():
+                        if out.finished and out.request_id in ids:
+                            done[out.request_id] = out
+                            bar.update(1)
+        except BaseException:
+            for rid in ids:
+                engine.abort(rid)
+            raise
+        return [done[rid] for rid in ids]
+
+    def chat(
+        self,
+        messages: Messages | Sequence[Messages],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Generate replies to one conversation (``[{"role", "content"}, ...]``) or a list of them, rendered with
+        the model's chat template."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        tok = self._tokenizer()
+        prompts = [{"prompt": tok.apply_chat_template(c), "prompt_token_ids": tok.encode_chat(c)} for c in convs]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yield the request's state after every engine step until it finishes (text and tokens grow)."""
+        engine = self._generator()
+        (rid,) = self._add(prompt, sampling_params)
+        try:
+            while True:
+                for out in engine.step():
+                    if out.request_id == rid:
+                        yield out
+                        if out.finished:
+                            return
+        finally:
+            if rid in engine.requests:
+                engine.abort(rid)

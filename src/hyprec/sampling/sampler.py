@@ -92,8 +92,10 @@ class Sampler:
     """Chooses the next token of each sequence of a batch; stateless apart from the sequences' generators."""
 
     def __call__(self, logits: torch.Tensor, states: Sequence[SequenceSamplingState]) -> SamplerOutput:
-        """Choose one token per row of ``logits`` ``[B, V]`` (any float dtype, computed in float32) for
-        ``states[b]``.
+        """Choose the next token of each sequence: row b of ``logits`` ``[B, V]`` belongs to ``states[b]``.
+
+        ``logits`` may have any floating dtype and device; the computation is done in float32 on that device, and
+        seeded states' generators must live on the same device type.
 
         Raises InputTypeError / InvalidInputError for malformed arguments and NonFiniteOutputError for a row with NaN
         or +inf logits, or with no finite logit left.
@@ -103,22 +105,27 @@ class Sampler:
             return SamplerOutput(token_ids=[], logprobs=[], top_logprobs=[])
         processed = apply_penalties(raw, states)
         _check_rows_finite(processed, "after the penalties")
-        tokens = torch.empty(raw.shape[0], dtype=torch.long, device=raw.device)
-        greedy = [i for i, s in enumerate(states) if s.params.greedy]
-        sampled = [i for i, s in enumerate(states) if not s.params.greedy]
-        if greedy:
-            tokens[greedy] = _rows(processed, greedy).argmax(
-                dim=1
-            )  # argmax returns the first maximum: lowest id on ties
-        if sampled:
-            scaled = scale_and_filter(_rows(processed, sampled), [states[i].params for i in sampled])
-            tokens[sampled] = _draw(scaled, [states[i].generator for i in sampled])
+        tokens = _choose(processed, states)
         # logsumexp + gather rather than a full [B, V] log_softmax: the same values, without a second B x V tensor.
         lse = torch.logsumexp(raw, dim=1)
         chosen = raw.gather(1, tokens[:, None]).squeeze(1) - lse
         return SamplerOutput(
             token_ids=tokens.tolist(), logprobs=chosen.tolist(), top_logprobs=_top_logprobs(raw, lse, states)
         )
+
+
+def _choose(logits: torch.Tensor, states: Sequence[SequenceSamplingState]) -> torch.Tensor:
+    """The token of each row of the penalised ``logits``: argmax for greedy rows, a filtered sample for the rest."""
+    tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    greedy = [i for i, s in enumerate(states) if s.params.greedy]
+    sampled = [i for i, s in enumerate(states) if not s.params.greedy]
+    if greedy:
+        # argmax returns the first maximum, so ties go to the lowest token id.
+        tokens[greedy] = _rows(logits, greedy).argmax(dim=1)
+    if sampled:
+        scaled = scale_and_filter(_rows(logits, sampled), [states[i].params for i in sampled])
+        tokens[sampled] = _draw(scaled, [states[i].generator for i in sampled])
+    return tokens
 
 
 # ------------------------------------------------------------------------------------------ checks

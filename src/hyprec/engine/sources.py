@@ -1,0 +1,57 @@
+"""Open a model path as an engine: encoder directories -> EmbeddingEngine, decoder directories and .gguf files ->
+LLMEngine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hyprec.config import EngineConfig, ModelConfig
+from hyprec.engine.embedding_engine import EmbeddingEngine
+from hyprec.engine.llm_engine import LLMEngine
+from hyprec.errors import ModelLoadError
+from hyprec.loading.generation_tokenizer import GenerationTokenizer
+from hyprec.loading.st_pipeline import read_pipeline
+from hyprec.loading.weights import Checkpoint
+from hyprec.models.registry import is_decoder
+
+
+def _eos_ids(config: ModelConfig) -> list[int]:
+    eos = config.get("eos_token_id", None)
+    return eos if isinstance(eos, list) else [] if eos is None else [eos]
+
+
+def _decoder_from_dir(path: Path, **kwargs) -> LLMEngine:
+    config = ModelConfig.from_dir(path)
+    tokenizer = None
+    if (path / "tokenizer.json").exists():
+        tokenizer = GenerationTokenizer.from_dir(path, config.model_type, _eos_ids(config))
+    return LLMEngine(path.name, config, Checkpoint.open(path), tokenizer, **kwargs)
+
+
+def _decoder_from_gguf(path: Path, **kwargs) -> LLMEngine:
+    try:
+        from hyprec.loading.gguf import GGUFCheckpoint
+    except ImportError as exc:
+        raise ModelLoadError(f"{path}: reading GGUF files needs the 'gguf' extra ({exc})") from None
+    ckpt = GGUFCheckpoint(path)
+    config = ModelConfig(path=path.parent, raw=ckpt.config, source=path)
+    tokenizer = GenerationTokenizer.from_gguf(ckpt, config.model_type, _eos_ids(config))
+    return LLMEngine(path.name, config, ckpt, tokenizer, **kwargs)
+
+
+def open_engine(
+    path: Path, *, dtype: str, attn_dtype: str, kv_cache_dtype: str, engine_config: EngineConfig
+) -> EmbeddingEngine | LLMEngine:
+    """The engine for a resolved model path."""
+    kwargs = {
+        "dtype": dtype,
+        "attn_dtype": attn_dtype,
+        "kv_cache_dtype": kv_cache_dtype,
+        "engine_config": engine_config,
+    }
+    if path.is_file():
+        return _decoder_from_gguf(path, **kwargs)
+    config_dir = path if (path / "config.json").exists() else read_pipeline(path).transformer_dir
+    if is_decoder(ModelConfig.from_dir(config_dir)):
+        return _decoder_from_dir(path, **kwargs)
+    return EmbeddingEngine(path, **kwargs)

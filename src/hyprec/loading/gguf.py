@@ -1,0 +1,393 @@
+"""GGUF checkpoints (llama.cpp's single-file format) read as Hugging Face-named float32 weights.
+
+A ``.gguf`` file carries everything a model directory would: weights (often block-quantized), the model's
+hyper-parameters and its tokenizer, all under llama.cpp's names. :class:`GGUFCheckpoint` exposes it the way
+the rest of hyprec expects a Hugging Face checkpoint:
+
+* tensors under HF names (``model.layers.0.self_attn.q_proj.weight``), dequantized lazily to float32 in HF
+  layout, with llama.cpp's conversion-time rewrites undone exactly as transformers undoes them
+  (``transformers/modeling_gguf_pytorch_utils.py``): the rotary row interleave of Llama's q/k projections and
+  Gemma's ``1 + w`` norm weights;
+* ``config``: a ``config.json``-style dict built from the metadata, matching ``AutoConfig.from_pretrained(dir,
+  gguf_file=...)``;
+* ``tokenizer`` / ``chat_template``: the tokenizer transformers builds from the metadata.
+
+``gguf`` (llama.cpp's own Python reader) does the parsing and dequantization; ``transformers`` supplies the
+metadata-name tables and the tokenizer conversion, so both stay the single source of truth.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as QType
+from gguf.quants import dequantize
+
+from hyprec.errors import ModelLoadError, UnsupportedArchitectureError
+
+if TYPE_CHECKING:
+    from gguf.gguf_reader import ReaderTensor
+    from transformers import TokenizersBackend
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_TYPES: tuple[QType, ...] = (
+    QType.F32,
+    QType.F16,
+    QType.BF16,
+    QType.Q8_0,
+    QType.Q4_0,
+    QType.Q4_1,
+    QType.Q5_0,
+    QType.Q5_1,
+    QType.Q2_K,
+    QType.Q3_K,
+    QType.Q4_K,
+    QType.Q5_K,
+    QType.Q6_K,
+)
+_FLOAT_TYPES = {QType.F32: torch.float32, QType.F16: torch.float16, QType.BF16: torch.bfloat16}
+# Rows are dequantized in chunks of about this many values: numpy's per-block temporaries then stay in cache,
+# which makes a 262144x640 Q8_0 embedding ~3x faster than dequantizing it in one call.
+_CHUNK_VALUES = 1 << 20
+
+
+@dataclass(frozen=True)
+class _Arch:
+    """How llama.cpp converted one ``general.architecture`` from its Hugging Face original."""
+
+    model_type: str  # the HF model_type transformers gives such a file
+    permute_qk: bool = False  # q/k rows interleaved for llama.cpp's rotary layout (LlamaModel.permute)
+    norm_offset: float = 0.0  # norm weights stored as ``w + offset`` (Gemma's RMSNorm computes ``x * (1 + w)``)
+
+
+# Mistral checkpoints are converted to the "llama" architecture, so they are covered by that entry.
+ARCHITECTURES: dict[str, _Arch] = {
+    "llama": _Arch("llama", permute_qk=True),
+    "qwen2": _Arch("qwen2"),
+    "qwen3": _Arch("qwen3"),
+    "gemma3": _Arch("gemma3_text", norm_offset=1.0),
+}
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
+
+# The HF module names of a Llama-style decoder. gguf's own name table (gguf.tensor_mapping) turns each into its
+# GGUF name for a given architecture, or None where that architecture has no such tensor; the reverse of that
+# is our GGUF -> HF map. Which HF norm is which GGUF norm differs per architecture (Llama's
+# post_attention_layernorm is llama.cpp's ffn_norm, Gemma's is post_attention_norm); the table knows that.
+_HF_GLOBAL_MODULES = ("model.embed_tokens", "model.norm", "lm_head")
+_HF_LAYER_MODULES = (
+    "input_layernorm",
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "self_attn.q_norm",
+    "self_attn.k_norm",
+    "post_attention_layernorm",
+    "pre_feedforward_layernorm",
+    "post_feedforward_layernorm",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+# Bookkeeping fields of a transformers config object that do not describe the model.
+_CONFIG_NOISE = ("transformers_version", "_name_or_path", "_model_name_or_path")
+
+
+class GGUFCheckpoint:
+    """One ``.gguf`` file as a :class:`~hyprec.loading.weights.WeightSource` with Hugging Face tensor names.
+
+    Opening parses the header (memory-mapped, no tensor data is read) and checks the architecture, every tensor
+    type and that every tensor lies inside the file. :meth:`get` dequantizes one tensor on demand.
+
+    Raises:
+        ModelLoadError: not a GGUF file, truncated or corrupt, or a tensor type hyprec cannot dequantize.
+        UnsupportedArchitectureError: a ``general.architecture`` outside :data:`SUPPORTED_ARCHITECTURES`.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.files: list[Path] = [self.path]
+        self._reader = _open_reader(self.path)
+        self.architecture: str = self._string_field("general.architecture")
+        self._arch = ARCHITECTURES.get(self.architecture)
+        if self._arch is None:
+            raise UnsupportedArchitectureError(
+                f"{self.path}: GGUF architecture {self.architecture!r} is not supported; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        self.num_layers = self._int_field(f"{self.architecture}.block_count")
+        self._tensors: dict[str, ReaderTensor] = {}  # HF name -> GGUF tensor
+        self._index_tensors()
+
+    # -- WeightSource -----------------------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        """HF names of every tensor in the file, in file order."""
+        return list(self._tensors)
+
+    def get(self, name: str) -> torch.Tensor:
+        """The float32 tensor ``name`` in HF layout ([out, in] for linear weights)."""
+        tensor = self._tensor(name)
+        try:
+            values = _dequantize(tensor)
+        except (ValueError, TypeError, NotImplementedError) as exc:
+            raise ModelLoadError(f"cannot dequantize {self.source(name)}: {exc}") from None
+        return torch.from_numpy(self._undo_conversion(tensor.name, values))
+
+    def source(self, name: str) -> str:
+        """Where a tensor comes from, for error messages: the file, its GGUF name and storage type."""
+        tensor = self._tensor(name)
+        return f"{self.path} (GGUF tensor {tensor.name!r}, {tensor.tensor_type.name})"
+
+    def floating_dtype(self) -> torch.dtype:
+        """The float type the weights were written in: the half type of an unquantized F16/BF16 file, else
+        float32 (a quantized file has no float type of its own; it dequantizes to float32), as transformers
+        decides for ``dtype="auto"``."""
+        types = {t.tensor_type for t in self._tensors.values()}
+        if not types <= set(_FLOAT_TYPES):
+            return torch.float32
+        # Norms are F32 even in a half-precision file, so any half type present is the model's.
+        for half in (QType.BF16, QType.F16):
+            if half in types:
+                return _FLOAT_TYPES[half]
+        return torch.float32
+
+    # -- metadata ---------------------------------------------------------------------------------------------
+
+    def metadata(self, key: str, default: Any = None) -> Any:
+        """A raw GGUF metadata value (``"gemma3.context_length"``, ``"tokenizer.ggml.eos_token_id"`` ...)."""
+        field = self._reader.fields.get(key)
+        return default if field is None else field.contents()
+
+    def tensor_type(self, name: str) -> str:
+        """The GGUF storage type of a tensor (``"Q8_0"``, ``"F32"`` ...)."""
+        return self._tensor(name).tensor_type.name
+
+    @functools.cached_property
+    def config(self) -> dict[str, Any]:
+        """A Hugging Face ``config.json``-style dict for the model, as ``AutoConfig.from_pretrained(dir,
+        gguf_file=...)`` builds it, plus ``architectures`` and the legacy flat RoPE fields (``rope_theta``,
+        Gemma 3's ``rope_local_base_freq``) that transformers folds into ``rope_parameters``."""
+        return _hf_config(self)
+
+    @functools.cached_property
+    def tokenizer(self) -> TokenizersBackend:
+        """The fast tokenizer transformers builds from the GGUF vocabulary (the class ``AutoTokenizer`` picks,
+        e.g. ``GemmaTokenizer``; the ``tokenizers.Tokenizer`` is its ``backend_tokenizer``)."""
+        return _hf_tokenizer(self.path, str(self.config["model_type"]))
+
+    @property
+    def chat_template(self) -> str | None:
+        """The Jinja chat template in ``tokenizer.chat_template``, or None when the file has none."""
+        return self.metadata("tokenizer.chat_template")
+
+    # -- internals --------------------------------------------------------------------------------------------
+
+    def _tensor(self, name: str) -> ReaderTensor:
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise KeyError(f"no tensor {name!r} in {self.path}") from None
+
+    def _string_field(self, key: str) -> str:
+        value = self.metadata(key)
+        if not isinstance(value, str):
+            raise ModelLoadError(f"{self.path}: GGUF metadata {key!r} = {value!r}: expected a string")
+        return value
+
+    def _int_field(self, key: str, default: int | None = None) -> int:
+        value = self.metadata(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ModelLoadError(f"{self.path}: GGUF metadata {key!r} = {value!r}: expected an integer")
+        return value
+
+    def _index_tensors(self) -> None:
+        """Map every GGUF tensor to its HF name, checking its type and that its data lies inside the file."""
+        hf_names = _gguf_to_hf_names(self.architecture, self.num_layers)
+        file_size = self._reader.data.size
+        unmapped = []
+        for tensor in self._reader.tensors:
+            if tensor.data_offset + tensor.n_bytes > file_size:
+                raise ModelLoadError(
+                    f"{self.path} is truncated: tensor {tensor.name!r} ends at byte "
+                    f"{tensor.data_offset + tensor.n_bytes}, the file has {file_size}"
+                )
+            if tensor.tensor_type not in SUPPORTED_TYPES:
+                raise ModelLoadError(
+                    f"{self.path}: tensor {tensor.name!r} has type {tensor.tensor_type.name}, which hyprec cannot "
+                    f"dequantize; supported: {', '.join(t.name for t in SUPPORTED_TYPES)}"
+                )
+            if tensor.name in hf_names:
+                self._tensors[hf_names[tensor.name]] = tensor
+            else:
+                unmapped.append(tensor.name)
+        if unmapped:
+            # e.g. llama 3's rope_freqs.weight, which transformers ignores as well
+            log.warning("%s: ignoring %d GGUF tensors with no HF name: %s", self.path, len(unmapped), unmapped[:8])
+
+    def _undo_conversion(self, gguf_name: str, values: np.ndarray) -> np.ndarray:
+        """Reverse llama.cpp's convert_hf_to_gguf.py rewrites of one tensor (values is float32, owned)."""
+        if self._arch.norm_offset and gguf_name.endswith("norm.weight"):
+            values -= self._arch.norm_offset  # in float32, as transformers' Gemma2TensorProcessor does
+        if self._arch.permute_qk and (".attn_q." in gguf_name or ".attn_k." in gguf_name):
+            heads = self._int_field(f"{self.architecture}.attention.head_count")
+            if ".attn_k." in gguf_name:
+                # llama.cpp's default when the key is absent; transformers would skip the permutation instead
+                heads = self._int_field(f"{self.architecture}.attention.head_count_kv", heads)
+            values = _unpermute_rotary_rows(values, heads)
+        return values
+
+
+def _open_reader(path: Path) -> gguf.GGUFReader:
+    """``GGUFReader`` over ``path``, its raw errors (bad magic, short reads ...) turned into ModelLoadError."""
+    if not path.is_file():
+        raise ModelLoadError(f"GGUF file not found: {path}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ModelLoadError(f"{path} is not a GGUF file: it starts with {magic!r}, not b'GGUF'")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as exc:  # numpy/struct/enum errors from a cut or corrupt header, or an unknown type id
+        raise ModelLoadError(f"cannot read GGUF file {path} (truncated or corrupt?): {exc}") from None
+
+
+@functools.cache
+def _gguf_to_hf_names(architecture: str, num_layers: int) -> dict[str, str]:
+    """``{"blk.0.attn_q.weight": "model.layers.0.self_attn.q_proj.weight", ...}`` for one architecture."""
+    table = gguf.get_tensor_name_map(_model_arch(architecture), num_layers)
+    modules = list(_HF_GLOBAL_MODULES)
+    modules += [f"model.layers.{i}.{m}" for i in range(num_layers) for m in _HF_LAYER_MODULES]
+    mapping = {}
+    for hf in modules:
+        gguf_name = table.get_name(hf)
+        if gguf_name is not None:
+            for suffix in (".weight", ".bias"):
+                mapping[gguf_name + suffix] = hf + suffix
+    return mapping
+
+
+def _model_arch(architecture: str) -> gguf.MODEL_ARCH:
+    for arch, name in gguf.MODEL_ARCH_NAMES.items():
+        if name == architecture:
+            return arch
+    raise UnsupportedArchitectureError(f"the installed gguf package does not know architecture {architecture!r}")
+
+
+def _dequantize(tensor: ReaderTensor) -> np.ndarray:
+    """A tensor's values as a new float32 array in numpy order (= HF layout), a chunk of rows at a time."""
+    shape = tuple(int(d) for d in reversed(tensor.shape))  # ggml lists dimensions fastest-moving first
+    rows = tensor.data.reshape(-1, tensor.data.shape[-1])  # raw rows: values, or the bytes of a row's blocks
+    out = np.empty((rows.shape[0], shape[-1]), dtype=np.float32)
+    step = max(1, _CHUNK_VALUES // shape[-1])
+    for start in range(0, rows.shape[0], step):
+        out[start : start + step] = dequantize(rows[start : start + step], tensor.tensor_type)
+    return out.reshape(shape)
+
+
+def _unpermute_rotary_rows(weight: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's ``LlamaModel.permute`` of a q/k projection (weight or bias).
+
+    HF orders each head's rows as two halves (the rotate_half layout); llama.cpp interleaves them into pairs
+    for its rotary kernel, i.e. stores rows as ``(heads, half, 2)`` where HF has ``(heads, 2, half)``.
+    """
+    half = weight.shape[0] // heads // 2
+    return weight.reshape(heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _hf_config(ckpt: GGUFCheckpoint) -> dict[str, Any]:
+    """The transformers config for the file, completed with the config class's defaults (as AutoConfig does)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    raw = _raw_config(ckpt)
+    try:
+        config = AutoConfig.for_model(**raw).to_dict()
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ModelLoadError(
+            f"{ckpt.path}: cannot build a {raw['model_type']} config from its metadata: {exc}"
+        ) from None
+    for key in _CONFIG_NOISE:
+        config.pop(key, None)
+    config["architectures"] = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config["model_type"]]]
+    # Legacy flat RoPE fields, as the model's own config.json spells them; transformers accepts both forms.
+    rope = config.get("rope_parameters") or {}
+    if "full_attention" in rope:  # per-layer-type RoPE (Gemma 3: local layers use their own base)
+        config["rope_theta"] = rope["full_attention"]["rope_theta"]
+        config["rope_local_base_freq"] = rope["sliding_attention"]["rope_theta"]
+    elif "rope_theta" in rope:
+        config["rope_theta"] = rope["rope_theta"]
+    return config
+
+
+def _raw_config(ckpt: GGUFCheckpoint) -> dict[str, Any]:
+    """Metadata renamed to transformers config fields with transformers' own tables, the way
+    ``load_gguf_checkpoint(path)["config"]`` does it, without re-parsing the file."""
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    arch = ckpt.architecture
+    model_type = ckpt._arch.model_type
+    if arch == "llama" and ckpt.metadata("general.name") == "mistral":
+        # transformers' rule, verbatim: only a file literally named "mistral" becomes a MistralConfig
+        model_type = "mistral"
+    tables = {
+        "general": {},  # model_type is set below; general.name is not a config field
+        "tokenizer": GGUF_CONFIG_MAPPING["tokenizer"],
+        arch: GGUF_CONFIG_MAPPING[model_type if model_type == "mistral" else arch],
+    }
+    raw: dict[str, Any] = {}
+    for key, field in ckpt._reader.fields.items():
+        prefix, _, rest = key.partition(".")
+        target = tables.get(prefix, {}).get(rest)
+        if target is not None and target != -1:
+            raw[target] = field.contents()
+    raw["model_type"] = model_type
+    # llama.cpp writes output.weight only when the LM head is not the embedding matrix
+    raw["tie_word_embeddings"] = "lm_head.weight" not in ckpt._tensors
+    if "vocab_size" not in raw and "tokenizer.ggml.tokens" in ckpt._reader.fields:
+        raw["vocab_size"] = len(ckpt._reader.fields["tokenizer.ggml.tokens"].data)
+    _add_rope_scaling(ckpt, raw)
+    return raw
+
+
+def _add_rope_scaling(ckpt: GGUFCheckpoint, raw: dict[str, Any]) -> None:
+    """Linear RoPE scaling (``{arch}.rope.scaling.type``), which transformers' GGUF tables drop; the config
+    class applies the legacy ``rope_scaling`` field where the model does (Gemma 3: global layers only)."""
+    kind = ckpt.metadata(f"{ckpt.architecture}.rope.scaling.type")
+    factor = ckpt.metadata(f"{ckpt.architecture}.rope.scaling.factor")
+    if kind in (None, "none") or factor in (None, 1.0):
+        return
+    if kind == "linear":
+        raw["rope_scaling"] = {"rope_type": "linear", "factor": float(factor)}
+    else:
+        log.warning(
+            "%s: ignoring RoPE scaling %r (x%s): only linear scaling is read from GGUF", ckpt.path, kind, factor
+        )
+
+
+def _hf_tokenizer(path: Path, model_type: str) -> TokenizersBackend:
+    """What ``AutoTokenizer.from_pretrained(dir, gguf_file=name)`` returns, built directly from the file.
+
+    Going through ``from_pretrained`` would re-parse the whole header for the config, and would prefer a
+    ``tokenizer.json`` lying next to the GGUF file over the GGUF vocabulary.
+    """
+    from transformers import TokenizersBackend
+    from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
+    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES, tokenizer_class_from_name
+
+    try:
+        architecture, vocabulary, tokenizer_config = get_gguf_tokenizer(str(path))
+        backend, extra = convert_gguf_tokenizer(architecture, vocabulary)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"cannot build a tokenizer from the metadata of {path}: {exc}") from None
+    class_name = TOKENIZER_MAPPING_NAMES.get(model_type)
+    cls = (class_name and tokenizer_class_from_name(class_name)) or TokenizersBackend
+    return cls(tokenizer_object=backend, **tokenizer_config, **extra)
