@@ -11,12 +11,20 @@ What it measures
     * ``hyprec bfloat16 (whole model)``: for context, what whole-model half precision gives.
 
     Each variant runs in its own spawned process: load, one warm-up pass, then ``--repeats`` timed passes
-    over all texts. Nothing else is loaded in that process, so its peak RSS is its own.
+    over all texts. Nothing else is loaded in that process, so its peak RSS is its own. The timed passes
+    run in rounds, one pass of every variant per round, so that load from other work on the machine hits all
+    variants alike rather than whichever happened to run at the time.
 
 How to read the table
     * ``texts/s``: median over the timed passes; ``range`` is the slowest and fastest pass. On a shared,
       small machine absolute numbers drift; compare rows of one table (``vs ST``, a ratio) and trust only
       differences larger than the ranges.
+    * ``CPU s/pass``: median process CPU time (all threads) of a pass; ``vs ST (CPU)`` is the throughput
+      ratio in CPU time. Less sensitive than wall time to other processes taking the cores, though threads
+      spinning at a barrier while a sibling is descheduled still count.
+    * When other processes share the cores, every multi-threaded kernel waits for its slowest thread to be
+      scheduled, so runs with many small kernels (casts, index copies) suffer most; ``--threads 1`` trades
+      absolute speed for numbers that mostly reflect the work done.
     * ``padding``: share of padded positions in the attention batches. sentence-transformers pads every
       batch (of ``--batch-size`` texts sorted by character length) to its longest text, and runs the whole
       model on the padded tensor. hyprec runs projections and FFN on packed real tokens only; its padding
@@ -43,6 +51,7 @@ import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,7 +86,8 @@ class Measurement:
     """What one variant's process reports back."""
 
     variant: Variant
-    seconds: list[float]  # one entry per timed pass
+    seconds: list[float]  # wall-clock seconds of each timed pass
+    cpu_seconds: list[float]  # process CPU seconds (all threads) of each timed pass
     n_texts: int
     embeddings: np.ndarray
     padding_fraction: float
@@ -95,6 +105,10 @@ class Measurement:
     @property
     def median_texts_per_s(self) -> float:
         return statistics.median(self.texts_per_s)
+
+    @property
+    def median_cpu_seconds(self) -> float:
+        return statistics.median(self.cpu_seconds)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -150,16 +164,12 @@ class StRunner:
         from hyprec.model_sources import resolve_model
 
         self.texts, self.batch_size = list(texts), batch_size
-        self.st = SentenceTransformer(
-            str(resolve_model(model)), device="cpu", model_kwargs={"dtype": torch.float32}
-        )
+        self.st = SentenceTransformer(str(resolve_model(model)), device="cpu", model_kwargs={"dtype": torch.float32})
         attn = getattr(self.st[0].model.config, "_attn_implementation", "?")
         self.policy = f"{next(self.st.parameters()).dtype}, attention {attn}".replace("torch.", "")
 
     def embed(self) -> np.ndarray:
-        return self.st.encode(
-            self.texts, batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=False
-        )
+        return self.st.encode(self.texts, batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=False)
 
     def padding(self) -> tuple[float, int]:
         return st_padding(self.st, self.texts, self.batch_size)
@@ -184,53 +194,82 @@ class HyprecRunner:
         return stats.padding_fraction, stats.batches
 
 
-def measure(model: str, variant: Variant, n_texts: int, repeats: int, batch_size: int) -> Measurement:
-    """Load one variant, warm it up, time ``repeats`` passes over all texts. Runs in its own process."""
+# One loaded variant per worker process. A ProcessPoolExecutor with one worker keeps that process (and this
+# global) alive between submissions, so load, timed passes and the report are separate calls.
+_runner: StRunner | HyprecRunner | None = None
+_wall: list[float] = []
+_cpu: list[float] = []
+_last: np.ndarray | None = None
+
+
+def worker_load(model: str, variant: Variant, n_texts: int, batch_size: int, threads: int) -> None:
+    """Load the variant and run the warm-up pass (``threads`` > 0 sets torch's intra-op threads)."""
+    global _runner
     import torch
 
     from hyprec.texts import evaluation_texts
 
+    if threads > 0:
+        torch.set_num_threads(threads)
     texts = evaluation_texts(n_texts)
-    tag = f"[{model}] {variant.label}"
-    log(f"{tag}: loading")
-    runner = (
-        StRunner(model, texts, batch_size) if variant.engine == "st" else HyprecRunner(model, variant, texts)
-    )
-    log(f"{tag}: warm-up pass")
-    runner.embed()
-    seconds: list[float] = []
-    for i in range(repeats):
-        start = time.perf_counter()
-        embeddings = runner.embed()
-        seconds.append(time.perf_counter() - start)
-        log(f"{tag}: pass {i + 1}/{repeats} {seconds[-1]:.2f} s ({n_texts / seconds[-1]:.1f} texts/s)")
-    padding, batches = runner.padding()
+    log(f"[{model}] {variant.label}: loading and warming up")
+    _runner = StRunner(model, texts, batch_size) if variant.engine == "st" else HyprecRunner(model, variant, texts)
+    _runner.embed()
+
+
+def worker_pass() -> float:
+    """One timed pass over all texts; returns its wall-clock seconds."""
+    global _last
+    assert _runner is not None
+    wall, cpu = time.perf_counter(), time.process_time()
+    _last = _runner.embed()
+    _wall.append(time.perf_counter() - wall)
+    _cpu.append(time.process_time() - cpu)
+    return _wall[-1]
+
+
+def worker_report(variant: Variant) -> Measurement:
+    import torch
+
+    assert _runner is not None and _last is not None
+    padding, batches = _runner.padding()
     return Measurement(
         variant=variant,
-        seconds=seconds,
-        n_texts=len(texts),
-        embeddings=np.asarray(embeddings, dtype=np.float32),
+        seconds=list(_wall),
+        cpu_seconds=list(_cpu),
+        n_texts=len(_runner.texts),
+        embeddings=np.asarray(_last, dtype=np.float32),
         padding_fraction=float(padding),
         batches=int(batches),
         peak_rss_mib=peak_rss_mib(),
         hwm_rss_mib=vm_hwm_mib(),
-        policy=runner.policy,
+        policy=_runner.policy,
         torch_version=str(torch.__version__),  # a plain str: unpickling TorchVersion would import torch here
         torch_threads=torch.get_num_threads(),
     )
 
 
-def measure_isolated(
-    model: str, variant: Variant, n_texts: int, repeats: int, batch_size: int
-) -> Measurement:
-    """Run :func:`measure` in a fresh spawned process.
+def measure_model(model: str, n_texts: int, repeats: int, batch_size: int, threads: int) -> list[Measurement]:
+    """All variants of one model, each in its own spawned process, timed in interleaved rounds.
 
-    A child's ``ru_maxrss`` starts at its parent's high-water mark (Linux carries it across fork/exec), so
-    this process deliberately never imports torch, hyprec or sentence-transformers.
+    Every variant is loaded and warmed up first; then each round times one pass of every variant, the
+    starting variant rotating from round to round. Load from other work on the machine thus spreads over
+    all variants instead of landing on whichever ran while it lasted.
+
+    A child's ``ru_maxrss`` starts at its parent's high-water mark (Linux carries it across fork and exec),
+    so this process deliberately never imports torch, hyprec or sentence-transformers.
     """
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        return pool.submit(measure, model, variant, n_texts, repeats, batch_size).result()
+    with ExitStack() as stack:
+        pools = [stack.enter_context(ProcessPoolExecutor(1, mp_context=context)) for _ in VARIANTS]
+        for pool, variant in zip(pools, VARIANTS, strict=True):
+            pool.submit(worker_load, model, variant, n_texts, batch_size, threads).result()
+        for r in range(repeats):
+            for i in range(len(VARIANTS)):
+                k = (i + r) % len(VARIANTS)
+                seconds = pools[k].submit(worker_pass).result()
+                log(f"[{model}] round {r + 1}/{repeats} {VARIANTS[k].label}: {seconds:.2f} s")
+        return [pool.submit(worker_report, v).result() for pool, v in zip(pools, VARIANTS, strict=True)]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -289,7 +328,7 @@ def machine_header(args: argparse.Namespace, first: Measurement, load_at_start: 
         f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores ({usable} usable)",
         f"- torch {first.torch_version}, {first.torch_threads} intra-op threads; Python {python}",
         f"- {first.n_texts} texts (`hyprec.texts.evaluation_texts`); one warm-up pass, then the median of "
-        f"{args.repeats} timed passes; sentence-transformers batch size {args.batch_size}",
+        f"{args.repeats} timed passes taken in interleaved rounds; sentence-transformers batch size {args.batch_size}",
         f"- load average (1/5/15 min) at start: {load_at_start}, at end: {load_average()}",
         f"- peak RSS floor inherited from the parent process: {peak_rss_mib():.0f} MiB",
     ]
@@ -301,6 +340,8 @@ COLUMNS = (
     "texts/s",
     "range",
     "vs ST",
+    "CPU s/pass",
+    "vs ST (CPU)",
     "padding",
     "batches",
     "peak RSS MiB",
@@ -317,6 +358,8 @@ def table_row(r: Measurement, ref: Measurement) -> list[str]:
         f"{r.median_texts_per_s:.1f}",
         f"{min(tps):.1f}–{max(tps):.1f}",
         f"{r.median_texts_per_s / ref.median_texts_per_s:.2f}x",
+        f"{r.median_cpu_seconds:.2f}",
+        f"{ref.median_cpu_seconds / r.median_cpu_seconds:.2f}x",
         f"{r.padding_fraction:.3f}",
         str(r.batches),
         f"{r.peak_rss_mib:.0f}",
@@ -330,9 +373,7 @@ def model_table(model: str, results: list[Measurement]) -> list[str]:
     rows = [COLUMNS, ["---", "---"] + ["---:"] * (len(COLUMNS) - 2)]
     rows += [table_row(r, results[0]) for r in results]
     lines = ["", f"## {model}", ""] + ["| " + " | ".join(row) + " |" for row in rows]
-    mismatched = [
-        r.variant.label for r in results if abs(r.peak_rss_mib - r.hwm_rss_mib) > 0.05 * r.hwm_rss_mib
-    ]
+    mismatched = [r.variant.label for r in results if abs(r.peak_rss_mib - r.hwm_rss_mib) > 0.05 * r.hwm_rss_mib]
     if mismatched:
         lines += ["", f"Note: ru_maxrss differs from VmHWM by more than 5% for: {', '.join(mismatched)}."]
     return lines
@@ -344,10 +385,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--texts", type=int, default=200, help="number of evaluation texts (>= 40)")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per variant")
     parser.add_argument("--batch-size", type=int, default=32, help="sentence-transformers batch size")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch intra-op threads in each variant (0: torch's default)"
+    )
     parser.add_argument("--markdown", type=Path, help="also write the report to this file")
     args = parser.parse_args(argv)
-    if args.texts < 40 or args.repeats < 1 or args.batch_size < 1:
-        parser.error("--texts must be >= 40, --repeats and --batch-size >= 1")
+    if args.texts < 40 or args.repeats < 1 or args.batch_size < 1 or args.threads < 0:
+        parser.error("--texts must be >= 40, --repeats and --batch-size >= 1, --threads >= 0")
     return args
 
 
@@ -357,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     tables: list[str] = []
     header: list[str] = []
     for model in args.model:
-        results = [measure_isolated(model, v, args.texts, args.repeats, args.batch_size) for v in VARIANTS]
+        results = measure_model(model, args.texts, args.repeats, args.batch_size, args.threads)
         header = header or machine_header(args, results[0], load_at_start)
         tables += model_table(model, results)
     report = "\n".join(header + tables) + "\n"

@@ -217,6 +217,39 @@ class LLMEngine:
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs)
 
     @torch.inference_mode()
+    def score(self, token_ids: list[int], chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced scoring of one token sequence (what perplexity and agreement metrics need).
+
+        Returns, for every position ``i < len - 1``: the model's most likely next token, and the float32
+        log-probability it assigns to the actual next token ``token_ids[i + 1]``. Logits are formed ``chunk`` rows
+        at a time so a 262k vocabulary never materialises for the whole sequence.
+        """
+        if self.scheduler.has_unfinished():
+            raise InvalidInputError("score() needs an idle engine; finish or abort running generations first")
+        if not 2 <= len(token_ids) <= self.max_model_len:
+            raise InvalidInputError(f"score: {len(token_ids)} tokens; expected 2..{self.max_model_len}")
+        seq = Sequence(request_id="score", index=0, prompt_token_ids=list(token_ids), params=SamplingParams())
+        if not self.blocks.can_grow(seq.seq_id, seq.num_tokens, 0):
+            raise InvalidInputError(f"score: {len(token_ids)} tokens do not fit the KV cache")
+        self.blocks.grow(seq.seq_id, seq.num_tokens, 0)
+        try:
+            hidden, _ = self.runner.run([ScheduledSeq(seq, seq.num_tokens)])
+        finally:
+            self.blocks.free(seq.seq_id)
+        targets = torch.tensor(token_ids[1:], device=hidden.device)
+        top, logprob = [], []
+        for start in range(0, len(token_ids) - 1, chunk):
+            logits = self.model.compute_logits(hidden[start : min(start + chunk, len(token_ids) - 1)])
+            if not torch.isfinite(logits).all():
+                raise NonFiniteOutputError(
+                    f"non-finite logits at positions >= {start} under policy {self.policy.name}; the activations "
+                    "overflowed. Use dtype='hybrid' or dtype='float32'"
+                )
+            top.append(logits.argmax(dim=1))
+            logprob.append(torch.log_softmax(logits, dim=1).gather(1, targets[start : start + len(logits), None])[:, 0])
+        return torch.cat(top).cpu(), torch.cat(logprob).cpu()
+
+    @torch.inference_mode()
     def embed(self, token_ids: list[list[int]], *, normalize: bool = True) -> torch.Tensor:
         """Last-token pooled float32 embeddings (Qwen3-Embedding style) of token-id lists, ``[n, hidden]``.
 

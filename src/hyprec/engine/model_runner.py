@@ -58,17 +58,17 @@ class ModelRunner:
     @torch.inference_mode()
     def last_hidden(self, batch: list[ScheduledSeq]) -> torch.Tensor:
         """Final-norm hidden state of each sequence's last new token ``[batch, hidden]`` (last-token pooling)."""
-        hidden, last_rows = self._run(batch)
+        hidden, last_rows = self.run(batch)
         return hidden[last_rows]
 
     @torch.inference_mode()
     def forward(self, batch: list[ScheduledSeq]) -> torch.Tensor:
         """Run the model on the batch's new tokens; returns float32 logits of the rows that sample, in batch order."""
-        hidden, last_rows = self._run(batch)
+        hidden, last_rows = self.run(batch)
         sampling = torch.tensor([item.samples for item in batch], device=self.device)
         return self.model.compute_logits(hidden[last_rows[sampling]])
 
-    def _run(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor]:
         """Packed hidden states of the batch's new tokens, and the row of each sequence's last new token."""
         ids, positions = [], []
         for item in batch:

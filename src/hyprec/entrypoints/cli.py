@@ -1,4 +1,4 @@
-"""The ``hyprec`` command line: ``hyprec embed`` and ``hyprec info``."""
+"""The ``hyprec`` command line: ``embed``, ``generate``, ``chat`` and ``info``."""
 
 from __future__ import annotations
 
@@ -66,6 +66,35 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
 
 
+def _add_generation_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="gemma", help="model directory, .gguf file or alias (default: gemma)")
+    _add_model_options(p)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--max-model-len", type=int, help="context window (default: the model's, at most 8192 on CPU)")
+
+
+def _sampling_params(args: argparse.Namespace):
+    from hyprec.sampling_params import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        seed=args.seed,
+        stop=args.stop,
+        repetition_penalty=args.repetition_penalty,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hyprec", description="Hybrid-precision inference engine.")
     parser.add_argument("-q", "--quiet", action="store_true", help="only print results and errors")
@@ -88,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip the model's Normalize step",
     )
 
+    gen = sub.add_parser("generate", help="complete a prompt with a generative model")
+    gen.add_argument("prompt", metavar="PROMPT")
+    _add_generation_options(gen)
+
+    chat = sub.add_parser("chat", help="chat on stdin/stdout: one user message per line; EOF or /exit ends")
+    chat.add_argument("--system", help="a system message opening the conversation")
+    _add_generation_options(chat)
+
     info = sub.add_parser("info", help="architecture, sizes, resolved policy and pooling pipeline")
     info.add_argument("model", nargs="?", default=None)
     _add_model_options(info)
@@ -98,13 +135,47 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args: argparse.Namespace, model: str | None):
     from hyprec.entrypoints.llm import LLM  # imported late: `hyprec --help` stays fast
 
+    extra = {"max_model_len": args.max_model_len} if getattr(args, "max_model_len", None) else {}
     return LLM(
         model,
         dtype=args.dtype,
         attn_dtype=args.attn_dtype,
         kv_cache_dtype=args.kv_cache_dtype,
         device=args.device,
+        **extra,
     )
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    params = _sampling_params(args)
+    llm = _load(args, args.model)
+    printed = ""
+    for out in llm.stream(args.prompt, params):
+        text = out.outputs[0].text
+        sys.stdout.write(text[len(printed) :])
+        sys.stdout.flush()
+        printed = text
+    sys.stdout.write("\n")
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    params = _sampling_params(args)
+    llm = _load(args, args.model)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            sys.stdout.write("> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            return
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.strip()})
+        reply = llm.chat(messages, params)[0].outputs[0].text.strip()
+        messages.append({"role": "assistant", "content": reply})
+        print(reply, flush=True)
 
 
 def cmd_embed(args: argparse.Namespace) -> None:
@@ -150,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        {"embed": cmd_embed, "info": cmd_info}[args.command](args)
+        {"embed": cmd_embed, "info": cmd_info, "generate": cmd_generate, "chat": cmd_chat}[args.command](args)
     except HyprecError as exc:
         print(f"hyprec: error: {exc}", file=sys.stderr)
         return 2

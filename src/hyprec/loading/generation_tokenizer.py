@@ -149,3 +149,22 @@ class GenerationTokenizer:
             eos_token=_token_str(cfg.get("eos_token")),
             chat_template=template if isinstance(template, str) else None,
         )
+
+    @classmethod
+    def from_gguf(cls, ckpt: Any, model_type: str, config_eos: list[int]) -> GenerationTokenizer:
+        """From a GGUF checkpoint's tokenizer metadata (converted by transformers) and chat template."""
+        hf = ckpt.tokenizer
+        backend: Tokenizer = hf.backend_tokenizer
+        # transformers may add BOS in Python rather than in the Rust post-processor; mirror what it does.
+        bos = hf.bos_token_id
+        add_bos = bos is not None and hf.encode("a")[:1] == [bos] and backend.encode("a").ids[:1] != [bos]
+        eos = [*config_eos, *([hf.eos_token_id] if hf.eos_token_id is not None else [])]
+        return cls.build(
+            backend,
+            model_type=model_type,
+            eos_ids=eos,
+            bos_token=hf.bos_token,
+            eos_token=hf.eos_token,
+            chat_template=ckpt.chat_template,
+            add_bos=add_bos,
+        )

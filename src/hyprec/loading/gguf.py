@@ -149,8 +149,8 @@ class GGUFCheckpoint:
 
     def floating_dtype(self) -> torch.dtype:
         """The float type the weights were written in: the half type of an unquantized F16/BF16 file, else
-        float32 (a quantized file has no float type of its own; it dequantizes to float32), as transformers
-        decides for ``dtype="auto"``."""
+        float32 (a quantized file has no float type of its own: it dequantizes to float32). The same rule as
+        transformers' ``GgufHeader.dtype``."""
         types = {t.tensor_type for t in self._tensors.values()}
         if not types <= set(_FLOAT_TYPES):
             return torch.float32
@@ -176,7 +176,7 @@ class GGUFCheckpoint:
         """A Hugging Face ``config.json``-style dict for the model, as ``AutoConfig.from_pretrained(dir,
         gguf_file=...)`` builds it, plus ``architectures`` and the legacy flat RoPE fields (``rope_theta``,
         Gemma 3's ``rope_local_base_freq``) that transformers folds into ``rope_parameters``."""
-        return _hf_config(self)
+        return _complete_config(self._config_fields(), self.path)
 
     @functools.cached_property
     def tokenizer(self) -> TokenizersBackend:
@@ -232,6 +232,45 @@ class GGUFCheckpoint:
         if unmapped:
             # e.g. llama 3's rope_freqs.weight, which transformers ignores as well
             log.warning("%s: ignoring %d GGUF tensors with no HF name: %s", self.path, len(unmapped), unmapped[:8])
+
+    def _config_fields(self) -> dict[str, Any]:
+        """Metadata renamed to transformers config fields with transformers' own tables, as
+        ``load_gguf_checkpoint(path)["config"]`` does it, without parsing the header a second time."""
+        from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+        model_type = self._arch.model_type
+        if self.architecture == "llama" and self.metadata("general.name") == "mistral":
+            # transformers' rule, verbatim: only a file literally named "mistral" becomes a MistralConfig
+            model_type = "mistral"
+        tables = {
+            "tokenizer": GGUF_CONFIG_MAPPING["tokenizer"],  # bos/eos/unk/pad ids
+            self.architecture: GGUF_CONFIG_MAPPING["mistral" if model_type == "mistral" else self.architecture],
+        }
+        fields: dict[str, Any] = {}
+        for key, field in self._reader.fields.items():
+            prefix, _, rest = key.partition(".")
+            target = tables.get(prefix, {}).get(rest)
+            if target is not None and target != -1:  # None/-1: metadata transformers deliberately skips
+                fields[target] = field.contents()
+        fields["model_type"] = model_type
+        # llama.cpp writes output.weight only when the LM head is not the embedding matrix
+        fields["tie_word_embeddings"] = "lm_head.weight" not in self._tensors
+        if "vocab_size" not in fields and "tokenizer.ggml.tokens" in self._reader.fields:
+            fields["vocab_size"] = len(self._reader.fields["tokenizer.ggml.tokens"].data)
+        fields.update(self._rope_scaling())
+        return fields
+
+    def _rope_scaling(self) -> dict[str, Any]:
+        """Linear RoPE scaling (``{arch}.rope.scaling.*``), which transformers' GGUF tables drop, as the legacy
+        ``rope_scaling`` field: the config class applies it where the model does (Gemma 3: global layers)."""
+        kind = self.metadata(f"{self.architecture}.rope.scaling.type")
+        factor = self.metadata(f"{self.architecture}.rope.scaling.factor")
+        if kind in (None, "none") or factor in (None, 1.0):
+            return {}
+        if kind != "linear":
+            log.warning("%s: ignoring RoPE scaling %r (x%s): only linear is read from GGUF", self.path, kind, factor)
+            return {}
+        return {"rope_scaling": {"rope_type": "linear", "factor": float(factor)}}
 
     def _undo_conversion(self, gguf_name: str, values: np.ndarray) -> np.ndarray:
         """Reverse llama.cpp's convert_hf_to_gguf.py rewrites of one tensor (values is float32, owned)."""
@@ -303,18 +342,15 @@ def _unpermute_rotary_rows(weight: np.ndarray, heads: int) -> np.ndarray:
     return weight.reshape(heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def _hf_config(ckpt: GGUFCheckpoint) -> dict[str, Any]:
-    """The transformers config for the file, completed with the config class's defaults (as AutoConfig does)."""
+def _complete_config(fields: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``fields`` completed with the config class's defaults, exactly as AutoConfig completes them."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    raw = _raw_config(ckpt)
     try:
-        config = AutoConfig.for_model(**raw).to_dict()
+        config = AutoConfig.for_model(**fields).to_dict()
     except (ValueError, TypeError, KeyError) as exc:
-        raise ModelLoadError(
-            f"{ckpt.path}: cannot build a {raw['model_type']} config from its metadata: {exc}"
-        ) from None
+        raise ModelLoadError(f"{path}: cannot build a {fields['model_type']} config from its metadata: {exc}") from None
     for key in _CONFIG_NOISE:
         config.pop(key, None)
     config["architectures"] = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config["model_type"]]]
@@ -326,51 +362,6 @@ def _hf_config(ckpt: GGUFCheckpoint) -> dict[str, Any]:
     elif "rope_theta" in rope:
         config["rope_theta"] = rope["rope_theta"]
     return config
-
-
-def _raw_config(ckpt: GGUFCheckpoint) -> dict[str, Any]:
-    """Metadata renamed to transformers config fields with transformers' own tables, the way
-    ``load_gguf_checkpoint(path)["config"]`` does it, without re-parsing the file."""
-    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
-
-    arch = ckpt.architecture
-    model_type = ckpt._arch.model_type
-    if arch == "llama" and ckpt.metadata("general.name") == "mistral":
-        # transformers' rule, verbatim: only a file literally named "mistral" becomes a MistralConfig
-        model_type = "mistral"
-    tables = {
-        "general": {},  # model_type is set below; general.name is not a config field
-        "tokenizer": GGUF_CONFIG_MAPPING["tokenizer"],
-        arch: GGUF_CONFIG_MAPPING[model_type if model_type == "mistral" else arch],
-    }
-    raw: dict[str, Any] = {}
-    for key, field in ckpt._reader.fields.items():
-        prefix, _, rest = key.partition(".")
-        target = tables.get(prefix, {}).get(rest)
-        if target is not None and target != -1:
-            raw[target] = field.contents()
-    raw["model_type"] = model_type
-    # llama.cpp writes output.weight only when the LM head is not the embedding matrix
-    raw["tie_word_embeddings"] = "lm_head.weight" not in ckpt._tensors
-    if "vocab_size" not in raw and "tokenizer.ggml.tokens" in ckpt._reader.fields:
-        raw["vocab_size"] = len(ckpt._reader.fields["tokenizer.ggml.tokens"].data)
-    _add_rope_scaling(ckpt, raw)
-    return raw
-
-
-def _add_rope_scaling(ckpt: GGUFCheckpoint, raw: dict[str, Any]) -> None:
-    """Linear RoPE scaling (``{arch}.rope.scaling.type``), which transformers' GGUF tables drop; the config
-    class applies the legacy ``rope_scaling`` field where the model does (Gemma 3: global layers only)."""
-    kind = ckpt.metadata(f"{ckpt.architecture}.rope.scaling.type")
-    factor = ckpt.metadata(f"{ckpt.architecture}.rope.scaling.factor")
-    if kind in (None, "none") or factor in (None, 1.0):
-        return
-    if kind == "linear":
-        raw["rope_scaling"] = {"rope_type": "linear", "factor": float(factor)}
-    else:
-        log.warning(
-            "%s: ignoring RoPE scaling %r (x%s): only linear scaling is read from GGUF", ckpt.path, kind, factor
-        )
 
 
 def _hf_tokenizer(path: Path, model_type: str) -> TokenizersBackend:

@@ -91,6 +91,7 @@ class SamplerOutput:
 class Sampler:
     """Chooses the next token of each sequence of a batch; stateless apart from the sequences' generators."""
 
+    @torch.no_grad()
     def __call__(self, logits: torch.Tensor, states: Sequence[SequenceSamplingState]) -> SamplerOutput:
         """Choose the next token of each sequence: row b of ``logits`` ``[B, V]`` belongs to ``states[b]``.
 
@@ -104,7 +105,8 @@ class Sampler:
         if raw.shape[0] == 0:
             return SamplerOutput(token_ids=[], logprobs=[], top_logprobs=[])
         processed = apply_penalties(raw, states)
-        _check_rows_finite(processed, "after the penalties")
+        if processed is not raw:  # a tiny repetition_penalty can overflow a positive logit to +inf
+            _check_rows_finite(processed, "after the penalties")
         tokens = _choose(processed, states)
         # logsumexp + gather rather than a full [B, V] log_softmax: the same values, without a second B x V tensor.
         lse = torch.logsumexp(raw, dim=1)
@@ -203,7 +205,8 @@ def apply_penalties(logits: torch.Tensor, states: Sequence[SequenceSamplingState
     for i, s in enumerate(states):
         p = s.params
         if p.repetition_penalty != 1.0:
-            ids = _token_tensor(f"states[{i}] tokens", s.prompt_token_ids + s.output_token_ids, vocab, out.device)
+            tokens = [*s.prompt_token_ids, *s.output_token_ids]
+            ids = _token_tensor(f"states[{i}] prompt/output", tokens, vocab, out.device)
             seen = ids.unique()
             vals = out[i, seen]
             out[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)

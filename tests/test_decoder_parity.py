@@ -1,0 +1,317 @@
+"""Decoder parity with transformers: teacher-forced logits at every position, greedy decoding, hybrid wiring.
+
+Small randomly initialised decoders are built with transformers' own classes (Llama, Mistral, Qwen2, Qwen3,
+Gemma 3) and saved with ``save_pretrained`` into a module-scoped temporary directory, each once per module. The
+shapes cover GQA ratios 4:1, 2:1 and 1:1, odd head sizes (12, 20) including a ``head_dim`` that is not
+``hidden_size / heads``, tied and untied embeddings, 1-3 layers, RoPE scaling, and sliding windows shorter than the
+prompts (Mistral: every layer; Gemma 3: a sliding/full mix with its own RoPE bases, ``query_pre_attn_scalar``,
+final-logit soft-capping and randomised ``(1 + w)`` norm weights).
+
+How hyprec's per-position logits are obtained: the engine computes logits only for the rows that sample, so the
+test hooks the decoder module the model runner calls (``llm.engine.model``, whose output is the final-norm hidden
+state of every token of a step) and records each step's packed input ids, positions, segment lengths and hidden
+states while ``llm.generate`` runs a batch of prompts. One prefill step covers every prompt position and each
+decode step adds one position per sequence (through the paged KV cache), so ``compute_logits`` of the recorded
+rows gives hyprec's teacher-forced logits over ``prompt + generated[:-1]``. The helper checks the recorded ids and
+positions against the sequence before trusting the row-to-sequence assignment, and that the last row's argmax is
+the token the sampler chose. transformers' reference is ``model(input_ids).logits`` of the same token sequence,
+one sequence at a time (no padding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers
+
+from hyprec import LLM, SamplingParams
+
+LOGITS_FP32_TOL = 1e-4
+# Hybrid tolerances relative to the reference's largest |logit|. Wiring faults (a lost window, a wrong position,
+# a cache slot mix-up) move logits by O(max|logit|).
+HYBRID_REL_TOL = {"float16": 1e-2, "bfloat16": 5e-2}
+GEN_TOKENS = 32
+PROMPT_LENS = (13, 21, 9)  # all longer than every sliding window below
+VOCAB = 160
+MAX_POS = 128
+NUM_KV_BLOCKS = 32  # 32 x 16 slots: explicit, so the engine does not allocate its 1 GiB default
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread():
+    """These models are tiny: intra-op threads only add synchronisation, and on a loaded machine a spinning thread
+    pool makes every small op 10-20x slower. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    family: str
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+_CLASSES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+}
+
+
+def _cfg(hidden: int, heads: int, kv_heads: int, layers: int, inter: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "vocab_size": VOCAB,
+        "hidden_size": hidden,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "num_hidden_layers": layers,
+        "intermediate_size": inter,
+        "max_position_embeddings": MAX_POS,
+        # Much larger than the default 0.02: peaked attention and spread-out logits, so a wrong mask, window or
+        # position moves the logits far beyond the tolerance and greedy decoding does not collapse to one token.
+        "initializer_range": 0.15,
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": None,
+        **extra,
+    }
+
+
+CASES = [
+    Case(
+        "llama-gqa4-hd12-untied-2l-linear-rope",
+        "llama",
+        _cfg(48, 4, 1, 2, 96, head_dim=12, tie_word_embeddings=False,
+             rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
+    ),
+    Case("llama-mha-hd20-tied-1l", "llama", _cfg(40, 2, 2, 1, 64, tie_word_embeddings=True)),
+    Case(
+        "mistral-gqa2-hd16-sw7-3l",
+        "mistral",
+        _cfg(64, 4, 2, 3, 96, head_dim=16, sliding_window=7, tie_word_embeddings=False),
+    ),
+    Case("qwen2-gqa2-hd20-bias-tied-2l", "qwen2", _cfg(80, 4, 2, 2, 96, tie_word_embeddings=True)),
+    Case(
+        "qwen3-gqa4-hd12-untied-2l",
+        "qwen3",
+        _cfg(40, 4, 1, 2, 80, head_dim=12, tie_word_embeddings=False, rope_parameters={"rope_theta": 5000.0,
+             "rope_type": "default"}),
+    ),
+    Case(
+        "gemma3-gqa2-hd12-sw6-3l-softcap",
+        "gemma3",
+        _cfg(
+            48, 4, 2, 3, 96, head_dim=12, sliding_window=6,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            query_pre_attn_scalar=20, final_logit_softcapping=15.0,
+        ),
+    ),
+    Case(
+        "gemma3-mha-hd20-sw5-2l",
+        "gemma3",
+        _cfg(60, 3, 3, 2, 64, head_dim=20, sliding_window=5, layer_types=["full_attention", "sliding_attention"],
+             query_pre_attn_scalar=32),
+    ),
+]
+CASE_BY_NAME = {c.name: c for c in CASES}
+
+
+def _prompts(seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(VOCAB, (n,), generator=gen).tolist() for n in PROMPT_LENS]
+
+
+def _build_hf(case: Case) -> torch.nn.Module:
+    conf_cls, model_cls = (getattr(transformers, n) for n in _CLASSES[case.family])
+    config = conf_cls(**case.config)
+    torch.manual_seed(sum(map(ord, case.name)))
+    model = model_cls(config).float().eval()
+    if model.config.tie_word_embeddings:
+        # With tied embeddings the logit of the input token contains |e|^2, so a large table makes every token
+        # predict itself and greedy decoding repeats one token; a smaller table keeps the outputs varied.
+        with torch.no_grad():
+            model.get_input_embeddings().weight.mul_(0.3)
+    if case.family == "gemma3":
+        # transformers initialises Gemma norms to 0 (gain 1 + 0): randomise them so (1 + w) vs w matters.
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.copy_(torch.randn_like(p) * 0.5)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = None
+    model.generation_config.bos_token_id = None
+    return model
+
+
+@dataclass
+class Run:
+    """One hyprec generate() over the case's prompts, with the teacher-forced logits recorded on the way."""
+
+    token_ids: list[list[int]]  # generated tokens of each prompt
+    logits: list[torch.Tensor]  # [len(prompt) + len(generated) - 1, vocab] per prompt
+    last_logprobs: list[list[dict[int, float]]]
+
+
+def hyprec_teacher_forced(llm: LLM, prompts: list[list[int]], max_tokens: int) -> Run:
+    """Greedy-generate ``prompts`` together and return hyprec's logits at every position (see module docstring)."""
+    engine = llm.engine
+    steps: list[tuple[list[int], list[int], list[int], torch.Tensor]] = []
+
+    def hook(module, args, out):
+        input_ids, positions, meta = args
+        steps.append((input_ids.tolist(), positions.tolist(), list(meta.queries.lens), out.detach().float().clone()))
+
+    handle = engine.model.register_forward_hook(hook)
+    try:
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=1))
+    finally:
+        handle.remove()
+    rows: list[list[torch.Tensor]] = [[] for _ in prompts]
+    seen_ids: list[list[int]] = [[] for _ in prompts]
+    seen_pos: list[list[int]] = [[] for _ in prompts]
+    for ids, pos, lens, hidden in steps:
+        # Nothing finishes early (no EOS without a tokenizer) and the budget holds every prompt, so every step
+        # carries one segment per sequence, in request order; the id/position checks below confirm it.
+        assert len(lens) == len(prompts), f"step with {len(lens)} segments for {len(prompts)} prompts"
+        start = 0
+        for i, n in enumerate(lens):
+            rows[i].append(hidden[start : start + n])
+            seen_ids[i] += ids[start : start + n]
+            seen_pos[i] += pos[start : start + n]
+            start += n
+    logits = []
+    for i, (p, out) in enumerate(zip(prompts, outs, strict=True)):
+        full = p + out.outputs[0].token_ids
+        assert seen_ids[i] == full[:-1], f"prompt {i}: recorded ids are not the sequence"
+        assert seen_pos[i] == list(range(len(full) - 1))
+        with torch.inference_mode():
+            lg = engine.model.compute_logits(torch.cat(rows[i])).float()
+        # The recorded logits are the ones the sampler used: greedy picks their argmax.
+        assert lg[len(p) - 1 :].argmax(dim=1).tolist() == out.outputs[0].token_ids
+        logits.append(lg)
+    return Run(
+        [o.outputs[0].token_ids for o in outs], logits, [o.outputs[0].logprobs for o in outs]
+    )
+
+
+@dataclass
+class Built:
+    case: Case
+    path: Path
+    hf: torch.nn.Module
+    prompts: list[list[int]]
+    _fp32: Run | None = None
+
+    def llm(self, dtype: str = "float32", attn_dtype: str = "auto") -> LLM:
+        return LLM(
+            str(self.path),
+            dtype=dtype,
+            attn_dtype=attn_dtype,
+            max_model_len=MAX_POS,
+            num_kv_blocks=NUM_KV_BLOCKS,
+        )
+
+    def fp32(self) -> Run:
+        if self._fp32 is None:
+            llm = self.llm("float32")
+            assert llm.policy.compute_dtype == torch.float32 and llm.policy.attn_dtype == torch.float32
+            self._fp32 = hyprec_teacher_forced(llm, self.prompts, GEN_TOKENS)
+        return self._fp32
+
+    def hf_logits(self, ids: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return self.hf(torch.tensor([ids])).logits[0].float()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("decoder_parity")
+    cache: dict[str, Built] = {}
+
+    def get(name: str) -> Built:
+        if name not in cache:
+            case = CASE_BY_NAME[name]
+            hf = _build_hf(case)
+            path = root / name
+            hf.save_pretrained(path)
+            cache[name] = Built(case, path, hf, _prompts(len(name)))
+        return cache[name]
+
+    return get
+
+
+NAMES = [c.name for c in CASES]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_float32_logits_match_transformers_at_every_position(built, name):
+    b = built(name)
+    run = b.fp32()
+    worst, scale, lp_worst = 0.0, 0.0, 0.0
+    for p, gen, lg, lps in zip(b.prompts, run.token_ids, run.logits, run.last_logprobs, strict=True):
+        ref = b.hf_logits((p + gen)[:-1])
+        assert lg.shape == ref.shape == (len(p) + len(gen) - 1, VOCAB)
+        worst = max(worst, (lg - ref).abs().max().item())
+        scale = max(scale, ref.abs().max().item())
+        # The returned logprobs (logprobs=1: the chosen token, which is also the top one) are those of these logits.
+        ref_lp = torch.log_softmax(ref[len(p) - 1 :], dim=1)
+        for k, (tok, d) in enumerate(zip(gen, lps, strict=True)):
+            assert list(d) == [tok]
+            lp_worst = max(lp_worst, abs(d[tok] - ref_lp[k, tok].item()))
+    print(f"{name}: fp32 logits max|diff| {worst:.2e} (max|logit| {scale:.2f}), logprobs max|diff| {lp_worst:.1e}")
+    assert worst <= LOGITS_FP32_TOL, f"{name}: max |hyprec - transformers| logits = {worst:.3e}"
+    assert lp_worst <= LOGITS_FP32_TOL
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_greedy_decode_matches_transformers_generate(built, name):
+    b = built(name)
+    run = b.fp32()
+    for p, gen in zip(b.prompts, run.token_ids, strict=True):
+        with torch.no_grad():
+            ref = b.hf.generate(
+                torch.tensor([p]),
+                attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                do_sample=False,
+                max_new_tokens=GEN_TOKENS,
+                min_new_tokens=GEN_TOKENS,
+            )[0, len(p) :].tolist()
+        assert len(gen) == GEN_TOKENS
+        assert gen == ref, f"{name}: prompt of {len(p)} tokens diverges at {next(i for i, (a, r) in enumerate(zip(gen, ref)) if a != r)}"
+    # The models are not degenerate: greedy decoding does not just repeat one token.
+    for gen in run.token_ids:
+        assert len(set(gen)) >= 2, f"{name}: greedy output collapsed to {sorted(set(gen))}"
+    assert len({t for gen in run.token_ids for t in gen}) >= 12
+
+
+@pytest.mark.parametrize("attn", ["float16", "bfloat16"])
+@pytest.mark.parametrize("name", NAMES)
+def test_hybrid_logits_finite_and_close_to_float32(built, name, attn):
+    b = built(name)
+    ref = b.fp32()
+    llm = b.llm("hybrid", attn)
+    assert llm.policy.compute_dtype == torch.float32
+    assert llm.policy.attn_dtype == getattr(torch, attn)
+    assert llm.engine.kv_cache.dtype == getattr(torch, attn)
+    run = hyprec_teacher_forced(llm, b.prompts, 4)
+    worst, scale = 0.0, 0.0
+    for p, gen, lg, ref_gen, ref_lg in zip(b.prompts, run.token_ids, run.logits, ref.token_ids, ref.logits, strict=True):
+        assert torch.isfinite(lg).all()
+        # Compare the positions whose inputs agree: the prompt, then the generated tokens up to the first that
+        # differs (after a near-tie, half-precision attention may pick another token).
+        same = next((i for i, (a, r) in enumerate(zip(gen, ref_gen)) if a != r), len(gen))
+        n = len(p) + min(same, len(gen) - 1)
+        worst = max(worst, (lg[:n] - ref_lg[:n]).abs().max().item())
+        scale = max(scale, ref_lg.abs().max().item())
+    print(f"{name}: hybrid-{attn} logits max|diff|/max|logit| {worst / scale:.2e}")
+    assert worst / scale < HYBRID_REL_TOL[attn]
+    assert worst > 0, "bit-identical to float32: attention did not run in half precision"

