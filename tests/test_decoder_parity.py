@@ -2,10 +2,11 @@
 
 Small randomly initialised decoders are built with transformers' own classes (Llama, Mistral, Qwen2, Qwen3,
 Gemma 3) and saved with ``save_pretrained`` into a module-scoped temporary directory, each once per module. The
-shapes cover GQA ratios 4:1, 2:1 and 1:1, odd head sizes (12, 20) including a ``head_dim`` that is not
-``hidden_size / heads``, tied and untied embeddings, 1-3 layers, RoPE scaling, and sliding windows shorter than the
-prompts (Mistral: every layer; Gemma 3: a sliding/full mix with its own RoPE bases, ``query_pre_attn_scalar``,
-final-logit soft-capping and randomised ``(1 + w)`` norm weights).
+shapes cover GQA ratios 4:1, 2:1 and 1:1, non-power-of-two head sizes (12, 20) including ``head_dim`` values that
+are not ``hidden_size / heads``, tied and untied embeddings, 1-3 layers, linear RoPE scaling and other RoPE bases,
+and sliding windows shorter than the prompts (Mistral: every layer; Qwen3: ``max_window_layers``; Gemma 3: a
+sliding/full mix with its own RoPE bases, ``query_pre_attn_scalar``, final-logit soft-capping and randomised
+``(1 + w)`` norm weights).
 
 How hyprec's per-position logits are obtained: the engine computes logits only for the rows that sample, so the
 test hooks the decoder module the model runner calls (``llm.engine.model``, whose output is the final-norm hidden
@@ -82,44 +83,37 @@ def _cfg(hidden: int, heads: int, kv_heads: int, layers: int, inter: int, **extr
         "bos_token_id": None,
         "eos_token_id": None,
         "pad_token_id": None,
+        "tie_word_embeddings": False,
         **extra,
     }
 
 
+LINEAR_ROPE = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+# _cfg(hidden, heads, kv_heads, layers, intermediate, ...): GQA 4:1, 2:1 and 1:1; head_dim 12, 16, 20 (Qwen3's 12 and
+# Gemma's 20 differ from hidden / heads); tied and untied; 1-3 layers; windows 5-7, shorter than every prompt.
 CASES = [
-    Case(
-        "llama-gqa4-hd12-untied-2l-linear-rope",
-        "llama",
-        _cfg(48, 4, 1, 2, 96, head_dim=12, tie_word_embeddings=False,
-             rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
-    ),
+    Case("llama-gqa4-hd12-untied-2l-linear-rope", "llama", _cfg(48, 4, 1, 2, 96, rope_parameters=LINEAR_ROPE)),
     Case("llama-mha-hd20-tied-1l", "llama", _cfg(40, 2, 2, 1, 64, tie_word_embeddings=True)),
-    Case(
-        "mistral-gqa2-hd16-sw7-3l",
-        "mistral",
-        _cfg(64, 4, 2, 3, 96, head_dim=16, sliding_window=7, tie_word_embeddings=False),
-    ),
+    Case("mistral-gqa2-hd16-sw7-3l", "mistral", _cfg(64, 4, 2, 3, 96, head_dim=16, sliding_window=7)),
     Case("qwen2-gqa2-hd20-bias-tied-2l", "qwen2", _cfg(80, 4, 2, 2, 96, tie_word_embeddings=True)),
+    Case("qwen3-gqa4-hd12-untied-2l-theta5k", "qwen3", _cfg(40, 4, 1, 2, 80, head_dim=12, rope_theta=5000.0)),
     Case(
-        "qwen3-gqa4-hd12-untied-2l",
+        "qwen3-gqa2-hd20-sw6-mixed-2l",
         "qwen3",
-        _cfg(40, 4, 1, 2, 80, head_dim=12, tie_word_embeddings=False, rope_parameters={"rope_theta": 5000.0,
-             "rope_type": "default"}),
+        _cfg(40, 2, 1, 2, 64, head_dim=20, use_sliding_window=True, sliding_window=6, max_window_layers=1),
     ),
     Case(
-        "gemma3-gqa2-hd12-sw6-3l-softcap",
+        "gemma3-gqa2-hd12-sw6-3l-softcap-tied",
         "gemma3",
-        _cfg(
-            48, 4, 2, 3, 96, head_dim=12, sliding_window=6,
-            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-            query_pre_attn_scalar=20, final_logit_softcapping=15.0,
-        ),
+        _cfg(48, 4, 2, 3, 96, head_dim=12, sliding_window=6, layer_types=[SLIDING, FULL, SLIDING])
+        | {"query_pre_attn_scalar": 20, "final_logit_softcapping": 2.0, "tie_word_embeddings": True},
     ),
     Case(
-        "gemma3-mha-hd20-sw5-2l",
+        "gemma3-mha-hd20-sw5-2l-untied",
         "gemma3",
-        _cfg(60, 3, 3, 2, 64, head_dim=20, sliding_window=5, layer_types=["full_attention", "sliding_attention"],
-             query_pre_attn_scalar=32),
+        _cfg(48, 3, 3, 2, 64, head_dim=20, sliding_window=5, layer_types=[FULL, SLIDING], query_pre_attn_scalar=32),
     ),
 ]
 CASE_BY_NAME = {c.name: c for c in CASES}
@@ -198,9 +192,7 @@ def hyprec_teacher_forced(llm: LLM, prompts: list[list[int]], max_tokens: int) -
         # The recorded logits are the ones the sampler used: greedy picks their argmax.
         assert lg[len(p) - 1 :].argmax(dim=1).tolist() == out.outputs[0].token_ids
         logits.append(lg)
-    return Run(
-        [o.outputs[0].token_ids for o in outs], logits, [o.outputs[0].logprobs for o in outs]
-    )
+    return Run([o.outputs[0].token_ids for o in outs], logits, [o.outputs[0].logprobs for o in outs])
 
 
 @dataclass
@@ -286,7 +278,7 @@ def test_greedy_decode_matches_transformers_generate(built, name):
                 min_new_tokens=GEN_TOKENS,
             )[0, len(p) :].tolist()
         assert len(gen) == GEN_TOKENS
-        assert gen == ref, f"{name}: prompt of {len(p)} tokens diverges at {next(i for i, (a, r) in enumerate(zip(gen, ref)) if a != r)}"
+        assert gen == ref, f"{name}: prompt of {len(p)} tokens: hyprec {gen} != transformers {ref}"
     # The models are not degenerate: greedy decoding does not just repeat one token.
     for gen in run.token_ids:
         assert len(set(gen)) >= 2, f"{name}: greedy output collapsed to {sorted(set(gen))}"
@@ -304,14 +296,30 @@ def test_hybrid_logits_finite_and_close_to_float32(built, name, attn):
     assert llm.engine.kv_cache.dtype == getattr(torch, attn)
     run = hyprec_teacher_forced(llm, b.prompts, 4)
     worst, scale = 0.0, 0.0
-    for p, gen, lg, ref_gen, ref_lg in zip(b.prompts, run.token_ids, run.logits, ref.token_ids, ref.logits, strict=True):
+    for p, gen, lg, ref_gen, ref_lg in zip(
+        b.prompts, run.token_ids, run.logits, ref.token_ids, ref.logits, strict=True
+    ):
         assert torch.isfinite(lg).all()
         # Compare the positions whose inputs agree: the prompt, then the generated tokens up to the first that
         # differs (after a near-tie, half-precision attention may pick another token).
-        same = next((i for i, (a, r) in enumerate(zip(gen, ref_gen)) if a != r), len(gen))
+        same = next((i for i, (a, r) in enumerate(zip(gen, ref_gen[: len(gen)], strict=True)) if a != r), len(gen))
         n = len(p) + min(same, len(gen) - 1)
         worst = max(worst, (lg[:n] - ref_lg[:n]).abs().max().item())
         scale = max(scale, ref_lg.abs().max().item())
     print(f"{name}: hybrid-{attn} logits max|diff|/max|logit| {worst / scale:.2e}")
     assert worst / scale < HYBRID_REL_TOL[attn]
     assert worst > 0, "bit-identical to float32: attention did not run in half precision"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_score_matches_transformers(built, name):
+    """``LLMEngine.score`` (one teacher-forced prefill pass): argmax and next-token logprobs at every position."""
+    b = built(name)
+    llm = b.llm("float32")
+    for p, gen in zip(b.prompts, b.fp32().token_ids, strict=True):
+        ids = p + gen
+        top, logprob = llm.engine.score(ids)
+        ref = torch.log_softmax(b.hf_logits(ids[:-1]), dim=1)
+        assert top.tolist() == ref.argmax(dim=1).tolist()
+        expected = ref.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+        assert (logprob - expected).abs().max().item() <= LOGITS_FP32_TOL

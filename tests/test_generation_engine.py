@@ -10,6 +10,7 @@ token for token identical however the scheduler slices, batches, evicts or recom
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ import transformers
 
 from hyprec import LLM, SamplingParams
 from hyprec.engine.block_manager import RELEASED
-from hyprec.errors import ConfigError, InputTypeError, InvalidInputError
+from hyprec.errors import ConfigError, HyprecError, InputTypeError, InvalidInputError
 
 VOCAB = 160
 MAX_POS = 256
@@ -394,19 +395,22 @@ def test_bad_token_ids_are_refused(llama):
     _assert_cache_empty(llama)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: LLM._add queues each prompt as it validates it, so a bad later prompt leaves earlier ones "
-    "running in the engine (they leak into the next generate/stream call)",
-)
 def test_a_bad_prompt_in_a_batch_queues_nothing(llama):
-    with pytest.raises(InvalidInputError):
+    with pytest.raises(InvalidInputError, match=r"prompts\[1\]"):
         llama.generate([_prompt(5, 110), [VOCAB]], greedy(3))
     try:
         assert not llama.engine.has_unfinished() and not llama.engine.requests
     finally:
         for rid in list(llama.engine.requests):
             llama.engine.abort(rid)
+
+
+def test_decoder_embed_of_a_long_text_leaves_the_engine_usable(gemma_dir):
+    llm = _llm(gemma_dir, max_num_batched_tokens=16, max_num_seqs=1)
+    with contextlib.suppress(HyprecError):
+        llm.engine.embed([_prompt(60, 130)])  # either embeds it or refuses it with a clear error
+    _assert_cache_empty(llm)
+    assert len(llm.generate([_prompt(20, 131)], greedy(3))[0].outputs[0].token_ids) == 3
 
 
 def test_kv_cache_smaller_than_one_context_is_a_config_error(llama_dir):

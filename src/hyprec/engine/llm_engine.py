@@ -111,18 +111,7 @@ class LLMEngine:
         request_id: str | None = None,
     ) -> str:
         """Queue a request; returns its id. Its sequences join the running batch at the next step."""
-        if not isinstance(params, SamplingParams):
-            raise InvalidInputError(f"params: expected SamplingParams, got {type(params).__name__}")
-        vocab = self.model_config.get("vocab_size")
-        if not prompt_token_ids:
-            raise InvalidInputError("prompt: empty (no tokens)")
-        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in prompt_token_ids):
-            raise InvalidInputError(f"prompt_token_ids: expected integers in [0, {vocab})")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise InvalidInputError(
-                f"prompt of {len(prompt_token_ids)} tokens does not fit the context window "
-                f"(max_model_len={self.max_model_len}, which must also leave room for one generated token)"
-            )
+        self.validate_request(prompt_token_ids, params)
         rid = request_id if request_id is not None else str(self._next_id)
         self._next_id += 1
         if rid in self.requests:
@@ -141,6 +130,34 @@ class LLMEngine:
         for seq in seqs:
             self.scheduler.add(seq)
         return rid
+
+    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams, where: str = "prompt") -> None:
+        """Raise InvalidInputError (naming ``where``) for a request the engine cannot run."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidInputError(
+                f"sampling params for {where}: expected SamplingParams, got {type(params).__name__}"
+            )
+        vocab = self.model_config.get("vocab_size")
+        if not prompt_token_ids:
+            raise InvalidInputError(f"{where}: empty (no tokens)")
+        bad = [t for t in prompt_token_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+        if bad:
+            raise InvalidInputError(f"{where}: token ids must be integers in [0, {vocab}); got {bad[0]!r}")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise InvalidInputError(
+                f"{where}: {len(prompt_token_ids)} tokens do not fit the context window "
+                f"(max_model_len={self.max_model_len}, which must also leave room for one generated token)"
+            )
+        if params.stop and self.tokenizer is None:
+            raise InvalidInputError(f"{where}: stop strings need a tokenizer, and this model has none")
+
+    def _one_pass(self, ids: list[int], what: str) -> None:
+        """Check that ``ids`` can run as a single prefill pass (embed/score do not chunk)."""
+        limit = min(self.max_model_len, self.engine_config.max_num_batched_tokens)
+        if not 1 <= len(ids) <= limit:
+            raise InvalidInputError(
+                f"{what}: {len(ids)} tokens; expected 1..{limit} (max_model_len and max_num_batched_tokens)"
+            )
 
     def abort(self, request_id: str) -> None:
         self.scheduler.abort(request_id)
@@ -226,8 +243,9 @@ class LLMEngine:
         """
         if self.scheduler.has_unfinished():
             raise InvalidInputError("score() needs an idle engine; finish or abort running generations first")
-        if not 2 <= len(token_ids) <= self.max_model_len:
-            raise InvalidInputError(f"score: {len(token_ids)} tokens; expected 2..{self.max_model_len}")
+        if len(token_ids) < 2:
+            raise InvalidInputError(f"score: {len(token_ids)} tokens; expected at least 2")
+        self._one_pass(token_ids, "score")
         seq = Sequence(request_id="score", index=0, prompt_token_ids=list(token_ids), params=SamplingParams())
         if not self.blocks.can_grow(seq.seq_id, seq.num_tokens, 0):
             raise InvalidInputError(f"score: {len(token_ids)} tokens do not fit the KV cache")
@@ -265,9 +283,13 @@ class LLMEngine:
 
         def flush() -> None:
             seqs = [Sequence(request_id="embed", index=i, prompt_token_ids=token_ids[i], params=params) for i in batch]
-            for seq in seqs:
-                self.blocks.grow(seq.seq_id, seq.num_tokens, 0)
             try:
+                for seq in seqs:
+                    if not self.blocks.can_grow(seq.seq_id, seq.num_tokens, 0):
+                        raise InvalidInputError(
+                            f"embed: text {seq.index} ({seq.num_tokens} tokens) does not fit the KV cache"
+                        )
+                    self.blocks.grow(seq.seq_id, seq.num_tokens, 0)
                 hidden = self.runner.last_hidden([ScheduledSeq(s, s.num_tokens) for s in seqs]).float()
             finally:
                 for seq in seqs:
@@ -277,8 +299,7 @@ class LLMEngine:
 
         for i in order:
             ids = token_ids[i]
-            if not ids or len(ids) > self.max_model_len:
-                raise InvalidInputError(f"text {i}: {len(ids)} tokens; expected 1..{self.max_model_len}")
+            self._one_pass(ids, f"embed: text {i}")
             bs = self.engine_config.block_size
             tokens = sum(len(token_ids[j]) for j in batch) + len(ids)
             blocks = sum(-(-len(token_ids[j]) // bs) for j in [*batch, i])

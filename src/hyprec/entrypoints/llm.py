@@ -182,7 +182,9 @@ class LLM:
         plist = list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * len(prompts)
         if len(plist) != len(prompts):
             raise InvalidInputError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
-        encoded = [self._prompt_ids(p, i) for i, p in enumerate(prompts)]  # validate all before queueing any
+        encoded = [self._prompt_ids(p, i) for i, p in enumerate(prompts)]
+        for i, ((_, ids), sp) in enumerate(zip(encoded, plist, strict=True)):  # validate all before queueing any
+            engine.validate_request(ids, sp, where=f"prompts[{i}]")
         return [engine.add_request(ids, sp, prompt=text) for (text, ids), sp in zip(encoded, plist, strict=True)]
 
     def generate(

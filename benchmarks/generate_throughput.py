@@ -1,0 +1,160 @@
+"""Generation throughput of hyprec against transformers ``generate`` (float32) on Gemma-3-270M, on CPU.
+
+What it measures
+    For batch sizes 1 and 16, each variant processes the same real prompts (pydoc pages, all cut to
+    ``--prompt-tokens`` tokens so no padding is involved) and generates ``--new-tokens`` tokens greedily:
+
+    * ``transformers float32``: the peer, ``AutoModelForCausalLM.from_pretrained(gguf_file=...)`` + ``generate``;
+    * ``hyprec float32``, ``hyprec hybrid fp16`` (attention + KV cache fp16), ``hyprec hybrid bf16``.
+
+    Prefill throughput = prompt tokens / time of a 1-token generation; decode throughput = generated tokens after
+    the first / (time of the full generation - prefill time). Each variant runs in its own spawned process, so
+    ``peak RSS`` (ru_maxrss, MiB) is its own. Medians over ``--repeats`` runs after one warm-up.
+
+    ``KV B/token`` is the KV cache size of one token over all layers: hyprec reports its allocated cache
+    (``kv_cache_bytes_per_token``); for transformers it is computed for its float32 DynamicCache layout.
+
+Usage
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/generate_throughput.py --markdown benchmarks/results/generate.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+VARIANTS = {
+    "transformers float32": None,
+    "hyprec float32": {"dtype": "float32"},
+    "hyprec hybrid fp16": {"dtype": "hybrid", "attn_dtype": "float16", "kv_cache_dtype": "float16"},
+    "hyprec hybrid bf16": {"dtype": "hybrid", "attn_dtype": "bfloat16", "kv_cache_dtype": "bfloat16"},
+}
+
+
+def prompts(batch: int, tokens: int) -> list[list[int]]:
+    from hyprec.loading.generation_tokenizer import GenerationTokenizer
+    from hyprec.loading.gguf import GGUFCheckpoint
+    from hyprec.model_sources import resolve_model
+    from hyprec.texts import pydoc_topics
+
+    tok = GenerationTokenizer.from_gguf(GGUFCheckpoint(resolve_model("gemma")), "gemma3_text", [])
+    pages = [p for p in sorted(pydoc_topics().values(), key=len, reverse=True)]
+    return [tok.encode(page)[:tokens] for page in pages[:batch]]
+
+
+def _timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_variant(name: str, batches: list[int], prompt_tokens: int, new_tokens: int, repeats: int) -> dict:
+    """In a fresh process: load, then time prefill and full generation for each batch size."""
+    import torch
+
+    result: dict = {"name": name, "batches": {}}
+    if VARIANTS[name] is None:
+        from transformers import AutoModelForCausalLM
+
+        from hyprec.model_sources import resolve_model
+
+        gemma_path = resolve_model("gemma")
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gemma_path.parent), gguf_file=gemma_path.name, dtype=torch.float32
+        ).eval()
+        cfg = model.config
+        result["kv_bytes_per_token"] = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4
+
+        def generate(ids: list[list[int]], n: int) -> None:
+            with torch.inference_mode():
+                model.generate(torch.tensor(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    else:
+        from hyprec import LLM, SamplingParams
+
+        llm = LLM("gemma", max_model_len=prompt_tokens + new_tokens + 16, **VARIANTS[name])
+        result["kv_bytes_per_token"] = llm.info()["kv_cache_bytes_per_token"]
+
+        def generate(ids: list[list[int]], n: int) -> None:
+            llm.generate(ids, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+
+    for batch in batches:
+        ids = prompts(batch, prompt_tokens)
+        prefill = _timed(lambda ids=ids: generate(ids, 1), repeats)
+        full = _timed(lambda ids=ids: generate(ids, new_tokens), repeats)
+        result["batches"][batch] = {
+            "prefill_tok_s": batch * prompt_tokens / prefill,
+            "decode_tok_s": batch * (new_tokens - 1) / max(full - prefill, 1e-9),
+        }
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def machine() -> str:
+    import torch
+
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "?")
+    threads = torch.get_num_threads()
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({threads} threads), {platform.python_version()}"
+
+
+def table(results: list[dict], batches: list[int]) -> str:
+    peer = results[0]
+    lines = [
+        "| variant | batch | prefill tok/s | vs peer | decode tok/s | vs peer | peak RSS MiB | KV B/token |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        for b in batches:
+            m, p = r["batches"][b], peer["batches"][b]
+            lines.append(
+                f"| {r['name']} | {b} | {m['prefill_tok_s']:.0f} | {m['prefill_tok_s'] / p['prefill_tok_s']:.2f} | "
+                f"{m['decode_tok_s']:.1f} | {m['decode_tok_s'] / p['decode_tok_s']:.2f} | "
+                f"{r['peak_rss_mib']:.0f} | {r['kv_bytes_per_token']} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--markdown", type=Path)
+    args = parser.parse_args(argv)
+    results = []
+    ctx = multiprocessing.get_context("spawn")
+    for name in args.variants:
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        with ProcessPoolExecutor(1, mp_context=ctx) as pool:
+            results.append(
+                pool.submit(run_variant, name, args.batches, args.prompt_tokens, args.new_tokens, args.repeats).result()
+            )
+    header = (
+        f"Gemma-3-270M (GGUF Q4_K_M dequantised to float32), prompts {args.prompt_tokens} tokens, "
+        f"{args.new_tokens} new tokens, greedy, median of {args.repeats}\nMachine: {machine()}\n"
+    )
+    text = header + "\n" + table(results, args.batches) + "\n"
+    print(text)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
