@@ -37,3 +37,15 @@ def st_minilm(minilm_dir):
     from sentence_transformers import SentenceTransformer
 
     return SentenceTransformer(str(minilm_dir), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """For modules of tiny models: intra-op threads only add synchronisation, and on a loaded machine a spinning
+    thread pool makes every small op 10-20x slower. Restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

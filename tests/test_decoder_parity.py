@@ -42,14 +42,7 @@ MAX_POS = 128
 NUM_KV_BLOCKS = 32  # 32 x 16 slots: explicit, so the engine does not allocate its 1 GiB default
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """These models are tiny: intra-op threads only add synchronisation, and on a loaded machine a spinning thread
-    pool makes every small op 10-20x slower. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @dataclass(frozen=True)

@@ -27,14 +27,7 @@ WINDOW = 8
 BLOCK = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """These models are tiny: intra-op threads only add synchronisation, and on a loaded machine a spinning thread
-    pool makes every small op 10-20x slower. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _common(**extra):

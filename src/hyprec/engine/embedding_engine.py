@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from hyprec.config import EngineConfig, ModelConfig, read_json
 from hyprec.engine.batching import BatchStats, plan_batches
-from hyprec.engine.model_loading import load_model
+from hyprec.engine.model_loading import load_model, model_summary
 from hyprec.errors import InputTypeError, InvalidInputError, ModelLoadError, NonFiniteOutputError
 from hyprec.layers.attention import AttentionMetadata
 from hyprec.layers.attention_backends import select_backend
@@ -211,19 +211,10 @@ class EmbeddingEngine:
         return list(torch.split(hidden, [len(x) for x in ids]))
 
     def info(self) -> dict[str, Any]:
-        cfg = self.model_config
         return {
-            "model": str(self.model_dir),
-            "architecture": ", ".join(cfg.architectures) or cfg.model_type,
-            "model_type": cfg.model_type,
-            "parameters": sum(p.numel() for p in self.model.parameters()),
-            "hidden_size": cfg.get("hidden_size"),
-            "num_layers": cfg.get("num_hidden_layers"),
-            "num_heads": cfg.get("num_attention_heads"),
-            "vocab_size": cfg.get("vocab_size"),
+            **model_summary(str(self.model_dir), self.model_config, self.model, self.checkpoint_dtype),
             "max_seq_length": self.max_seq_length,
             "embedding_dimension": self.dimension,
-            "checkpoint_dtype": str(self.checkpoint_dtype).removeprefix("torch."),
             "pipeline": self.pipeline.describe(),
             "prompts": sorted(self.pipeline.prompts),
             "device": str(self.device),

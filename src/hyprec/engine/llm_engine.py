@@ -15,7 +15,7 @@ import torch
 from hyprec.config import EngineConfig, ModelConfig
 from hyprec.engine.block_manager import BlockManager
 from hyprec.engine.kv_cache import KVCache, cache_groups
-from hyprec.engine.model_loading import load_model
+from hyprec.engine.model_loading import load_model, model_summary
 from hyprec.engine.model_runner import ModelRunner
 from hyprec.engine.scheduler import ScheduledSeq, Scheduler
 from hyprec.engine.sequence import Sequence
@@ -319,17 +319,9 @@ class LLMEngine:
     def info(self) -> dict[str, Any]:
         cfg = self.model_config
         return {
-            "model": self.name,
-            "architecture": ", ".join(cfg.architectures) or cfg.model_type,
-            "model_type": cfg.model_type,
-            "parameters": sum(p.numel() for p in self.model.parameters()),
-            "hidden_size": cfg.get("hidden_size"),
-            "num_layers": cfg.get("num_hidden_layers"),
-            "num_heads": cfg.get("num_attention_heads"),
+            **model_summary(self.name, cfg, self.model, self.checkpoint_dtype),
             "num_kv_heads": cfg.get("num_key_value_heads", cfg.get("num_attention_heads")),
-            "vocab_size": cfg.get("vocab_size"),
             "max_model_len": self.max_model_len,
-            "checkpoint_dtype": str(self.checkpoint_dtype).removeprefix("torch."),
             "kv_cache_groups": {n: (g.window, g.num_blocks) for n, g in self.kv_cache.groups.items()},
             "kv_cache_bytes": self.kv_cache.nbytes,
             "kv_cache_bytes_per_token": self.kv_cache.bytes_per_token(),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 from torch import nn
@@ -51,3 +52,18 @@ def load_model(
         fp16_attention_safe=lambda: fp16_attention_check(build(torch.float32)),
     )
     return build(policy.compute_dtype), policy
+
+
+def model_summary(name: str, config: ModelConfig, model: nn.Module, checkpoint_dtype: torch.dtype) -> dict[str, Any]:
+    """The architecture and size fields every engine's ``info()`` starts with."""
+    return {
+        "model": name,
+        "architecture": ", ".join(config.architectures) or config.model_type,
+        "model_type": config.model_type,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "hidden_size": config.get("hidden_size"),
+        "num_layers": config.get("num_hidden_layers"),
+        "num_heads": config.get("num_attention_heads"),
+        "vocab_size": config.get("vocab_size"),
+        "checkpoint_dtype": str(checkpoint_dtype).removeprefix("torch."),
+    }
