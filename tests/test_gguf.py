@@ -7,7 +7,6 @@ own GGUF loader, and transformers' torch dequantization kernels (for K-quant blo
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -481,13 +480,6 @@ def test_gemma_values_are_the_file_values_minus_the_norm_offset(gemma, gemma_ten
     }
     for hf, g in norms.items():
         assert torch.equal(gemma_tensors[hf], torch.from_numpy(np.array(raw[g].data)) - 1), hf
-
-
-def test_gemma_embedding_dequantizes_fast(gemma):
-    start = time.perf_counter()
-    embed = gemma.get("model.embed_tokens.weight")
-    assert time.perf_counter() - start < 8.0  # ~1.5 s on an idle core; the margin is for a loaded CI box
-    assert embed.shape == (262144, 640)
 
 
 def test_gemma_config(gemma):
