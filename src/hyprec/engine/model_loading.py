@@ -42,7 +42,7 @@ def load_model(
             prefixes=model.checkpoint_prefixes,
             ignored=model.ignored_weights,
         )
-        return model.eval()
+        return model.eval().requires_grad_(False)  # inference only; also keeps .item() and float() quiet
 
     policy = resolve_policy(
         dtype,

@@ -125,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", help="a system message opening the conversation")
     _add_generation_options(chat)
 
+    check = sub.add_parser("check", help="precision risk report: will this model overflow in float16/bfloat16?")
+    check.add_argument("model", nargs="?", default=None)
+    check.add_argument("--texts", type=Path, help="calibration texts (.txt or .jsonl); default: built-in real text")
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    check.add_argument("--plot", type=Path, help="write a per-layer max-|x| chart (PNG)")
+    check.add_argument("--device", default="cpu")
+
     info = sub.add_parser("info", help="architecture, sizes, resolved policy and pooling pipeline")
     info.add_argument("model", nargs="?", default=None)
     _add_model_options(info)
@@ -203,6 +210,21 @@ def cmd_embed(args: argparse.Namespace) -> None:
         print(f"wrote {vectors.shape[0]} x {vectors.shape[1]} embeddings to {args.output}", file=sys.stderr)
 
 
+def cmd_check(args: argparse.Namespace) -> None:
+    from hyprec.precision.check import check, plot, render
+
+    if args.plot is not None and args.plot.suffix != ".png":
+        raise InvalidInputError(f"--plot {args.plot}: expected a .png file")
+    texts = read_texts(args.texts) if args.texts is not None else None
+    if texts is not None and not texts:
+        raise InvalidInputError(f"--texts {args.texts}: no texts in the file")
+    report = check(args.model, texts, device=args.device)
+    print(json.dumps(report.as_dict(), indent=2) if args.json else render(report))
+    if args.plot is not None:
+        plot(report, str(args.plot))
+        print(f"wrote {args.plot}", file=sys.stderr)
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     info = _load(args, args.model).info()
     if args.json:
@@ -221,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        {"embed": cmd_embed, "info": cmd_info, "generate": cmd_generate, "chat": cmd_chat}[args.command](args)
+        {"embed": cmd_embed, "info": cmd_info, "generate": cmd_generate, "chat": cmd_chat, "check": cmd_check}[
+            args.command
+        ](args)
     except HyprecError as exc:
         print(f"hyprec: error: {exc}", file=sys.stderr)
         return 2

@@ -25,11 +25,15 @@ def attention_heads(config: ModelConfig) -> tuple[int, int]:
 
 @dataclass
 class AttentionInputs:
-    """The norm whose output feeds a layer's q/k/v projections, and those projections (for weight bounds)."""
+    """The norm whose output feeds a layer's q/k/v projections, those projections (q, k, v), and what happens to
+    q and k between projection and attention (per-head RMSNorm, RoPE) (for weight bounds)."""
 
     layer: str
     norm: nn.Module
     projections: list[nn.Linear]
+    head_dim: int | None = None
+    qk_norms: tuple[nn.Module, nn.Module] | None = None
+    rotary: bool = False
 
 
 class EncoderModel(nn.Module):
@@ -66,6 +70,14 @@ class EncoderModel(nn.Module):
         """Per layer: the norm feeding q/k/v and the q/k/v projections."""
         raise NotImplementedError
 
+    def blocks(self) -> list[nn.Module]:
+        """The transformer layers, in order (``encoder.layer.N``)."""
+        return list(self.encoder.layer)
+
+    def ffn_down(self, block: nn.Module) -> nn.Linear:
+        """The projection whose input is the block's FFN intermediate activation."""
+        return block.output.dense
+
 
 class DecoderModel(nn.Module):
     """A causal language model over packed tokens with a paged KV cache.
@@ -97,3 +109,11 @@ class DecoderModel(nn.Module):
 
     def attention_inputs(self) -> Iterator[AttentionInputs]:
         raise NotImplementedError
+
+    def blocks(self) -> list[nn.Module]:
+        """The transformer layers, in order (``model.layers.N``)."""
+        return list(self.model.layers)
+
+    def ffn_down(self, block: nn.Module) -> nn.Linear:
+        """The projection whose input is the block's FFN intermediate activation."""
+        return block.mlp.down_proj

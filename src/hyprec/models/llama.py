@@ -147,7 +147,14 @@ class LlamaForCausalLM(DecoderModel):
     def attention_inputs(self) -> Iterator[AttentionInputs]:
         for i, layer in enumerate(self.model.layers):
             a = layer.self_attn
-            yield AttentionInputs(f"model.layers.{i}", layer.input_layernorm, [a.q_proj, a.k_proj, a.v_proj])
+            yield AttentionInputs(
+                f"model.layers.{i}",
+                layer.input_layernorm,
+                [a.q_proj, a.k_proj, a.v_proj],
+                head_dim=a.head_dim,
+                qk_norms=(a.q_norm, a.k_norm) if hasattr(a, "q_norm") else None,
+                rotary=True,
+            )
 
 
 class MistralForCausalLM(LlamaForCausalLM):

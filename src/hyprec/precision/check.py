@@ -1,0 +1,322 @@
+"""``hyprec check``: will this model overflow in half precision? A report without any reference library.
+
+Two kinds of evidence:
+
+1. **Weights only**: the checkpoint dtype, the norm gains feeding attention, and a worst-case bound on q/k/v for
+   any input (:mod:`hyprec.precision.attention_bounds`).
+2. **Calibration**: one float32 pass over real text, recording per layer the largest |x| of the residual stream,
+   the FFN intermediate, q/k/v as they reach the attention cast, and the attention logits ``q.k * scale``.
+
+Each policy is judged on what it actually stores in half precision: whole-model float16/bfloat16 store everything
+(residual stream, FFN, q/k/v); hybrid stores only q/k/v (the fused kernel keeps logits and softmax statistics in
+float32). A value at or above the format's maximum *fails*; within ``margin`` of it is *at risk* (calibration text
+is a sample, not the worst case); otherwise *safe*.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hyprec.layers.attention import Attention, AttentionMetadata
+from hyprec.precision.attention_bounds import attention_input_bounds
+
+FP16_MAX = float(torch.finfo(torch.float16).max)
+BF16_MAX = float(torch.finfo(torch.bfloat16).max)
+RISK_MARGIN = 8.0
+POLICIES = ("float16", "bfloat16", "hybrid-fp16", "hybrid-bf16")
+
+
+@dataclass
+class LayerActivity:
+    """Largest magnitudes seen in one layer during calibration, plus its weight-only facts."""
+
+    layer: str
+    residual: float = 0.0  # residual stream after the layer (the embedding output for the first row)
+    ffn: float = 0.0  # FFN intermediate (input of the down projection)
+    q: float = 0.0
+    k: float = 0.0
+    v: float = 0.0
+    logits: float = 0.0  # max |q.k| * softmax scale
+    qkv_bound: float | None = None  # weight-only worst case for q/k/v
+    norm_gain: float | None = None  # max |gain| of the norm feeding q/k/v
+
+    @property
+    def attention_inputs(self) -> float:
+        return max(self.q, self.k, self.v)
+
+
+@dataclass
+class Verdict:
+    verdict: str  # safe | at-risk | fails
+    reason: str
+    layer: str | None = None
+    quantity: str | None = None
+    value: float | None = None
+    limit: float | None = None
+
+
+@dataclass
+class CheckReport:
+    model: str
+    architecture: str
+    checkpoint_dtype: str
+    calibration_texts: int
+    calibration_tokens: int
+    layers: list[LayerActivity]
+    verdicts: dict[str, Verdict] = field(default_factory=dict)
+    recommended: str = "float32"
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["limits"] = {"float16": FP16_MAX, "bfloat16": BF16_MAX, "risk_margin": RISK_MARGIN}
+        return out
+
+
+def _amax(x: torch.Tensor) -> float:
+    return float(x.detach().abs().max().float()) if x.numel() else 0.0
+
+
+def _logit_amax(q: torch.Tensor, k: torch.Tensor, meta: AttentionMetadata, scale: float) -> float:
+    """Max |q.k| * scale within each sequence of a cache-less or single-pass prefill batch (causal if decoding)."""
+    worst = 0.0
+    groups = q.shape[1] // k.shape[1]
+    for start, end in zip(meta.queries.cu[:-1].tolist(), meta.queries.cu[1:].tolist(), strict=True):
+        qs = q[start:end].float()
+        ks = k[start:end].float().repeat_interleave(groups, dim=1)
+        s = torch.einsum("qhd,khd->hqk", qs, ks) * scale
+        if meta.causal:
+            s = s.masked_fill(torch.ones_like(s[0], dtype=torch.bool).triu(1), 0.0)
+        worst = max(worst, _amax(s))
+    return worst
+
+
+@contextmanager
+def record_activity(model: nn.Module) -> Iterator[list[LayerActivity]]:
+    """Hooks recording per-layer maxima while the block runs; yields the list they fill (embeddings first)."""
+    blocks = model.blocks()
+    rows = [LayerActivity("embeddings")] + [LayerActivity(f"layer {i}") for i in range(len(blocks))]
+    handles = []
+
+    def on_block_input(row: LayerActivity):
+        return lambda _m, args: setattr(row, "residual", max(row.residual, _amax(args[0])))
+
+    def on_block_output(row: LayerActivity):
+        return lambda _m, _args, out: setattr(row, "residual", max(row.residual, _amax(out)))
+
+    def on_ffn(row: LayerActivity):
+        return lambda _m, args: setattr(row, "ffn", max(row.ffn, _amax(args[0])))
+
+    def on_attention(row: LayerActivity, attn: Attention):
+        def hook(_m, args):
+            q, k, v, meta = args
+            row.q, row.k, row.v = max(row.q, _amax(q)), max(row.k, _amax(k)), max(row.v, _amax(v))
+            row.logits = max(row.logits, _logit_amax(q, k, meta, attn.scale))
+
+        return hook
+
+    handles.append(blocks[0].register_forward_pre_hook(on_block_input(rows[0])))
+    for block, row in zip(blocks, rows[1:], strict=True):
+        handles.append(block.register_forward_hook(on_block_output(row)))
+        handles.append(model.ffn_down(block).register_forward_pre_hook(on_ffn(row)))
+        attn = next(m for m in block.modules() if isinstance(m, Attention))
+        handles.append(attn.register_forward_pre_hook(on_attention(row, attn)))
+    try:
+        yield rows
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _add_weight_facts(model: nn.Module, rows: list[LayerActivity]) -> None:
+    for row, bound, item in zip(rows[1:], attention_input_bounds(model), model.attention_inputs(), strict=True):
+        row.qkv_bound = bound.bound
+        gain = item.norm.gain() if hasattr(item.norm, "gain") else item.norm.weight.float()
+        row.norm_gain = float(gain.abs().max())
+
+
+def _judge(rows: list[LayerActivity], quantities: tuple[str, ...], limit: float, label: str) -> Verdict:
+    """The first layer reaching ``limit`` (fails), else the first within the risk margin, else safe."""
+
+    def first(threshold: float) -> tuple[LayerActivity, str, float] | None:
+        for row in rows:
+            for name in quantities:
+                value = getattr(row, name)
+                if value >= threshold or not math.isfinite(value):
+                    return row, name, value
+        return None
+
+    if hit := first(limit):
+        row, name, value = hit
+        return Verdict(
+            "fails",
+            f"{name} reaches {value:.4g} at {row.layer}, beyond the {label} maximum {limit:.6g}",
+            row.layer,
+            name,
+            value,
+            limit,
+        )
+    if hit := first(limit / RISK_MARGIN):
+        row, name, value = hit
+        return Verdict(
+            "at-risk",
+            f"{name} reaches {value:.4g} at {row.layer}, within {RISK_MARGIN:g}x of the {label} maximum {limit:.6g}",
+            row.layer,
+            name,
+            value,
+            limit,
+        )
+    worst = max((getattr(r, n), r.layer, n) for r in rows for n in quantities)
+    return Verdict(
+        "safe",
+        f"largest {worst[2]} {worst[0]:.4g} ({worst[1]}) is below {label} maximum / {RISK_MARGIN:g}",
+        worst[1],
+        worst[2],
+        worst[0],
+        limit,
+    )
+
+
+def judge(rows: list[LayerActivity]) -> tuple[dict[str, Verdict], str]:
+    """Verdict per policy, and the recommended policy (the first safe one of hybrid-fp16, hybrid-bf16)."""
+    whole = ("residual", "ffn", "q", "k", "v")
+    attn = ("q", "k", "v")
+    verdicts = {
+        "float16": _judge(rows, whole, FP16_MAX, "float16"),
+        "bfloat16": _judge(rows, whole, BF16_MAX, "bfloat16"),
+        "hybrid-fp16": _judge(rows, attn, FP16_MAX, "float16"),
+        "hybrid-bf16": _judge(rows, attn, BF16_MAX, "bfloat16"),
+    }
+    bounds = [r.qkv_bound for r in rows if r.qkv_bound is not None]
+    if bounds and max(bounds) < FP16_MAX / RISK_MARGIN and verdicts["hybrid-fp16"].verdict != "fails":
+        verdicts["hybrid-fp16"] = Verdict(
+            "safe",
+            f"weights bound every q/k/v by {max(bounds):.4g} for any input (certified)",
+            quantity="qkv_bound",
+            value=max(bounds),
+            limit=FP16_MAX,
+        )
+    recommended = next((p for p in ("hybrid-fp16", "hybrid-bf16") if verdicts[p].verdict == "safe"), "float32")
+    return verdicts, recommended
+
+
+def default_calibration_texts(generative: bool) -> list[str]:
+    """Built-in real text: long pydoc pages for decoders (activations grow with context), the evaluation mix
+    (long, medium and very short texts) for encoders."""
+    from hyprec.texts import evaluation_texts, pydoc_topics
+
+    if generative:
+        return sorted(pydoc_topics().values(), key=len, reverse=True)[:8]
+    return evaluation_texts(64)
+
+
+@torch.no_grad()
+def calibrate(llm: Any, texts: list[str], max_tokens: int = 256) -> tuple[list[LayerActivity], int]:
+    """Run ``texts`` through an already loaded LLM with recording hooks; returns the rows and the token count."""
+    engine = llm.engine
+    with record_activity(engine.model) as rows:
+        if llm.is_generative:
+            ids = [engine.tokenizer.encode(t)[:max_tokens] for t in texts]
+            for seq in ids:
+                if len(seq) >= 2:
+                    engine.score(seq)
+        else:
+            ids = engine.tokenize(texts)
+            for start in range(0, len(ids), 16):
+                engine.last_hidden_states(ids[start : start + 16])
+    return rows, sum(len(s) for s in ids)
+
+
+def check(model: Any = None, texts: list[str] | None = None, *, device: str = "cpu") -> CheckReport:
+    """Precision risk report for ``model`` (a name/path as :class:`hyprec.LLM` takes, or a loaded float32 LLM).
+
+    The model runs in float32 for calibration, so the recorded magnitudes are the true ones.
+    """
+    from hyprec.entrypoints.llm import LLM
+
+    llm = model if isinstance(model, LLM) else LLM(model, dtype="float32", device=device)
+    texts = texts if texts is not None else default_calibration_texts(llm.is_generative)
+    rows, tokens = calibrate(llm, texts)
+    _add_weight_facts(llm.engine.model, rows)
+    info = llm.info()
+    report = CheckReport(
+        model=str(info["model"]),
+        architecture=str(info["architecture"]),
+        checkpoint_dtype=str(info["checkpoint_dtype"]),
+        calibration_texts=len(texts),
+        calibration_tokens=tokens,
+        layers=rows,
+    )
+    report.verdicts, report.recommended = judge(rows)
+    if report.checkpoint_dtype == "bfloat16" and report.verdicts["float16"].verdict == "safe":
+        report.verdicts["float16"] = Verdict(
+            "at-risk",
+            "bfloat16 checkpoint: trained in bfloat16's range; the calibration text stayed below the float16 limit",
+        )
+    return report
+
+
+def render(report: CheckReport) -> str:
+    """The human-readable report: a per-layer table, then one verdict per policy."""
+
+    def fmt(x: float | None) -> str:
+        return "-" if x is None or x == 0 else f"{x:.4g}"
+
+    lines = [
+        f"model              {report.model} ({report.architecture}, checkpoint {report.checkpoint_dtype})",
+        f"calibration        {report.calibration_texts} texts, {report.calibration_tokens} tokens (float32 pass)",
+        f"limits             float16 {FP16_MAX:.6g}, bfloat16 {BF16_MAX:.4g}; at risk within {RISK_MARGIN:g}x",
+        "",
+        f"{'layer':<12}{'residual':>11}{'ffn':>11}{'q/k/v':>11}{'logits':>11}{'qkv bound':>11}{'norm gain':>11}",
+    ]
+    for r in report.layers:
+        lines.append(
+            f"{r.layer:<12}{fmt(r.residual):>11}{fmt(r.ffn):>11}{fmt(r.attention_inputs):>11}{fmt(r.logits):>11}"
+            f"{fmt(r.qkv_bound):>11}{fmt(r.norm_gain):>11}"
+        )
+    lines.append("")
+    for policy in POLICIES:
+        v = report.verdicts[policy]
+        lines.append(f"{policy:<13}{v.verdict:<9}{v.reason}")
+    lines.append(f"recommended  {report.recommended}")
+    return "\n".join(lines)
+
+
+def plot(report: CheckReport, path: str) -> None:
+    """A per-layer chart of max |x| (log scale) against the float16 limit, written as PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from hyprec.errors import InvalidInputError
+
+        raise InvalidInputError("--plot needs matplotlib: pip install 'hyprec[plot]'") from None
+    names = [r.layer for r in report.layers]
+    fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.45), 4))
+    for field_name, label in (
+        ("residual", "residual stream"),
+        ("ffn", "FFN intermediate"),
+        ("q", "q"),
+        ("k", "k"),
+        ("v", "v"),
+    ):
+        values = [getattr(r, field_name) or float("nan") for r in report.layers]  # not measured: no point
+        ax.plot(range(len(names)), values, marker="o", markersize=3, label=label)
+    ax.axhline(FP16_MAX, color="red", linestyle="--", label="float16 max (65504)")
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("max |x| on calibration text")
+    ax.set_title(f"{Path(report.model).name}: recommended {report.recommended}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
