@@ -155,9 +155,11 @@ def _judge(rows: list[LayerActivity], quantities: tuple[str, ...], limit: float,
 
     if hit := first(limit):
         row, name, value = hit
+        peak_value, peak_layer = max((getattr(r, name), r.layer) for r in rows)
         return Verdict(
             "fails",
-            f"{name} reaches {value:.4g} at {row.layer}, beyond the {label} maximum {limit:.6g}",
+            f"{name} reaches {value:.4g} at {row.layer}, beyond the {label} maximum {limit:.6g} "
+            f"(peak {peak_value:.4g} at {peak_layer})",
             row.layer,
             name,
             value,
