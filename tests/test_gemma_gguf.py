@@ -125,3 +125,16 @@ def test_whole_model_float16_is_reported_not_returned(gguf_path, texts):
     with pytest.raises(NonFiniteOutputError):
         llm.engine.score(texts[0])
     assert not llm.engine.has_unfinished()  # the failed request was cleaned up
+
+
+def test_check_flags_float16_and_clears_hybrid(fp32):
+    from hyprec.precision.check import check
+
+    report = check(fp32)
+    f16 = report.verdicts["float16"]
+    assert f16.verdict == "fails" and f16.quantity == "residual"
+    assert f16.layer is not None and f16.layer.startswith("layer ") and str(f16.layer) in f16.reason
+    peak = max(r.residual for r in report.layers)
+    assert peak > 65504  # the residual stream's peak (~1e5, baselines) is beyond float16
+    assert report.verdicts["hybrid-fp16"].verdict == "safe"
+    assert report.recommended == "hybrid-fp16"

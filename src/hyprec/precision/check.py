@@ -31,6 +31,7 @@ from hyprec.precision.attention_bounds import attention_input_bounds
 FP16_MAX = float(torch.finfo(torch.float16).max)
 BF16_MAX = float(torch.finfo(torch.bfloat16).max)
 RISK_MARGIN = 8.0
+LOGIT_ERROR_AT_RISK = 1.0  # estimated absolute logit error from rounding q/k
 POLICIES = ("float16", "bfloat16", "hybrid-fp16", "hybrid-bf16")
 
 
@@ -186,9 +187,26 @@ def _judge(rows: list[LayerActivity], quantities: tuple[str, ...], limit: float,
     )
 
 
+def _logit_precision(rows: list[LayerActivity], unit_roundoff: float, label: str) -> Verdict | None:
+    """Rounding q and k to a half format perturbs a logit ``q.k`` by about ``2 * u * |q.k|``; past ~1 the softmax
+    weights are off by a factor e. Range is fine (the fused kernel forms logits in float32); precision is not."""
+    worst, layer = max((r.logits, r.layer) for r in rows)
+    error = 2 * unit_roundoff * worst
+    if error <= LOGIT_ERROR_AT_RISK:
+        return None
+    return Verdict(
+        "at-risk",
+        f"attention logits reach {worst:.4g} at {layer}: rounding q/k to {label} shifts them by up to ~{error:.2g}",
+        layer,
+        "logits",
+        worst,
+        LOGIT_ERROR_AT_RISK / (2 * unit_roundoff),
+    )
+
+
 def judge(rows: list[LayerActivity]) -> tuple[dict[str, Verdict], str]:
     """Verdict per policy, and the recommended policy (the first safe one of hybrid-fp16, hybrid-bf16)."""
-    whole = ("residual", "ffn", "q", "k", "v")
+    whole = ("q", "k", "v", "ffn", "residual")  # computation order within a layer: blame the first to overflow
     attn = ("q", "k", "v")
     verdicts = {
         "float16": _judge(rows, whole, FP16_MAX, "float16"),
@@ -205,6 +223,15 @@ def judge(rows: list[LayerActivity]) -> tuple[dict[str, Verdict], str]:
             value=max(bounds),
             limit=FP16_MAX,
         )
+    for policy, (u, label) in {
+        "float16": (2**-11, "float16"),
+        "hybrid-fp16": (2**-11, "float16"),
+        "bfloat16": (2**-8, "bfloat16"),
+        "hybrid-bf16": (2**-8, "bfloat16"),
+    }.items():
+        precision = _logit_precision(rows, u, label)
+        if precision is not None and verdicts[policy].verdict == "safe":
+            verdicts[policy] = precision
     recommended = next((p for p in ("hybrid-fp16", "hybrid-bf16") if verdicts[p].verdict == "safe"), "float32")
     return verdicts, recommended
 
