@@ -603,9 +603,9 @@ def overflow_model(state_dict, with_weights, minilm_hybrid):
     return with_weights({**state_dict, "embeddings.word_embeddings.weight": words})
 
 
-def test_non_finite_output_raises(overflow_model):
+def test_non_finite_output_raises_without_the_guard(overflow_model):
     texts = ["a quiet morning", "the zebra runs", "plain words here"]
-    llm = LLM(overflow_model, dtype="float16")
+    llm = LLM(overflow_model, dtype="float16", precision_guard=False)
     with pytest.raises(NonFiniteOutputError) as exc:
         llm.embed(texts)
     msg = str(exc.value)
@@ -618,8 +618,32 @@ def test_non_finite_output_raises(overflow_model):
     assert np.isfinite(ok).all()
 
 
-def test_non_finite_guard_names_index_and_hybrid_policy(minilm_hybrid, monkeypatch):
-    engine = minilm_hybrid.engine
+def test_guard_falls_back_to_hybrid_and_matches_float32(overflow_model, caplog):
+    texts = ["a quiet morning", "the zebra runs", "plain words here"]
+    llm = LLM(overflow_model, dtype="float16")
+    with caplog.at_level("WARNING", logger="hyprec"):
+        out = llm.embed(texts)
+    assert np.isfinite(out).all()
+    assert llm.policy.name == "hybrid-fp16"  # remembered for this instance
+    event = llm.engine.guard_events[0]
+    assert event.policy == "float16" and event.quantity == "residual stream" and event.layer.startswith("layer ")
+    assert any("precision guard" in r.getMessage() and event.layer in r.getMessage() for r in caplog.records)
+    ref = LLM(overflow_model, dtype="float32").embed(texts)
+    assert (out * ref).sum(1).min() > 0.99999
+
+
+def test_guard_raise_is_typed(overflow_model):
+    from hyprec.precision.guard import PrecisionOverflowError
+
+    llm = LLM(overflow_model, dtype="float16", on_nonfinite="raise")
+    with pytest.raises(PrecisionOverflowError) as exc:
+        llm.embed(["the zebra runs"])
+    assert exc.value.event.layer in str(exc.value) and "float16" in str(exc.value)
+
+
+def test_non_finite_guard_names_index_and_hybrid_policy(minilm_dir, monkeypatch):
+    llm = LLM(minilm_dir, on_nonfinite="ignore")  # the guard only logs; the final barrier must still refuse
+    engine = llm.engine
     marker = engine.tokenizer.encode(["zebra"])[0][1]
     real = engine._run_batch
 
@@ -632,6 +656,6 @@ def test_non_finite_guard_names_index_and_hybrid_policy(minilm_hybrid, monkeypat
 
     monkeypatch.setattr(engine, "_run_batch", poisoned)
     with pytest.raises(NonFiniteOutputError) as exc:
-        minilm_hybrid.embed(["one", "two", "three", "a zebra", "five"], batch_size=2)
+        llm.embed(["one", "two", "three", "a zebra", "five"], batch_size=2)
     assert "inputs [3]" in str(exc.value)
-    assert f"policy {minilm_hybrid.policy.name}" in str(exc.value)
+    assert f"policy {llm.policy.name}" in str(exc.value)

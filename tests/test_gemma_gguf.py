@@ -117,14 +117,35 @@ def test_hybrid_fp16_matches_transformers(gguf_path, texts, reference):
     assert identical >= 4, f"greedy outputs identical for {identical} of 5 prompts"
 
 
-def test_whole_model_float16_is_reported_not_returned(gguf_path, texts):
-    llm = LLM(gguf_path, dtype="float16")
+def test_whole_model_float16_without_the_guard_is_an_error(gguf_path, texts):
+    llm = LLM(gguf_path, dtype="float16", precision_guard=False)
     with pytest.raises(NonFiniteOutputError) as err:
         llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=4))
     assert "float16" in str(err.value) and "hybrid" in str(err.value)
     with pytest.raises(NonFiniteOutputError):
         llm.engine.score(texts[0])
     assert not llm.engine.has_unfinished()  # the failed request was cleaned up
+
+
+def test_guard_falls_back_and_matches_float32(gguf_path, reference, caplog):
+    llm = LLM(gguf_path, dtype="float16")
+    with caplog.at_level("WARNING", logger="hyprec"):
+        greedy = _greedy(llm)
+    event = llm.engine.guard_events[0]
+    assert event.policy == "float16" and event.quantity == "residual stream"
+    assert any(event.layer in r.getMessage() for r in caplog.records if "precision guard" in r.getMessage())
+    assert llm.policy.name == "hybrid-fp16"  # remembered for this model instance
+    assert greedy == reference["greedy"]  # finite and identical to float32 for every prompt
+
+
+def test_guard_raise_is_typed(gguf_path):
+    from hyprec.precision.guard import PrecisionOverflowError
+
+    llm = LLM(gguf_path, dtype="float16", on_nonfinite="raise")
+    with pytest.raises(PrecisionOverflowError) as err:
+        llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=4))
+    assert err.value.event.layer.startswith("layer ")
+    assert not llm.engine.has_unfinished()
 
 
 def test_check_flags_float16_and_clears_hybrid(fp32):

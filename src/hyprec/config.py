@@ -104,11 +104,16 @@ class EngineConfig:
     max_model_len: int | None = None  # context window; default: the model's, capped at 8192 on CPU
     num_kv_blocks: int | None = None  # KV cache blocks per cache group; default: from kv_cache_memory
     kv_cache_memory: int = 2**30  # bytes for the KV cache when num_kv_blocks is not given
+    # Run-time precision guard (hyprec.precision.guard).
+    precision_guard: bool = True
+    on_nonfinite: str = "fallback"  # fallback | raise | ignore
 
     def __post_init__(self) -> None:
         self.device = resolve_device(self.device)
         for name in ("max_num_batched_tokens", "max_num_seqs", "block_size", "kv_cache_memory"):
             _check_positive(name, getattr(self, name))
+        if self.on_nonfinite not in ("fallback", "raise", "ignore"):
+            raise ConfigError(f"on_nonfinite={self.on_nonfinite!r}: expected one of fallback, raise, ignore")
         for name in ("max_model_len", "num_kv_blocks"):
             if getattr(self, name) is not None:
                 _check_positive(name, getattr(self, name))

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from hyprec.config import EngineConfig, ModelConfig, read_json
 from hyprec.engine.batching import BatchStats, plan_batches
+from hyprec.engine.guarded import GuardedEngine
 from hyprec.engine.model_loading import load_model, model_summary
 from hyprec.errors import InputTypeError, InvalidInputError, ModelLoadError, NonFiniteOutputError
 from hyprec.layers.attention import AttentionMetadata
@@ -23,6 +24,7 @@ from hyprec.loading.tokenizer import TextTokenizer
 from hyprec.loading.weights import Checkpoint
 from hyprec.models.registry import model_class
 from hyprec.pooling import EmbeddingHead
+from hyprec.precision.guard import GuardEvent, PrecisionGuard
 
 log = logging.getLogger("hyprec")
 
@@ -53,7 +55,7 @@ def _positive_int(value: object, name: str, upper: int | None = None) -> int:
     return int(value)
 
 
-class EmbeddingEngine:
+class EmbeddingEngine(GuardedEngine):
     """Owns one encoder model, its tokenizer and pooling head, and the resolved dtype policy."""
 
     def __init__(
@@ -71,24 +73,35 @@ class EmbeddingEngine:
         self.pipeline = read_pipeline(model_dir)
         tdir = self.pipeline.transformer_dir
         self.model_config = ModelConfig.from_dir(tdir)
+        self.checkpoint = Checkpoint.open(tdir)
+        self.checkpoint_dtype = self.checkpoint.floating_dtype()
+        self.guard: PrecisionGuard | None = None
+        self.guard_events: list[GuardEvent] = []
+        self._set_policy(dtype, attn_dtype, kv_cache_dtype)
+        self.head = EmbeddingHead(self.pipeline).to(self.device).eval()
+        self.max_seq_length = self._max_seq_length()
+        self.dimension = self._output_dimension()
+        self.last_stats = BatchStats()
+
+    def _set_policy(self, dtype: str, attn_dtype: str, kv_cache_dtype: str) -> None:
+        """(Re)load the encoder under a policy (at start, and when the precision guard falls back)."""
+        if self.guard is not None:
+            self.guard.remove()
         cls = model_class(self.model_config)
-        checkpoint = Checkpoint.open(tdir)
-        self.checkpoint_dtype = checkpoint.floating_dtype()
+        self.model = None  # free the old weights before loading new ones
         self.model, self.policy = load_model(
             cls,
             self.model_config,
-            checkpoint,
+            self.checkpoint,
             dtype=dtype,
             attn_dtype=attn_dtype,
             kv_cache_dtype=kv_cache_dtype,
             device=self.device,
         )
         self.backend = select_backend(self.device, self.policy.attn_dtype, needs_bias=cls.uses_attention_bias)
-        self.head = EmbeddingHead(self.pipeline).to(self.device).eval()
-        self.max_seq_length = self._max_seq_length()
-        self.dimension = self._output_dimension()
-        self.last_stats = BatchStats()
-        log.info("hyprec: %s: policy %s, attention backend %s", model_dir.name, self.policy, self.backend.name)
+        ec = self.engine_config
+        self.guard = PrecisionGuard(self.model, self.policy, ec.on_nonfinite) if ec.precision_guard else None
+        log.info("hyprec: %s: policy %s, attention backend %s", self.model_dir.name, self.policy, self.backend.name)
 
     @functools.cached_property
     def tokenizer(self) -> TextTokenizer:
@@ -166,7 +179,7 @@ class EmbeddingEngine:
         for batch in tqdm(batches, desc="embed", unit="batch", disable=not show_progress):
             lens = [len(ids[i]) for i in batch]
             stats.add(lens)
-            vectors = self._run_batch([ids[i] for i in batch], [prompt_len] * len(batch), normalize, dimensions)
+            vectors = self._guarded_batch([ids[i] for i in batch], [prompt_len] * len(batch), normalize, dimensions)
             if not torch.isfinite(vectors).all():
                 bad = [batch[j] for j in torch.nonzero(~torch.isfinite(vectors).all(dim=1)).flatten().tolist()]
                 raise NonFiniteOutputError(
@@ -185,6 +198,16 @@ class EmbeddingEngine:
             lens, attn_dtype=self.policy.attn_dtype, backend=self.backend, device=self.device
         )
         return self.model(flat, meta)
+
+    def _guarded_batch(
+        self, ids: list[list[int]], prompt_lens: list[int], normalize: bool | None, dimensions: int | None
+    ) -> torch.Tensor:
+        """One batch under the precision guard: recomputed under a safer policy if it overflowed."""
+        while True:
+            self._guard_begin()
+            vectors = self._run_batch(ids, prompt_lens, normalize, dimensions)
+            if not self._guard_check(vectors):
+                return vectors
 
     def _run_batch(
         self, ids: list[list[int]], prompt_lens: list[int], normalize: bool | None, dimensions: int | None

@@ -14,6 +14,7 @@ import torch
 
 from hyprec.config import EngineConfig, ModelConfig
 from hyprec.engine.block_manager import BlockManager
+from hyprec.engine.guarded import GuardedEngine
 from hyprec.engine.kv_cache import KVCache, cache_groups
 from hyprec.engine.model_loading import load_model, model_summary
 from hyprec.engine.model_runner import ModelRunner
@@ -26,6 +27,7 @@ from hyprec.loading.weights import WeightSource
 from hyprec.models.base import DecoderModel
 from hyprec.models.registry import model_class
 from hyprec.outputs import CompletionOutput, RequestOutput
+from hyprec.precision.guard import GuardEvent, PrecisionGuard
 from hyprec.sampling.sampler import make_generator
 from hyprec.sampling_params import SamplingParams
 
@@ -42,7 +44,7 @@ class Request:
     seqs: list[Sequence]
 
 
-class LLMEngine:
+class LLMEngine(GuardedEngine):
     """Owns one decoder model, its KV cache and scheduler."""
 
     def __init__(
@@ -60,19 +62,32 @@ class LLMEngine:
         self.name = name
         self.model_config = config
         self.tokenizer = tokenizer
+        self.checkpoint = checkpoint
         self.engine_config = ec = engine_config or EngineConfig()
         self.device = torch.device(ec.device)
+        self.checkpoint_dtype = checkpoint.floating_dtype()
+        self.scheduler = Scheduler(None, ec.max_num_seqs, ec.max_num_batched_tokens)
+        self.guard: PrecisionGuard | None = None
+        self.guard_events: list[GuardEvent] = []
+        self._set_policy(dtype, attn_dtype, kv_cache_dtype)
+        self.requests: dict[str, Request] = {}
+        self._next_id = 0
+
+    def _set_policy(self, dtype: str, attn_dtype: str, kv_cache_dtype: str) -> None:
+        """(Re)build model, KV cache and runner under a policy. Sequences in flight restart from their tokens."""
+        ec = self.engine_config
+        if self.guard is not None:
+            self.guard.remove()
         model, self.policy = load_model(
-            model_class(config),
-            config,
-            checkpoint,
+            model_class(self.model_config),
+            self.model_config,
+            self.checkpoint,
             dtype=dtype,
             attn_dtype=attn_dtype,
             kv_cache_dtype=kv_cache_dtype,
             device=self.device,
         )
         self.model: DecoderModel = model
-        self.checkpoint_dtype = checkpoint.floating_dtype()
         self.max_model_len = self._max_model_len()
         layers = self.model.attention_layers()
         per_token = sum(2 * a.num_kv_heads * a.head_dim for a in layers) * self.policy.kv_cache_dtype.itemsize
@@ -83,14 +98,14 @@ class LLMEngine:
                 f"max_model_len={self.max_model_len}; raise num_kv_blocks/kv_cache_memory or lower max_model_len"
             )
         groups = cache_groups(layers, num_blocks, ec.block_size, ec.max_num_seqs, ec.max_num_batched_tokens)
+        self.kv_cache = None  # free the old cache before allocating the new one
         self.kv_cache = KVCache(layers, groups, ec.block_size, self.policy.kv_cache_dtype, self.device)
         self.blocks = BlockManager(groups, ec.block_size)
-        self.scheduler = Scheduler(self.blocks, ec.max_num_seqs, ec.max_num_batched_tokens)
+        self.scheduler.restart(self.blocks)
         self.backend = select_backend(self.device, self.policy.attn_dtype)
         self.runner = ModelRunner(self.model, self.kv_cache, self.blocks, self.backend, self.policy, self.device)
-        self.requests: dict[str, Request] = {}
-        self._next_id = 0
-        log.info("hyprec: %s: policy %s, attention backend %s", name, self.policy, self.backend.name)
+        self.guard = PrecisionGuard(self.model, self.policy, ec.on_nonfinite) if ec.precision_guard else None
+        log.info("hyprec: %s: policy %s, attention backend %s", self.name, self.policy, self.backend.name)
 
     def _max_model_len(self) -> int:
         limit = self.model.max_positions
@@ -173,7 +188,11 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             return []
-        sampled = self.runner.step(plan.scheduled)
+        self._guard_begin()
+        logits = self.runner.forward(plan.scheduled)
+        if self._guard_check(logits):
+            return []  # the engine fell back to a safer policy; the scheduled work is recomputed from the next step
+        sampled = self.runner.sample(logits, plan.scheduled)
         sampling = [item.seq for item in plan.scheduled if item.samples]
         for item in plan.scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
@@ -249,11 +268,15 @@ class LLMEngine:
         seq = Sequence(request_id="score", index=0, prompt_token_ids=list(token_ids), params=SamplingParams())
         if not self.blocks.can_grow(seq.seq_id, seq.num_tokens, 0):
             raise InvalidInputError(f"score: {len(token_ids)} tokens do not fit the KV cache")
-        self.blocks.grow(seq.seq_id, seq.num_tokens, 0)
-        try:
-            hidden, _ = self.runner.run([ScheduledSeq(seq, seq.num_tokens)])
-        finally:
-            self.blocks.free(seq.seq_id)
+        while True:
+            self.blocks.grow(seq.seq_id, seq.num_tokens, 0)
+            try:
+                self._guard_begin()
+                hidden, _ = self.runner.run([ScheduledSeq(seq, seq.num_tokens)])
+            finally:
+                self.blocks.free(seq.seq_id)
+            if not self._guard_check(hidden):
+                break
         targets = torch.tensor(token_ids[1:], device=hidden.device)
         top, logprob = [], []
         for start in range(0, len(token_ids) - 1, chunk):
@@ -290,10 +313,13 @@ class LLMEngine:
                             f"embed: text {seq.index} ({seq.num_tokens} tokens) does not fit the KV cache"
                         )
                     self.blocks.grow(seq.seq_id, seq.num_tokens, 0)
+                self._guard_begin()
                 hidden = self.runner.last_hidden([ScheduledSeq(s, s.num_tokens) for s in seqs]).float()
             finally:
                 for seq in seqs:
                     self.blocks.free(seq.seq_id)
+            if self._guard_check(hidden):
+                return flush()  # recompute this batch under the safer policy
             out[batch] = hidden.cpu()
             batch.clear()
 

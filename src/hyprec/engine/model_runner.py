@@ -91,9 +91,8 @@ class ModelRunner:
         )
         return hidden, meta.queries.cu[1:].long() - 1
 
-    def step(self, batch: list[ScheduledSeq]) -> SamplerOutput | None:
-        """Forward the batch, check the logits are finite, and sample for the rows that complete a sequence."""
-        logits = self.forward(batch)
+    def sample(self, logits: torch.Tensor, batch: list[ScheduledSeq]) -> SamplerOutput | None:
+        """Sample for the rows that complete a sequence; non-finite logits are refused, never sampled."""
         sampling = [item.seq for item in batch if item.samples]
         if not sampling:
             return None

@@ -38,13 +38,23 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager | None, max_num_seqs: int, max_num_batched_tokens: int):
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+
+    def restart(self, block_manager: BlockManager) -> None:
+        """Use a new block manager (a rebuilt KV cache): running sequences go back to the queue, in arrival order,
+        and are recomputed from their tokens."""
+        self.blocks = block_manager
+        for seq in sorted(self.running, key=lambda s: s.arrival, reverse=True):
+            seq.status = SequenceStatus.WAITING
+            seq.num_computed_tokens = 0
+            self.waiting.appendleft(seq)
+        self.running.clear()
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)

@@ -99,6 +99,8 @@ class AttentionMetadata:
     query_start: torch.Tensor | None = None
     kv_cache: KVCache | None = None
     groups: dict[str, CacheGroupSlots] = field(default_factory=dict)
+    # Per-batch tensors a backend derives once and reuses in every layer (masks), keyed by the backend.
+    derived: dict[object, torch.Tensor | None] = field(default_factory=dict)
 
     @classmethod
     def for_sequences(

@@ -89,12 +89,12 @@ class SDPABackend:
         slots: CacheGroupSlots | None,
         scale: float,
     ) -> torch.Tensor:
-        if slots is None:
-            kp = meta.queries
-            mask = self._encoder_mask(meta, q.dtype)
-        else:
-            kp = slots.keys
-            mask = self._decoder_mask(meta, slots)
+        # Masks depend on the batch, not the layer: build each once per forward pass.
+        key = ("sdpa-mask", None if slots is None else slots.window, q.dtype)
+        if key not in meta.derived:
+            meta.derived[key] = self._encoder_mask(meta, q.dtype) if slots is None else self._decoder_mask(meta, slots)
+        mask = meta.derived[key]
+        kp = meta.queries if slots is None else slots.keys
         out = F.scaled_dot_product_attention(
             _pad(q, meta.queries),
             _pad(k, kp),

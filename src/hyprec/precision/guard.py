@@ -1,0 +1,149 @@
+"""The run-time precision guard: catch overflow where it happens, never hand NaN/inf to the user.
+
+While a forward pass runs, hooks fold the largest |x| of every tensor the policy stores in half precision into a
+small on-device buffer (no host sync per layer): the residual stream after each layer under whole-model
+float16/bfloat16, and q/k/v at the attention cast under every half policy. After the pass, one host sync reads
+the buffer together with a finiteness flag of the outputs. Trouble (a value at or beyond the half format's maximum,
+or a non-finite output) is reported with the layer and value, then handled by ``on_nonfinite``:
+
+* ``fallback`` (default): switch the engine to a safer policy, remember it for this model instance, and recompute
+  the affected work (whole-model half -> hybrid; hybrid-fp16 -> hybrid-bf16; hybrid-bf16 -> float32);
+* ``raise``: raise :class:`PrecisionOverflowError`;
+* ``ignore``: log and go on (non-finite results are still refused downstream).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hyprec.dtype_policy import DtypePolicy, dtype_name
+from hyprec.errors import ConfigError, NonFiniteOutputError
+from hyprec.layers.attention import Attention
+
+log = logging.getLogger("hyprec")
+ON_NONFINITE = ("fallback", "raise", "ignore")
+
+
+class PrecisionOverflowError(NonFiniteOutputError):
+    """A half-precision tensor overflowed (or an output went non-finite) and the guard was told to raise."""
+
+    def __init__(self, event: GuardEvent):
+        super().__init__(event.describe())
+        self.event = event
+
+
+@dataclass
+class GuardEvent:
+    policy: str
+    layer: str
+    quantity: str
+    value: float
+    limit: float
+    action: str = ""
+    new_policy: str | None = None
+
+    def describe(self) -> str:
+        text = (
+            f"precision guard: {self.quantity} reached {self.value:.4g} at {self.layer} under policy {self.policy} "
+            f"(limit {self.limit:.6g})"
+        )
+        if self.new_policy:
+            text += f"; recomputing under {self.new_policy} from now on"
+        return text
+
+
+def check_on_nonfinite(value: str) -> str:
+    if value not in ON_NONFINITE:
+        raise ConfigError(f"on_nonfinite={value!r}: expected one of {', '.join(ON_NONFINITE)}")
+    return value
+
+
+def safer_policy(policy: DtypePolicy, quantity: str) -> tuple[str, str, str] | None:
+    """``(dtype, attn_dtype, kv_cache_dtype)`` one step safer than ``policy``, or None from float32."""
+    if policy.mode in ("float16", "bfloat16"):
+        # The residual stream / FFN overflowed: keep them float32, attention stays in the half format unless
+        # q/k/v themselves overflowed float16.
+        attn = "bfloat16" if quantity == "q/k/v" and policy.attn_dtype == torch.float16 else policy.mode
+        return "hybrid", attn, attn
+    if policy.mode == "hybrid" and policy.attn_dtype == torch.float16:
+        return "hybrid", "bfloat16", "bfloat16"
+    if policy.mode == "hybrid":
+        return "float32", "float32", "float32"
+    return None
+
+
+class PrecisionGuard:
+    """Per-layer max-|x| tracking for one model under one policy (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, policy: DtypePolicy, on_nonfinite: str = "fallback"):
+        self.policy = policy
+        self.on_nonfinite = check_on_nonfinite(on_nonfinite)
+        self.blocks = model.blocks()
+        self.limit = float(torch.finfo(policy.attn_dtype).max)
+        self.residual_limit = float(torch.finfo(policy.compute_dtype).max)
+        device = next(model.parameters()).device
+        # Rows: layers; columns: residual stream, q/k/v.
+        self.amax = torch.zeros(len(self.blocks), 2, device=device)
+        self.events: list[GuardEvent] = []
+        self._handles = []
+        if policy.attn_dtype == torch.float32:
+            return  # nothing is stored in half precision: only the outputs' finiteness is checked
+        for i, block in enumerate(self.blocks):
+            if policy.compute_dtype != torch.float32:
+                self._handles.append(block.register_forward_hook(self._residual_hook(i)))
+            attn = next(m for m in block.modules() if isinstance(m, Attention))
+            self._handles.append(attn.register_forward_pre_hook(self._qkv_hook(i)))
+
+    def _fold(self, i: int, col: int, x: torch.Tensor) -> None:
+        # amax of |x| in float32, on device; NaN propagates through torch.maximum, so it is seen too.
+        if x.numel():
+            self.amax[i, col] = torch.maximum(self.amax[i, col], x.detach().abs().amax().float())
+
+    def _residual_hook(self, i: int):
+        return lambda _m, _args, out: self._fold(i, 0, out)
+
+    def _qkv_hook(self, i: int):
+        def hook(_m, args):
+            q, k, v, _meta = args
+            for x in (q, k, v):
+                self._fold(i, 1, x)
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def begin(self) -> None:
+        self.amax.zero_()
+
+    def inspect(self, outputs: torch.Tensor) -> GuardEvent | None:
+        """After a forward pass: one host sync; the first overflowing layer (or non-finite output), if any."""
+        finite = torch.isfinite(outputs).all() if outputs.numel() else torch.tensor(True, device=outputs.device)
+        values = torch.cat([self.amax.flatten(), finite.float().reshape(1).to(self.amax.device)]).tolist()
+        rows, ok = values[:-1], bool(values[-1])
+        for i in range(len(self.blocks)):
+            for col, (name, limit) in enumerate((("residual", self.residual_limit), ("q/k/v", self.limit))):
+                value = rows[2 * i + col]
+                if not value < limit:  # also true for NaN
+                    return self._event(f"layer {i}", name, value, limit)
+        if not ok:
+            return self._event("output", "non-finite values", float("nan"), self.limit)
+        return None
+
+    def _event(self, layer: str, quantity: str, value: float, limit: float) -> GuardEvent:
+        half = "residual stream" if quantity == "residual" else quantity
+        event = GuardEvent(self.policy.name, layer, half, value, limit, action=self.on_nonfinite)
+        step = safer_policy(self.policy, quantity)
+        if self.on_nonfinite == "fallback" and step is not None:
+            event.new_policy = step[0] if step[0] != "hybrid" else f"hybrid-{dtype_name(_TORCH[step[1]])}"
+        self.events.append(event)
+        return event
+
+
+_TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
