@@ -44,11 +44,11 @@ def gemma_rows(repeats: int) -> list[tuple[str, float, float]]:
     }
     tok = engines[True].engine.tokenizer
     pages = sorted(pydoc_topics().values(), key=len, reverse=True)
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     rows = []
     for batch in (1, 8):
         prompts = [tok.encode(p)[:64] for p in pages[:batch]]
-        params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-        t = _rounds({str(g): (lambda g=g: engines[g].generate(prompts, params)) for g in engines}, repeats)
+        t = _rounds({str(g): (lambda g=g, p=prompts: engines[g].generate(p, params)) for g in engines}, repeats)
         rows.append((f"Gemma-3-270M decode, batch {batch}, 64+32 tokens", t["True"], t["False"]))
     return rows
 
