@@ -7,6 +7,7 @@ so requests added between steps join the running batch (continuous batching).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -257,18 +258,36 @@ class LLMEngine(GuardedEngine):
         """Teacher-forced scoring of one token sequence (what perplexity and agreement metrics need).
 
         Returns, for every position ``i < len - 1``: the model's most likely next token, and the float32
-        log-probability it assigns to the actual next token ``token_ids[i + 1]``. Logits are formed ``chunk`` rows
-        at a time so a 262k vocabulary never materialises for the whole sequence.
+        log-probability it assigns to the actual next token ``token_ids[i + 1]``. Non-finite logits raise.
         """
+        targets = torch.tensor(token_ids[1:])
+        top, logprob = [], []
+        for start, logits in self.logits(token_ids, chunk):
+            if not torch.isfinite(logits).all():
+                raise NonFiniteOutputError(
+                    f"non-finite logits at positions >= {start} under policy {self.policy.name}; the activations "
+                    "overflowed. Use dtype='hybrid' or dtype='float32'"
+                )
+            top.append(logits.argmax(dim=1).cpu())
+            rows = targets[start : start + len(logits), None].to(logits.device)
+            logprob.append(torch.log_softmax(logits, dim=1).gather(1, rows)[:, 0].cpu())
+        return torch.cat(top), torch.cat(logprob)
+
+    @torch.inference_mode()
+    def logits(self, token_ids: list[int], chunk: int = 256) -> Iterator[tuple[int, torch.Tensor]]:
+        """Teacher-forced float32 logits predicting positions ``1 .. len-1``, as ``(start, [rows, vocab])`` chunks,
+        so a 262k vocabulary never materialises for the whole sequence. The prefill runs under the precision
+        guard; the logits are returned as computed (finite or not: callers decide)."""
         if self.scheduler.has_unfinished():
-            raise InvalidInputError("score() needs an idle engine; finish or abort running generations first")
+            raise InvalidInputError("scoring needs an idle engine; finish or abort running generations first")
         if len(token_ids) < 2:
             raise InvalidInputError(f"score: {len(token_ids)} tokens; expected at least 2")
         self._one_pass(token_ids, "score")
+        self.validate_request(token_ids[:-1], SamplingParams(), where="score")
         seq = Sequence(request_id="score", index=0, prompt_token_ids=list(token_ids), params=SamplingParams())
-        if not self.blocks.can_grow(seq.seq_id, seq.num_tokens, 0):
-            raise InvalidInputError(f"score: {len(token_ids)} tokens do not fit the KV cache")
         while True:
+            if not self.blocks.can_grow(seq.seq_id, seq.num_tokens, 0):
+                raise InvalidInputError(f"score: {len(token_ids)} tokens do not fit the KV cache")
             self.blocks.grow(seq.seq_id, seq.num_tokens, 0)
             try:
                 self._guard_begin()
@@ -277,18 +296,8 @@ class LLMEngine(GuardedEngine):
                 self.blocks.free(seq.seq_id)
             if not self._guard_check(hidden):
                 break
-        targets = torch.tensor(token_ids[1:], device=hidden.device)
-        top, logprob = [], []
         for start in range(0, len(token_ids) - 1, chunk):
-            logits = self.model.compute_logits(hidden[start : min(start + chunk, len(token_ids) - 1)])
-            if not torch.isfinite(logits).all():
-                raise NonFiniteOutputError(
-                    f"non-finite logits at positions >= {start} under policy {self.policy.name}; the activations "
-                    "overflowed. Use dtype='hybrid' or dtype='float32'"
-                )
-            top.append(logits.argmax(dim=1))
-            logprob.append(torch.log_softmax(logits, dim=1).gather(1, targets[start : start + len(logits), None])[:, 0])
-        return torch.cat(top).cpu(), torch.cat(logprob).cpu()
+            yield start, self.model.compute_logits(hidden[start : min(start + chunk, len(token_ids) - 1)])
 
     @torch.inference_mode()
     def embed(self, token_ids: list[list[int]], *, normalize: bool = True) -> torch.Tensor:

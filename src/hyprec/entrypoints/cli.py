@@ -132,6 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--plot", type=Path, help="write a per-layer max-|x| chart (PNG)")
     check.add_argument("--device", default="cpu")
 
+    comp = sub.add_parser("compare", help="run dtype policies against a reference on real text")
+    comp.add_argument("model", nargs="?", default=None)
+    comp.add_argument("--policies", nargs="+", help="default: float32 hybrid-fp16 hybrid-bf16 float16 bfloat16")
+    comp.add_argument("--reference", default="float32", help="float32 | sentence-transformers | transformers")
+    comp.add_argument("--texts", type=Path, help="texts (.txt or .jsonl); default: built-in real text")
+    comp.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
+    comp.add_argument("--device", default="cpu")
+
     info = sub.add_parser("info", help="architecture, sizes, resolved policy and pooling pipeline")
     info.add_argument("model", nargs="?", default=None)
     _add_model_options(info)
@@ -225,6 +233,16 @@ def cmd_check(args: argparse.Namespace) -> None:
         print(f"wrote {args.plot}", file=sys.stderr)
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    from hyprec.precision.compare import compare
+
+    texts = read_texts(args.texts) if args.texts is not None else None
+    if texts is not None and len(texts) < 2:
+        raise InvalidInputError(f"--texts {args.texts}: expected at least 2 texts")
+    report = compare(args.model, policies=args.policies, reference=args.reference, texts=texts, device=args.device)
+    print(json.dumps(report.as_dict(), indent=2) if args.json else report.markdown())
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     info = _load(args, args.model).info()
     if args.json:
@@ -243,9 +261,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        {"embed": cmd_embed, "info": cmd_info, "generate": cmd_generate, "chat": cmd_chat, "check": cmd_check}[
-            args.command
-        ](args)
+        {
+            "embed": cmd_embed,
+            "info": cmd_info,
+            "generate": cmd_generate,
+            "chat": cmd_chat,
+            "check": cmd_check,
+            "compare": cmd_compare,
+        }[args.command](args)
     except HyprecError as exc:
         print(f"hyprec: error: {exc}", file=sys.stderr)
         return 2
