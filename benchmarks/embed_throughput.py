@@ -399,17 +399,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     load_at_start = load_average()
     tables: list[str] = []
-    header: list[str] = []
+    report = ""
     for model in args.model:
         results = measure_model(model, args.texts, args.repeats, args.batch_size, args.threads)
-        header = header or machine_header(args, results[0], load_at_start)
         tables += model_table(model, results)
-    report = "\n".join(header + tables) + "\n"
+        report = "\n".join(machine_header(args, results[0], load_at_start) + tables) + "\n"
+        if args.markdown:  # after every model, so a long run that dies late keeps what it measured
+            args.markdown.parent.mkdir(parents=True, exist_ok=True)
+            args.markdown.write_text(report, encoding="utf-8")
+            log(f"wrote {args.markdown}")
     print(report)
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(report, encoding="utf-8")
-        log(f"wrote {args.markdown}")
 
 
 if __name__ == "__main__":
