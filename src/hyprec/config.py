@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
+from hyprec.dtype_policy import TORCH_DTYPES
 from hyprec.errors import ConfigError, ModelLoadError
 
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _MISSING = object()
 # Types of required fields, checked on access (fields with a default are checked against the default's type).
 _FIELD_TYPES: dict[str, type] = {
@@ -73,7 +73,7 @@ class ModelConfig:
     def declared_dtype(self) -> torch.dtype | None:
         """The dtype the checkpoint says it was saved in (``dtype``/``torch_dtype``), if any."""
         name = self.raw.get("dtype") or self.raw.get("torch_dtype")
-        return _TORCH_DTYPES.get(str(name)) if name else None
+        return TORCH_DTYPES.get(str(name)) if name else None
 
     def get(self, key: str, default: Any = _MISSING) -> Any:
         """A config field; a missing required field, or a value whose type differs from the default's (ints for

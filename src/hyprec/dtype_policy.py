@@ -24,7 +24,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16", "hybrid")
 ATTN_DTYPES = ("auto", "float32", "float16", "bfloat16")
 KV_CACHE_DTYPES = ATTN_DTYPES
 
-_TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}
 _SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -126,7 +126,7 @@ def resolve_policy(
             attn = "float16" if safe else "bfloat16"
             reasons.append(f"attention {attn}: {evidence}")
     else:
-        compute = _TORCH[mode]
+        compute = TORCH_DTYPES[mode]
         if attn not in ("auto", mode):
             raise ConfigError(
                 f"dtype={mode!r} runs the whole model in {mode}, so attn_dtype must be 'auto' or {mode!r} "
@@ -136,7 +136,7 @@ def resolve_policy(
 
     if kv == "auto":
         kv = attn
-    elif _TORCH[kv] in HALF_DTYPES and _TORCH[attn] in HALF_DTYPES and kv != attn:
+    elif TORCH_DTYPES[kv] in HALF_DTYPES and TORCH_DTYPES[attn] in HALF_DTYPES and kv != attn:
         raise ConfigError(
             f"kv_cache_dtype={kv!r} with attn_dtype={attn!r} would round keys/values through two half formats; "
             f"use kv_cache_dtype in ('auto', {attn!r}, 'float32')"
@@ -145,7 +145,7 @@ def resolve_policy(
     return DtypePolicy(
         mode=mode,
         compute_dtype=compute,
-        attn_dtype=_TORCH[attn],
-        kv_cache_dtype=_TORCH[kv],
+        attn_dtype=TORCH_DTYPES[attn],
+        kv_cache_dtype=TORCH_DTYPES[kv],
         reason="; ".join(reasons) or "as requested",
     )

@@ -97,6 +97,7 @@ class EmbeddingEngine(GuardedEngine):
             attn_dtype=attn_dtype,
             kv_cache_dtype=kv_cache_dtype,
             device=self.device,
+            checkpoint_dtype=self.checkpoint_dtype,
         )
         self.backend = select_backend(self.device, self.policy.attn_dtype, needs_bias=cls.uses_attention_bias)
         ec = self.engine_config

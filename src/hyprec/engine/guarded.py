@@ -7,7 +7,7 @@ import logging
 import torch
 
 from hyprec.dtype_policy import DtypePolicy
-from hyprec.precision.guard import GuardEvent, PrecisionGuard, PrecisionOverflowError, safer_policy
+from hyprec.precision.guard import GuardEvent, PrecisionGuard, PrecisionOverflowError
 
 log = logging.getLogger("hyprec")
 
@@ -37,9 +37,9 @@ class GuardedEngine:
             return False
         self.guard_events.append(event)
         log.warning("hyprec: %s", event.describe())
-        if event.action == "raise" or (event.action == "fallback" and event.new_policy is None):
+        if event.action == "raise" or (event.action == "fallback" and event.fallback is None):
             raise PrecisionOverflowError(event)
         if event.action == "ignore":
             return False
-        self._set_policy(*safer_policy(self.policy, "q/k/v" if event.quantity == "q/k/v" else "residual"))
+        self._set_policy(*event.fallback)
         return True

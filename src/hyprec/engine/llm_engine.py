@@ -87,6 +87,7 @@ class LLMEngine(GuardedEngine):
             attn_dtype=attn_dtype,
             kv_cache_dtype=kv_cache_dtype,
             device=self.device,
+            checkpoint_dtype=self.checkpoint_dtype,
         )
         self.model: DecoderModel = model
         self.max_model_len = self._max_model_len()

@@ -23,6 +23,7 @@ def load_model(
     attn_dtype: str,
     kv_cache_dtype: str,
     device: torch.device,
+    checkpoint_dtype: torch.dtype,
 ) -> tuple[nn.Module, DtypePolicy]:
     """Resolve the dtype policy and load the model in its compute dtype.
 
@@ -48,7 +49,7 @@ def load_model(
         dtype,
         attn_dtype,
         kv_cache_dtype,
-        checkpoint_dtype=checkpoint.floating_dtype(),
+        checkpoint_dtype=checkpoint_dtype,
         fp16_attention_safe=lambda: fp16_attention_check(build(torch.float32)),
     )
     return build(policy.compute_dtype), policy

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hyprec.dtype_policy import DtypePolicy, dtype_name
+from hyprec.dtype_policy import TORCH_DTYPES, DtypePolicy, dtype_name
 from hyprec.errors import ConfigError, NonFiniteOutputError
 from hyprec.layers.attention import Attention
 
@@ -44,7 +44,8 @@ class GuardEvent:
     value: float
     limit: float
     action: str = ""
-    new_policy: str | None = None
+    new_policy: str | None = None  # label of the policy a fallback switches to
+    fallback: tuple[str, str, str] | None = None  # its (dtype, attn_dtype, kv_cache_dtype)
 
     def describe(self) -> str:
         text = (
@@ -141,9 +142,7 @@ class PrecisionGuard:
         event = GuardEvent(self.policy.name, layer, half, value, limit, action=self.on_nonfinite)
         step = safer_policy(self.policy, quantity)
         if self.on_nonfinite == "fallback" and step is not None:
-            event.new_policy = step[0] if step[0] != "hybrid" else f"hybrid-{dtype_name(_TORCH[step[1]])}"
+            event.fallback = step
+            event.new_policy = step[0] if step[0] != "hybrid" else f"hybrid-{dtype_name(TORCH_DTYPES[step[1]])}"
         self.events.append(event)
         return event
-
-
-_TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
