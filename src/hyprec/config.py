@@ -107,6 +107,8 @@ class EngineConfig:
     # Run-time precision guard (hyprec.precision.guard).
     precision_guard: bool = True
     on_nonfinite: str = "fallback"  # fallback | raise | ignore
+    # A precision plan from `hyprec repair` (path or PrecisionPlan); it sets every dtype per layer.
+    precision_plan: Any = None
 
     def __post_init__(self) -> None:
         self.device = resolve_device(self.device)

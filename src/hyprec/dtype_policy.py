@@ -9,16 +9,23 @@ Names the user passes (``dtype``, ``attn_dtype``, ``kv_cache_dtype``) are valida
 * ``kv_cache_dtype``: storage format of cached keys/values (decoder models).
 
 Norms, softmax statistics, positions, pooling and final outputs are always float32, whatever the policy.
+
+A precision plan (:mod:`hyprec.precision.plan`, made by ``hyprec repair``) refines a policy per layer; the policy
+then carries it, and :meth:`DtypePolicy.layer_dtypes` answers per layer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from hyprec.errors import ConfigError
+
+if TYPE_CHECKING:
+    from hyprec.precision.plan import PrecisionPlan
 
 DTYPES = ("auto", "float32", "float16", "bfloat16", "hybrid")
 ATTN_DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -46,23 +53,40 @@ def dtype_name(dtype: torch.dtype) -> str:
     return _SHORT[dtype]
 
 
+class LayerDtypes(NamedTuple):
+    """The dtypes one transformer layer runs in."""
+
+    compute: torch.dtype  # weights, activations and residual add
+    attn: torch.dtype  # q/k/v at the fused kernel
+    kv_cache: torch.dtype  # this layer's cached keys/values
+
+
 @dataclass(frozen=True)
 class DtypePolicy:
-    """A resolved dtype policy. Build it with :func:`resolve_policy`."""
+    """A resolved dtype policy. Build it with :func:`resolve_policy` (or :func:`plan_policy`)."""
 
-    mode: str  # "float32", "float16", "bfloat16" (whole model) or "hybrid"
+    mode: str  # "float32", "float16", "bfloat16" (whole model), "hybrid", or "plan" (per layer)
     compute_dtype: torch.dtype
-    attn_dtype: torch.dtype
+    attn_dtype: torch.dtype  # under a plan: the widest per-layer attention dtype (picks the backend)
     kv_cache_dtype: torch.dtype
     reason: str  # why auto choices were made; shown by `hyprec info`
+    plan: PrecisionPlan | None = None
 
     @property
     def name(self) -> str:
-        """A label such as ``hybrid-fp16`` or ``float32``."""
+        """A label such as ``hybrid-fp16``, ``float32`` or ``plan-fp16``."""
+        if self.plan is not None:
+            return self.plan.name
         return f"hybrid-{dtype_name(self.attn_dtype)}" if self.mode == "hybrid" else self.mode
 
+    def layer_dtypes(self, num_layers: int) -> list[LayerDtypes]:
+        """Per transformer layer: compute, attention and KV cache dtypes."""
+        if self.plan is not None:
+            return [LayerDtypes(*layer.dtypes, layer.dtypes[1]) for layer in self.plan.layers]
+        return [LayerDtypes(self.compute_dtype, self.attn_dtype, self.kv_cache_dtype)] * num_layers
+
     def as_dict(self) -> dict[str, str]:
-        return {
+        out = {
             "policy": self.name,
             "dtype": self.mode,
             "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
@@ -70,6 +94,9 @@ class DtypePolicy:
             "kv_cache_dtype": str(self.kv_cache_dtype).removeprefix("torch."),
             "reason": self.reason,
         }
+        if self.plan is not None:
+            out["plan"] = self.plan.summary()
+        return out
 
     def __str__(self) -> str:
         d = self.as_dict()
@@ -148,4 +175,25 @@ def resolve_policy(
         attn_dtype=TORCH_DTYPES[attn],
         kv_cache_dtype=TORCH_DTYPES[kv],
         reason="; ".join(reasons) or "as requested",
+    )
+
+
+def plan_policy(
+    plan: PrecisionPlan, dtype: str = "auto", attn_dtype: str = "auto", kv_cache_dtype: str = "auto"
+) -> DtypePolicy:
+    """The policy of a precision plan; the plan sets every dtype, so the user's dtype names must stay ``auto``."""
+    for field, value in (("dtype", dtype), ("attn_dtype", attn_dtype), ("kv_cache_dtype", kv_cache_dtype)):
+        if value != "auto":
+            raise ConfigError(
+                f"{field}={value!r} with a precision plan: the plan sets every dtype per layer; "
+                "leave the dtype options at 'auto' or drop the plan"
+            )
+    widest = plan.widest_attention
+    return DtypePolicy(
+        mode="plan",
+        compute_dtype=TORCH_DTYPES[plan.edges],
+        attn_dtype=widest,
+        kv_cache_dtype=widest,
+        reason=plan.summary(),
+        plan=plan,
     )

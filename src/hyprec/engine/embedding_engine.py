@@ -10,21 +10,23 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from hyprec.config import EngineConfig, ModelConfig, read_json
+from hyprec.dtype_policy import DtypePolicy
 from hyprec.engine.batching import BatchStats, plan_batches
 from hyprec.engine.guarded import GuardedEngine
-from hyprec.engine.model_loading import load_model, model_summary
+from hyprec.engine.model_loading import model_summary
 from hyprec.errors import InputTypeError, InvalidInputError, ModelLoadError, NonFiniteOutputError
 from hyprec.layers.attention import AttentionMetadata
 from hyprec.layers.attention_backends import select_backend
 from hyprec.loading.st_pipeline import read_pipeline
 from hyprec.loading.tokenizer import TextTokenizer
 from hyprec.loading.weights import Checkpoint
-from hyprec.models.registry import model_class
 from hyprec.pooling import EmbeddingHead
 from hyprec.precision.guard import GuardEvent, PrecisionGuard
+from hyprec.precision.plan import load_plan
 
 log = logging.getLogger("hyprec")
 
@@ -77,31 +79,19 @@ class EmbeddingEngine(GuardedEngine):
         self.checkpoint_dtype = self.checkpoint.floating_dtype()
         self.guard: PrecisionGuard | None = None
         self.guard_events: list[GuardEvent] = []
+        self.plan = load_plan(self.engine_config.precision_plan)
         self._set_policy(dtype, attn_dtype, kv_cache_dtype)
         self.head = EmbeddingHead(self.pipeline).to(self.device).eval()
         self.max_seq_length = self._max_seq_length()
         self.dimension = self._output_dimension()
         self.last_stats = BatchStats()
 
-    def _set_policy(self, dtype: str, attn_dtype: str, kv_cache_dtype: str) -> None:
-        """(Re)load the encoder under a policy (at start, and when the precision guard falls back)."""
-        if self.guard is not None:
-            self.guard.remove()
-        cls = model_class(self.model_config)
-        self.model = None  # free the old weights before loading new ones
-        self.model, self.policy = load_model(
-            cls,
-            self.model_config,
-            self.checkpoint,
-            dtype=dtype,
-            attn_dtype=attn_dtype,
-            kv_cache_dtype=kv_cache_dtype,
-            device=self.device,
-            checkpoint_dtype=self.checkpoint_dtype,
-        )
-        self.backend = select_backend(self.device, self.policy.attn_dtype, needs_bias=cls.uses_attention_bias)
-        ec = self.engine_config
-        self.guard = PrecisionGuard(self.model, self.policy, ec.on_nonfinite) if ec.precision_guard else None
+    def install(self, model: nn.Module, policy: DtypePolicy) -> None:
+        """Run on ``model`` under ``policy`` (at load, on guard fallback, and for ``repair``'s candidate plans)."""
+        self.model, self.policy = model, policy
+        needs_bias = type(model).uses_attention_bias
+        self.backend = select_backend(self.device, policy.attn_dtype, needs_bias=needs_bias)
+        self.guard = self._make_guard()
         log.info("hyprec: %s: policy %s, attention backend %s", self.model_dir.name, self.policy, self.backend.name)
 
     @functools.cached_property

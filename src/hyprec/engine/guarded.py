@@ -5,22 +5,64 @@ from __future__ import annotations
 import logging
 
 import torch
+from torch import nn
 
+from hyprec.config import ModelConfig
 from hyprec.dtype_policy import DtypePolicy
+from hyprec.engine.model_loading import load_model
+from hyprec.loading.weights import WeightSource
+from hyprec.models.registry import model_class
 from hyprec.precision.guard import GuardEvent, PrecisionGuard, PrecisionOverflowError
+from hyprec.precision.plan import PrecisionPlan
 
 log = logging.getLogger("hyprec")
 
 
 class GuardedEngine:
-    """Mixin: ``self.guard``, ``self.guard_events``, ``self.policy`` and ``_set_policy(dtype, attn, kv)``."""
+    """Mixin: loads the model under a policy (or precision plan) and handles the guard's reports.
 
+    Engines provide ``model_config``, ``checkpoint``, ``checkpoint_dtype``, ``device``, ``plan`` and
+    :meth:`install` (what to rebuild around a newly loaded model).
+    """
+
+    model_config: ModelConfig
+    checkpoint: WeightSource
+    checkpoint_dtype: torch.dtype
+    device: torch.device
+    plan: PrecisionPlan | None
     guard: PrecisionGuard | None
     guard_events: list[GuardEvent]
     policy: DtypePolicy
 
-    def _set_policy(self, dtype: str, attn_dtype: str, kv_cache_dtype: str) -> None:
+    def install(self, model: nn.Module, policy: DtypePolicy) -> None:
+        """Run the engine on ``model`` under ``policy`` from now on (rebuilding whatever depends on them)."""
         raise NotImplementedError
+
+    def _set_policy(self, dtype: str, attn_dtype: str, kv_cache_dtype: str) -> None:
+        """(Re)load the model under a policy, or under ``self.plan`` when one is set (at start, and when the
+        precision guard falls back)."""
+        if self.guard is not None:
+            self.guard.remove()
+            self.guard = None
+        self.model = None  # free the old weights before loading new ones
+        model, policy = load_model(
+            model_class(self.model_config),
+            self.model_config,
+            self.checkpoint,
+            dtype=dtype,
+            attn_dtype=attn_dtype,
+            kv_cache_dtype=kv_cache_dtype,
+            device=self.device,
+            checkpoint_dtype=self.checkpoint_dtype,
+            plan=self.plan,
+        )
+        self.install(model, policy)
+
+    def _make_guard(self) -> PrecisionGuard | None:
+        ec = self.engine_config
+        if self.guard is not None:
+            self.guard.remove()
+        return PrecisionGuard(self.model, self.policy, ec.on_nonfinite) if ec.precision_guard else None
 
     def _guard_begin(self) -> None:
         if self.guard is not None:
@@ -41,5 +83,6 @@ class GuardedEngine:
             raise PrecisionOverflowError(event)
         if event.action == "ignore":
             return False
+        self.plan = None  # a plan that overflowed is dropped for this model instance, like any other policy
         self._set_policy(*event.fallback)
         return True

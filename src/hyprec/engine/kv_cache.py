@@ -1,4 +1,4 @@
-"""Paged KV cache tensors, stored in the policy's ``kv_cache_dtype``.
+"""Paged KV cache tensors, stored in the policy's ``kv_cache_dtype`` (per layer under a precision plan).
 
 Each layer owns a key and a value tensor of ``num_blocks * block_size`` slots, ``[slots, kv_heads, head_dim]``.
 Layers with the same attention span form a *cache group* and share block tables: the full-attention layers in
@@ -30,16 +30,15 @@ class KVCache:
         layers: list[Attention],
         groups: list[CacheGroupSpec],
         block_size: int,
-        dtype: torch.dtype,
+        dtypes: list[torch.dtype],
         device: torch.device | str,
     ):
         self.block_size = block_size
-        self.dtype = dtype
         self.groups = {g.name: g for g in groups}
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         group_of = {i: g for g in groups for i in g.layers}
-        for i, attn in enumerate(layers):
+        for i, (attn, dtype) in enumerate(zip(layers, dtypes, strict=True)):
             shape = (group_of[i].num_blocks * block_size, attn.num_kv_heads, attn.head_dim)
             self.keys.append(torch.zeros(shape, dtype=dtype, device=device))
             self.values.append(torch.zeros(shape, dtype=dtype, device=device))

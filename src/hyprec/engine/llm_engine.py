@@ -12,12 +12,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from hyprec.config import EngineConfig, ModelConfig
+from hyprec.dtype_policy import DtypePolicy
 from hyprec.engine.block_manager import BlockManager
 from hyprec.engine.guarded import GuardedEngine
 from hyprec.engine.kv_cache import KVCache, cache_groups
-from hyprec.engine.model_loading import load_model, model_summary
+from hyprec.engine.model_loading import model_summary
 from hyprec.engine.model_runner import ModelRunner
 from hyprec.engine.scheduler import ScheduledSeq, Scheduler
 from hyprec.engine.sequence import Sequence
@@ -26,9 +28,9 @@ from hyprec.layers.attention_backends import select_backend
 from hyprec.loading.generation_tokenizer import GenerationTokenizer
 from hyprec.loading.weights import WeightSource
 from hyprec.models.base import DecoderModel
-from hyprec.models.registry import model_class
 from hyprec.outputs import CompletionOutput, RequestOutput
 from hyprec.precision.guard import GuardEvent, PrecisionGuard
+from hyprec.precision.plan import load_plan
 from hyprec.sampling.sampler import make_generator
 from hyprec.sampling_params import SamplingParams
 
@@ -70,29 +72,21 @@ class LLMEngine(GuardedEngine):
         self.scheduler = Scheduler(None, ec.max_num_seqs, ec.max_num_batched_tokens)
         self.guard: PrecisionGuard | None = None
         self.guard_events: list[GuardEvent] = []
+        self.plan = load_plan(ec.precision_plan)
         self._set_policy(dtype, attn_dtype, kv_cache_dtype)
         self.requests: dict[str, Request] = {}
         self._next_id = 0
 
-    def _set_policy(self, dtype: str, attn_dtype: str, kv_cache_dtype: str) -> None:
-        """(Re)build model, KV cache and runner under a policy. Sequences in flight restart from their tokens."""
+    def install(self, model: nn.Module, policy: DtypePolicy) -> None:
+        """Run on ``model`` under ``policy``: rebuilds KV cache, runner and guard; sequences in flight restart from
+        their tokens. (Used at load, on guard fallback, and by ``repair`` to try candidate plans.)"""
         ec = self.engine_config
-        if self.guard is not None:
-            self.guard.remove()
-        model, self.policy = load_model(
-            model_class(self.model_config),
-            self.model_config,
-            self.checkpoint,
-            dtype=dtype,
-            attn_dtype=attn_dtype,
-            kv_cache_dtype=kv_cache_dtype,
-            device=self.device,
-            checkpoint_dtype=self.checkpoint_dtype,
-        )
         self.model: DecoderModel = model
+        self.policy = policy
         self.max_model_len = self._max_model_len()
         layers = self.model.attention_layers()
-        per_token = sum(2 * a.num_kv_heads * a.head_dim for a in layers) * self.policy.kv_cache_dtype.itemsize
+        kv_dtypes = [d.kv_cache for d in self.policy.layer_dtypes(len(layers))]
+        per_token = sum(2 * a.num_kv_heads * a.head_dim * dt.itemsize for a, dt in zip(layers, kv_dtypes, strict=True))
         num_blocks = ec.num_kv_blocks or max(1, ec.kv_cache_memory // (per_token * ec.block_size))
         if num_blocks * ec.block_size < self.max_model_len:
             raise ConfigError(
@@ -101,12 +95,12 @@ class LLMEngine(GuardedEngine):
             )
         groups = cache_groups(layers, num_blocks, ec.block_size, ec.max_num_seqs, ec.max_num_batched_tokens)
         self.kv_cache = None  # free the old cache before allocating the new one
-        self.kv_cache = KVCache(layers, groups, ec.block_size, self.policy.kv_cache_dtype, self.device)
+        self.kv_cache = KVCache(layers, groups, ec.block_size, kv_dtypes, self.device)
         self.blocks = BlockManager(groups, ec.block_size)
         self.scheduler.restart(self.blocks)
         self.backend = select_backend(self.device, self.policy.attn_dtype)
         self.runner = ModelRunner(self.model, self.kv_cache, self.blocks, self.backend, self.policy, self.device)
-        self.guard = PrecisionGuard(self.model, self.policy, ec.on_nonfinite) if ec.precision_guard else None
+        self.guard = self._make_guard()
         log.info("hyprec: %s: policy %s, attention backend %s", self.name, self.policy, self.backend.name)
 
     def _max_model_len(self) -> int:

@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from hyprec.config import ModelConfig
-from hyprec.dtype_policy import DtypePolicy, resolve_policy
+from hyprec.dtype_policy import DtypePolicy, plan_policy, resolve_policy
 from hyprec.loading.weights import WeightSource, load_weights
 from hyprec.precision.attention_bounds import fp16_attention_check
+from hyprec.precision.plan import PrecisionPlan
 
 
 def load_model(
@@ -24,11 +25,13 @@ def load_model(
     kv_cache_dtype: str,
     device: torch.device,
     checkpoint_dtype: torch.dtype,
+    plan: PrecisionPlan | None = None,
 ) -> tuple[nn.Module, DtypePolicy]:
     """Resolve the dtype policy and load the model in its compute dtype.
 
     ``attn_dtype='auto'`` in hybrid mode needs the weights (a weight-only bound decides float16 vs bfloat16), so the
-    float32 model is built lazily for that check and reused when hybrid is the answer.
+    float32 model is built lazily for that check and reused when hybrid is the answer. A precision ``plan`` is
+    applied to the float32 build (it checks that it was made for these weights).
     """
 
     @functools.cache
@@ -45,6 +48,9 @@ def load_model(
         )
         return model.eval().requires_grad_(False)  # inference only; also keeps .item() and float() quiet
 
+    if plan is not None:
+        policy = plan_policy(plan, dtype, attn_dtype, kv_cache_dtype)
+        return plan.apply(build(torch.float32)), policy
     policy = resolve_policy(
         dtype,
         attn_dtype,

@@ -162,6 +162,8 @@ class Attention(nn.Module):
         self.scale = scale if scale is not None else head_dim**-0.5
         self.layer_idx = layer_idx
         self.sliding_window = sliding_window
+        # Set by a precision plan that gives this layer its own attention dtype; None follows the batch's policy.
+        self.attn_dtype: torch.dtype | None = None
 
     @property
     def cache_group(self) -> str:
@@ -171,7 +173,7 @@ class Attention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q: ``[N, num_heads, head_dim]``, k/v: ``[N, num_kv_heads, head_dim]`` -> ``[N, num_heads * head_dim]``."""
         out_dtype = q.dtype
-        dt = meta.attn_dtype
+        dt = self.attn_dtype or meta.attn_dtype
         q = q.to(dt)
         if meta.kv_cache is None:
             out = meta.backend.forward(q, k.to(dt), v.to(dt), meta, None, self.scale)

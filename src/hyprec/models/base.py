@@ -36,6 +36,21 @@ class AttentionInputs:
     rotary: bool = False
 
 
+@dataclass
+class ResidualStream:
+    """Who writes to and who reads a pre-norm residual stream (used for exact power-of-two rescaling).
+
+    Attributes:
+        embedding: the module whose float ``embed_scale`` multiplies the embedding output (the stream's start).
+        writers: modules whose output is added to the stream: a projection, or a post-norm (Gemma's sandwich norms).
+        readers: norms that read the stream; their output is scale-invariant up to ``eps``.
+    """
+
+    embedding: nn.Module
+    writers: list[nn.Module]
+    readers: list[nn.Module]
+
+
 class EncoderModel(nn.Module):
     """A bidirectional encoder over packed token ids, returning packed last hidden states.
 
@@ -78,6 +93,18 @@ class EncoderModel(nn.Module):
         """The projection whose input is the block's FFN intermediate activation."""
         return block.output.dense
 
+    def ffn_up(self, block: nn.Module) -> nn.Linear | None:
+        """A projection the FFN intermediate depends on linearly (a gated MLP's up projection), or None."""
+        return None
+
+    def edge_modules(self) -> list[nn.Module]:
+        """Modules outside the transformer layers that hold weights (embeddings, output head)."""
+        return [self.embeddings]
+
+    def residual_stream(self) -> ResidualStream | None:
+        """The pre-norm residual stream, or None (BERT-style post-norm encoders normalise after every add)."""
+        return None
+
 
 class DecoderModel(nn.Module):
     """A causal language model over packed tokens with a paged KV cache.
@@ -117,3 +144,13 @@ class DecoderModel(nn.Module):
     def ffn_down(self, block: nn.Module) -> nn.Linear:
         """The projection whose input is the block's FFN intermediate activation."""
         return block.mlp.down_proj
+
+    def ffn_up(self, block: nn.Module) -> nn.Linear | None:
+        """A projection the FFN intermediate depends on linearly (a gated MLP's up projection), or None."""
+        return block.mlp.up_proj
+
+    def edge_modules(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def residual_stream(self) -> ResidualStream | None:
+        raise NotImplementedError

@@ -39,16 +39,17 @@ class Gemma3DecoderLayer(nn.Module):
         x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), positions, meta))
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
+    def residual_writers(self) -> list[nn.Module]:
+        return [self.post_attention_layernorm, self.post_feedforward_layernorm]
+
+    def residual_readers(self) -> list[nn.Module]:
+        return [self.input_layernorm, self.pre_feedforward_layernorm]
+
 
 class Gemma3TextModel(LlamaModel):
     def __init__(self, config: ModelConfig, variant: DecoderVariant):
         super().__init__(config, variant, Gemma3DecoderLayer)
         self.embed_scale = config.get("hidden_size") ** 0.5
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        # transformers multiplies by the scale cast to the embedding's dtype.
-        weight = self.embed_tokens.weight
-        return self.embed_tokens(input_ids) * torch.tensor(self.embed_scale, dtype=weight.dtype)
 
 
 class Gemma3ForCausalLM(LlamaForCausalLM):

@@ -18,7 +18,7 @@ from hyprec.layers.activation import get_activation
 from hyprec.layers.attention import Attention, AttentionMetadata
 from hyprec.layers.norm import RMSNorm
 from hyprec.layers.rotary import RotaryEmbedding
-from hyprec.models.base import AttentionInputs, DecoderModel
+from hyprec.models.base import AttentionInputs, DecoderModel, ResidualStream
 from hyprec.models.decoder_config import layer_types, rope_parameters, sliding_window
 
 
@@ -103,6 +103,12 @@ class LlamaDecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), positions, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def residual_writers(self) -> list[nn.Module]:
+        return [self.self_attn.o_proj, self.mlp.down_proj]
+
+    def residual_readers(self) -> list[nn.Module]:
+        return [self.input_layernorm, self.post_attention_layernorm]
+
 
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, variant: DecoderVariant, layer_cls: type[nn.Module] = LlamaDecoderLayer):
@@ -110,9 +116,15 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.get("vocab_size"), config.get("hidden_size"))
         self.layers = nn.ModuleList(layer_cls(config, i, variant) for i in range(config.get("num_hidden_layers")))
         self.norm = RMSNorm(config.get("hidden_size"), config.get("rms_norm_eps", 1e-6), variant.norm_offset)
+        # Multiplies the embedding output: Gemma's sqrt(hidden), or a precision plan's power-of-two rescaling.
+        self.embed_scale = 1.0
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids)
+        if self.embed_scale == 1.0:
+            return x
+        # transformers multiplies by the scale cast to the embedding's dtype.
+        return x * torch.tensor(self.embed_scale, dtype=x.dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed(input_ids)
@@ -139,7 +151,19 @@ class LlamaForCausalLM(DecoderModel):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.model.embed_tokens.weight if self.tied else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight).float()
+        # A precision plan may keep the head in another dtype than the last layer.
+        return torch.nn.functional.linear(hidden.to(weight.dtype), weight).float()
+
+    def edge_modules(self) -> list[nn.Module]:
+        return [self.model.embed_tokens] + ([] if self.tied else [self.lm_head])
+
+    def residual_stream(self) -> ResidualStream:
+        layers = list(self.model.layers)
+        return ResidualStream(
+            embedding=self.model,
+            writers=[m for layer in layers for m in layer.residual_writers()],
+            readers=[m for layer in layers for m in layer.residual_readers()] + [self.model.norm],
+        )
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]

@@ -65,16 +65,21 @@ def check_on_nonfinite(value: str) -> str:
 
 def safer_policy(policy: DtypePolicy, quantity: str) -> tuple[str, str, str] | None:
     """``(dtype, attn_dtype, kv_cache_dtype)`` one step safer than ``policy``, or None from float32."""
-    if policy.mode in ("float16", "bfloat16"):
-        # The residual stream / FFN overflowed: keep them float32, attention stays in the half format unless
-        # q/k/v themselves overflowed float16.
-        attn = "bfloat16" if quantity == "q/k/v" and policy.attn_dtype == torch.float16 else policy.mode
+    if policy.mode in ("float16", "bfloat16", "plan"):
+        # The residual stream / FFN overflowed (or a precision plan no longer fits this input): keep them float32;
+        # attention stays in the half format unless q/k/v themselves overflowed float16.
+        half = policy.plan.target if policy.plan is not None else policy.mode
+        attn = "bfloat16" if quantity == "q/k/v" and half == "float16" else half
         return "hybrid", attn, attn
     if policy.mode == "hybrid" and policy.attn_dtype == torch.float16:
         return "hybrid", "bfloat16", "bfloat16"
     if policy.mode == "hybrid":
         return "float32", "float32", "float32"
     return None
+
+
+def _limit(dtype: torch.dtype) -> float:
+    return float("inf") if dtype == torch.float32 else float(torch.finfo(dtype).max)
 
 
 class PrecisionGuard:
@@ -85,19 +90,20 @@ class PrecisionGuard:
         self.on_nonfinite = check_on_nonfinite(on_nonfinite)
         self.blocks = model.blocks()
         self.limit = float(torch.finfo(policy.attn_dtype).max)
-        self.residual_limit = float(torch.finfo(policy.compute_dtype).max)
         device = next(model.parameters()).device
-        # Rows: layers; columns: residual stream, q/k/v.
+        # Rows: layers; columns: residual stream, q/k/v. Limits per layer (a precision plan mixes dtypes);
+        # tensors a layer keeps in float32 are not watched.
         self.amax = torch.zeros(len(self.blocks), 2, device=device)
+        self.limits: list[tuple[float, float]] = []
         self.events: list[GuardEvent] = []
         self._handles = []
-        if policy.attn_dtype == torch.float32:
-            return  # nothing is stored in half precision: only the outputs' finiteness is checked
-        for i, block in enumerate(self.blocks):
-            if policy.compute_dtype != torch.float32:
+        for i, (block, dts) in enumerate(zip(self.blocks, policy.layer_dtypes(len(self.blocks)), strict=True)):
+            self.limits.append((_limit(dts.compute), _limit(dts.attn)))
+            if dts.compute != torch.float32:
                 self._handles.append(block.register_forward_hook(self._residual_hook(i)))
-            attn = next(m for m in block.modules() if isinstance(m, Attention))
-            self._handles.append(attn.register_forward_pre_hook(self._qkv_hook(i)))
+            if dts.attn != torch.float32:
+                attn = next(m for m in block.modules() if isinstance(m, Attention))
+                self._handles.append(attn.register_forward_pre_hook(self._qkv_hook(i)))
 
     def _fold(self, i: int, col: int, x: torch.Tensor) -> None:
         # amax of |x| in float32, on device; NaN propagates through torch.maximum, so it is seen too.
@@ -128,8 +134,8 @@ class PrecisionGuard:
         finite = torch.isfinite(outputs).all() if outputs.numel() else torch.tensor(True, device=outputs.device)
         values = torch.cat([self.amax.flatten(), finite.float().reshape(1).to(self.amax.device)]).tolist()
         rows, ok = values[:-1], bool(values[-1])
-        for i in range(len(self.blocks)):
-            for col, (name, limit) in enumerate((("residual", self.residual_limit), ("q/k/v", self.limit))):
+        for i, layer_limits in enumerate(self.limits):
+            for col, (name, limit) in enumerate(zip(("residual", "q/k/v"), layer_limits, strict=True)):
                 value = rows[2 * i + col]
                 if not value < limit:  # also true for NaN
                     return self._event(f"layer {i}", name, value, limit)

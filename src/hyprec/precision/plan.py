@@ -1,0 +1,263 @@
+"""Precision plans: per-layer dtype choices plus exact rescaling, saved as JSON and loaded with ``--precision-plan``.
+
+A plan is what ``hyprec repair`` produces (:mod:`hyprec.precision.repair`). It says, for one specific model:
+
+* ``residual_scale_log2``: the residual stream is multiplied by ``2**k`` (exact, see :mod:`.rescale`);
+* ``ffn_scale_log2``: per layer, the gated FFN intermediate is multiplied by ``2**k`` (exact);
+* ``layers``: per layer, the dtype of its weights and activations (``linear``; the residual add inside the layer
+  happens in it too) and the dtype q/k/v enter the fused attention kernel in (``attention``; the KV cache of that
+  layer stores it);
+* ``edges``: the dtype of the embeddings and the output head.
+
+Casts happen only at the declared plan points: a layer's input is cast to the layer's dtype as it enters, the
+output head casts the final hidden state to its own dtype, and norms, softmax statistics, RoPE, pooling and
+logits stay float32 as everywhere else. The plan also records how it was made (target, tolerance, a hash of the
+calibration text, the measured error) and a fingerprint of the model's weights, so that loading it onto another
+model fails clearly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hyprec.dtype_policy import TORCH_DTYPES, dtype_name
+from hyprec.errors import ConfigError
+from hyprec.layers.attention import Attention
+from hyprec.layers.norm import Float32Params
+from hyprec.precision.rescale import rescale_ffn, rescale_residual
+
+PLAN_FORMAT = "hyprec-precision-plan"
+PLAN_VERSION = 1
+PLAN_DTYPES = tuple(TORCH_DTYPES)
+
+
+@dataclass(frozen=True)
+class LayerPrecision:
+    """The dtypes of one transformer layer under a plan."""
+
+    linear: str  # weights and activations of the layer, including its residual add
+    attention: str  # q/k/v at the fused kernel, and this layer's KV cache
+
+    @property
+    def dtypes(self) -> tuple[torch.dtype, torch.dtype]:
+        return TORCH_DTYPES[self.linear], TORCH_DTYPES[self.attention]
+
+
+@dataclass
+class PrecisionPlan:
+    """A per-layer precision plan for one model (see the module docstring).
+
+    Attributes:
+        model: ``{"name", "architecture", "fingerprint"}`` of the model it was made for.
+        target: the half format the plan moves layers to (``float16`` or ``bfloat16``).
+        residual_scale_log2: the residual stream is multiplied by ``2**residual_scale_log2``.
+        ffn_scale_log2: per layer, the gated FFN intermediate is multiplied by ``2**k``.
+        layers: per layer dtypes.
+        edges: dtype of the embeddings and output head.
+        tolerance: ``{"metric", "min"}`` the plan was validated against.
+        calibration: ``{"sha256", "texts", "tokens"}`` of the text the search validated on.
+        measured: the metric on the calibration text and on held-out validation text.
+        search: how the plan was found (validations, seconds, layers kept out of the target format).
+        path: the file the plan was loaded from (not saved).
+    """
+
+    model: dict[str, str]
+    target: str
+    residual_scale_log2: int
+    ffn_scale_log2: list[int]
+    layers: list[LayerPrecision]
+    edges: str
+    tolerance: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    measured: dict[str, Any] = field(default_factory=dict)
+    search: dict[str, Any] = field(default_factory=dict)
+    path: str | None = None
+
+    # ------------------------------------------------------------------ what it runs
+
+    @property
+    def name(self) -> str:
+        """Policy label, such as ``plan-fp16``."""
+        return f"plan-{dtype_name(TORCH_DTYPES[self.target])}"
+
+    @property
+    def widest_attention(self) -> torch.dtype:
+        """float32 if any layer attends in float32, else the target half format (picks the attention backend)."""
+        dts = {layer.dtypes[1] for layer in self.layers}
+        return torch.float32 if torch.float32 in dts else TORCH_DTYPES[self.target]
+
+    def summary(self) -> str:
+        fast = sum(layer.linear == self.target for layer in self.layers)
+        text = f"precision plan: {fast}/{len(self.layers)} layers and "
+        text += f"{'the' if self.edges == self.target else 'not the'} embeddings/head in {self.target}"
+        if self.residual_scale_log2:
+            text += f", residual stream x 2^{self.residual_scale_log2}"
+        scaled = [i for i, k in enumerate(self.ffn_scale_log2) if k]
+        if scaled:
+            text += f", FFN rescaled in layers {scaled}"
+        return text + (f" ({self.path})" if self.path else "")
+
+    # ------------------------------------------------------------------ files
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {"format": PLAN_FORMAT, "version": PLAN_VERSION, **asdict(self)}
+        out.pop("path")
+        return out
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.as_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> PrecisionPlan:
+        """Read and validate a plan file; errors name the file and the field."""
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"precision plan not found: {path}") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"precision plan {path} is not valid JSON: {exc}") from None
+        return cls.from_dict(raw, str(path))
+
+    @classmethod
+    def from_dict(cls, raw: Any, where: str = "precision plan") -> PrecisionPlan:
+        def fail(what: str) -> ConfigError:
+            return ConfigError(f"{where}: {what}")
+
+        if not isinstance(raw, dict):
+            raise fail(f"expected a JSON object, got {type(raw).__name__}")
+        if raw.get("format") != PLAN_FORMAT or raw.get("version") != PLAN_VERSION:
+            raise fail(
+                f"format={raw.get('format')!r} version={raw.get('version')!r}: expected {PLAN_FORMAT!r} version "
+                f"{PLAN_VERSION} (a file written by `hyprec repair`)"
+            )
+
+        def need(key: str, kind: type | tuple[type, ...]) -> Any:
+            if key not in raw:
+                raise fail(f"missing field {key!r}")
+            value = raw[key]
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise fail(f"field {key!r} = {value!r:.60}: expected {getattr(kind, '__name__', kind)}")
+            return value
+
+        def dtype(value: Any, key: str) -> str:
+            if value not in PLAN_DTYPES:
+                raise fail(f"{key} = {value!r}: expected one of {', '.join(PLAN_DTYPES)}")
+            return value
+
+        model = need("model", dict)
+        if not isinstance(model.get("fingerprint"), str):
+            raise fail("field 'model.fingerprint' is missing")
+        target = dtype(need("target", str), "target")
+        layers = []
+        for i, layer in enumerate(need("layers", list)):
+            if not isinstance(layer, dict):
+                raise fail(f"layers[{i}] = {layer!r:.60}: expected an object with 'linear' and 'attention'")
+            layers.append(
+                LayerPrecision(
+                    dtype(layer.get("linear"), f"layers[{i}].linear"),
+                    dtype(layer.get("attention"), f"layers[{i}].attention"),
+                )
+            )
+        ffn = need("ffn_scale_log2", list)
+        if len(ffn) != len(layers) or not all(isinstance(k, int) and not isinstance(k, bool) for k in ffn):
+            raise fail(f"ffn_scale_log2: expected {len(layers)} integers (one per layer), got {ffn!r:.80}")
+        scale = need("residual_scale_log2", int)
+        if not all(-64 <= k <= 64 for k in [scale, *ffn]):
+            raise fail("scales must lie in [-64, 64] (powers of two)")
+        return cls(
+            model={str(k): str(v) for k, v in model.items()},
+            target=target,
+            residual_scale_log2=scale,
+            ffn_scale_log2=list(ffn),
+            layers=layers,
+            edges=dtype(need("edges", str), "edges"),
+            tolerance=dict(raw.get("tolerance") or {}),
+            calibration=dict(raw.get("calibration") or {}),
+            measured=dict(raw.get("measured") or {}),
+            search=dict(raw.get("search") or {}),
+            path=where if where != "precision plan" else None,
+        )
+
+    # ------------------------------------------------------------------ applying it
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise :class:`ConfigError` unless this plan was made for ``model`` (a float32 build, before the plan)."""
+        where = self.path or "precision plan"
+        fingerprint = model_fingerprint(model)
+        if fingerprint != self.model.get("fingerprint"):
+            raise ConfigError(
+                f"{where} was made for {self.model.get('name', '?')} ({self.model.get('architecture', '?')}, "
+                f"fingerprint {self.model.get('fingerprint', '?')[:12]}), not for this model ("
+                f"{type(model).__name__}, fingerprint {fingerprint[:12]}); run `hyprec repair` on this model"
+            )
+        if len(self.layers) != len(model.blocks()):
+            raise ConfigError(f"{where} has {len(self.layers)} layers; the model has {len(model.blocks())}")
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Rescale and cast a freshly built float32 ``model`` in place according to the plan; returns it."""
+        self.check_model(model)
+        rescale_residual(model, self.residual_scale_log2)
+        for i, k in enumerate(self.ffn_scale_log2):
+            rescale_ffn(model, i, k)
+        for module in model.edge_modules():
+            _cast_weights(module, TORCH_DTYPES[self.edges])
+        for block, layer in zip(model.blocks(), self.layers, strict=True):
+            linear, attention = layer.dtypes
+            _cast_weights(block, linear)
+            block.register_forward_pre_hook(_cast_input(linear))
+            for attn in block.modules():
+                if isinstance(attn, Attention):
+                    attn.attn_dtype = attention
+        return model
+
+
+def load_plan(plan: str | os.PathLike | PrecisionPlan | None) -> PrecisionPlan | None:
+    """A plan object from a path (or the object itself); None stays None."""
+    if plan is None or isinstance(plan, PrecisionPlan):
+        return plan
+    return PrecisionPlan.load(plan)
+
+
+def _cast_weights(module: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the floating parameters of ``module`` and its children, except float32-only modules (norms)."""
+    for sub in module.modules():
+        if isinstance(sub, Float32Params):
+            continue
+        for name, param in sub.named_parameters(recurse=False):
+            if param.is_floating_point() and param.dtype != dtype:
+                setattr(sub, name, nn.Parameter(param.detach().to(dtype), requires_grad=False))
+
+
+def _cast_input(dtype: torch.dtype):
+    """A plan point: the hidden state entering a layer is cast to the layer's dtype."""
+
+    def hook(_module: nn.Module, args: tuple) -> tuple:
+        return (args[0].to(dtype), *args[1:])
+
+    return hook
+
+
+@torch.no_grad()
+def model_fingerprint(model: nn.Module) -> str:
+    """A hash of the model's class, every weight's name and shape, and a strided sample of its values.
+
+    Computed on the float32 build before any plan is applied, so it identifies the checkpoint, not the plan.
+    """
+    digest = hashlib.sha256(type(model).__name__.encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().flatten()
+        sample = flat[:: max(1, flat.numel() // 256)][:256].float().cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()
