@@ -159,3 +159,31 @@ def test_check_flags_float16_and_clears_hybrid(fp32):
     assert peak > 65504  # the residual stream's peak (~1e5, baselines) is beyond float16
     assert report.verdicts["hybrid-fp16"].verdict == "safe"
     assert report.recommended == "hybrid-fp16"
+
+
+@pytest.fixture(scope="module")
+def fp16_plan(tmp_path_factory):
+    """``hyprec repair gemma``: 4 pydoc pages to search on, 4 held out (about 45 s)."""
+    from hyprec.precision.repair import repair
+
+    return repair("gemma", target="float16").save(tmp_path_factory.mktemp("plan") / "gemma-fp16.json")
+
+
+def test_repair_runs_the_residual_stream_in_float16(gguf_path, fp16_plan, texts, reference):
+    from hyprec.precision.plan import PrecisionPlan
+
+    plan = PrecisionPlan.load(fp16_plan)
+    assert plan.residual_scale_log2 < 0  # the stream reaches ~1e5 in float32: rescaled by a power of two
+    assert plan.measured["meets_tolerance"], plan.measured  # top-1 >= 0.995 on search text and held-out text
+    fp16_layers = [i for i, layer in enumerate(plan.layers) if layer.linear == "float16"]
+    assert len(fp16_layers) >= 16, f"only layers {fp16_layers} run in float16 ({plan.search['kept_out']} kept out)"
+    llm = LLM(gguf_path, precision_plan=fp16_plan)
+    assert llm.policy.name == "plan-fp16"
+    dtypes = []
+    handle = llm.engine.model.blocks()[fp16_layers[-1]].register_forward_hook(lambda _m, _a, o: dtypes.append(o.dtype))
+    agreement, ppl, ref_ppl = _metrics(llm, texts, reference)  # against transformers float32, 2,040 tokens
+    handle.remove()
+    assert set(dtypes) == {torch.float16}  # the residual stream itself is float16, and never overflowed:
+    assert not llm.engine.guard_events
+    assert agreement >= 0.995, f"top-1 agreement {agreement:.6f}"
+    assert abs(ppl / ref_ppl - 1) < 0.01, f"perplexity {ppl:.5f} vs {ref_ppl:.5f}"

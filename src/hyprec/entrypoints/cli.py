@@ -1,4 +1,4 @@
-"""The ``hyprec`` command line: ``embed``, ``generate``, ``chat`` and ``info``."""
+"""The ``hyprec`` command line: ``embed``, ``generate``, ``chat``, ``info``, ``check``, ``compare`` and ``repair``."""
 
 from __future__ import annotations
 
@@ -64,6 +64,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attn-dtype", default="auto", help=f"one of {', '.join(ATTN_DTYPES)}")
     p.add_argument("--kv-cache-dtype", default="auto", help=f"one of {', '.join(KV_CACHE_DTYPES)}")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--precision-plan", type=Path, help="a plan written by `hyprec repair` (sets every dtype)")
 
 
 def _add_generation_options(p: argparse.ArgumentParser) -> None:
@@ -138,7 +139,22 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--reference", default="float32", help="float32 | sentence-transformers | transformers")
     comp.add_argument("--texts", type=Path, help="texts (.txt or .jsonl); default: built-in real text")
     comp.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
+    comp.add_argument("--precision-plan", type=Path, help="also run this plan (from `hyprec repair`)")
     comp.add_argument("--device", default="cpu")
+
+    rep = sub.add_parser("repair", help="search a precision plan: as much as possible in float16/bfloat16")
+    rep.add_argument("model", nargs="?", default=None)
+    rep.add_argument("--target", default="float16", help="float16 (default) or bfloat16")
+    rep.add_argument(
+        "--tolerance",
+        type=float,
+        help="least top-1 agreement with float32 (decoders, default 0.995) or least cosine (encoders, 0.9999)",
+    )
+    rep.add_argument("--texts", type=Path, help="calibration texts (.txt or .jsonl); default: built-in real text")
+    rep.add_argument("--max-tokens", type=int, default=256, help="tokens per calibration text (decoders)")
+    rep.add_argument("--output", type=Path, default=Path("precision-plan.json"), help="plan file (.json)")
+    rep.add_argument("--json", action="store_true", help="print the plan as JSON")
+    rep.add_argument("--device", default="cpu")
 
     info = sub.add_parser("info", help="architecture, sizes, resolved policy and pooling pipeline")
     info.add_argument("model", nargs="?", default=None)
@@ -151,6 +167,8 @@ def _load(args: argparse.Namespace, model: str | None):
     from hyprec.entrypoints.llm import LLM  # imported late: `hyprec --help` stays fast
 
     extra = {"max_model_len": args.max_model_len} if getattr(args, "max_model_len", None) else {}
+    if args.precision_plan is not None:
+        extra["precision_plan"] = args.precision_plan
     return LLM(
         model,
         dtype=args.dtype,
@@ -239,8 +257,41 @@ def cmd_compare(args: argparse.Namespace) -> None:
     texts = read_texts(args.texts) if args.texts is not None else None
     if texts is not None and len(texts) < 2:
         raise InvalidInputError(f"--texts {args.texts}: expected at least 2 texts")
-    report = compare(args.model, policies=args.policies, reference=args.reference, texts=texts, device=args.device)
+    report = compare(
+        args.model,
+        policies=args.policies,
+        reference=args.reference,
+        texts=texts,
+        device=args.device,
+        precision_plan=args.precision_plan,
+    )
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.markdown())
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    from hyprec.precision.repair import render, repair
+
+    if args.output.suffix != ".json" or not args.output.parent.is_dir():
+        raise InvalidInputError(f"--output {args.output}: expected a .json file in an existing directory")
+    texts = read_texts(args.texts) if args.texts is not None else None
+    if texts is not None and not texts:
+        raise InvalidInputError(f"--texts {args.texts}: no texts in the file")
+    plan = repair(
+        args.model,
+        target=args.target,
+        tolerance=args.tolerance,
+        texts=texts,
+        max_tokens=args.max_tokens,
+        device=args.device,
+        show_progress=not args.quiet,
+    )
+    plan.save(args.output)
+    print(json.dumps(plan.as_dict(), indent=2) if args.json else render(plan))
+    print(f"wrote {args.output}", file=sys.stderr)
+    if not plan.measured["meets_tolerance"]:
+        print("hyprec: warning: the plan misses the tolerance on the text above (see 'measured')", file=sys.stderr)
+        return 3
+    return 0
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -261,18 +312,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        {
+        status = {
             "embed": cmd_embed,
             "info": cmd_info,
             "generate": cmd_generate,
             "chat": cmd_chat,
             "check": cmd_check,
             "compare": cmd_compare,
+            "repair": cmd_repair,
         }[args.command](args)
     except HyprecError as exc:
         print(f"hyprec: error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -42,11 +42,14 @@ class ResidualStream:
 
     Attributes:
         embedding: the module whose float ``embed_scale`` multiplies the embedding output (the stream's start).
+        table: the embedding table when it only feeds the stream (untied); rescaling folds into it, so a table too
+            large for float16 shrinks with the stream. None when tied to the output head.
         writers: modules whose output is added to the stream: a projection, or a post-norm (Gemma's sandwich norms).
         readers: norms that read the stream; their output is scale-invariant up to ``eps``.
     """
 
     embedding: nn.Module
+    table: nn.Embedding | None
     writers: list[nn.Module]
     readers: list[nn.Module]
 

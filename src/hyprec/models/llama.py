@@ -161,6 +161,7 @@ class LlamaForCausalLM(DecoderModel):
         layers = list(self.model.layers)
         return ResidualStream(
             embedding=self.model,
+            table=None if self.tied else self.model.embed_tokens,
             writers=[m for layer in layers for m in layer.residual_writers()],
             readers=[m for layer in layers for m in layer.residual_readers()] + [self.model.norm],
         )

@@ -10,8 +10,10 @@ Policies run with the precision guard off: the point is to see what each format 
 
 from __future__ import annotations
 
+import functools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,9 +75,12 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _load(model: Any, policy: str, device: str):
+def _load(model: Any, policy: str, device: str, plan: Any = None):
+    """The model under a named policy, or under ``plan`` (a precision plan file) when ``policy`` is ``plan``."""
     from hyprec.entrypoints.llm import LLM
 
+    if policy == "plan":
+        return LLM(model, device=device, precision_guard=False, precision_plan=plan)
     if policy not in POLICY_ARGS:
         raise InvalidInputError(f"policy {policy!r}: expected one of {', '.join(POLICY_ARGS)}")
     return LLM(model, device=device, precision_guard=False, **POLICY_ARGS[policy])
@@ -107,7 +112,9 @@ def embedding_metrics(ours: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     }
 
 
-def _compare_embeddings(model: Any, llm_ref: Any, policies: list[str], reference: str, texts: list[str], device: str):
+def _compare_embeddings(
+    load: Callable, llm_ref: Any, policies: list[str], reference: str, texts: list[str], device: str
+):
     if reference == "sentence-transformers":
         from sentence_transformers import SentenceTransformer
 
@@ -116,14 +123,14 @@ def _compare_embeddings(model: Any, llm_ref: Any, policies: list[str], reference
         ref = llm_ref.embed(texts)
     rows = []
     for policy in policies:
-        llm = _load(model, policy, device)
+        llm = load(policy)
         start = time.perf_counter()
         try:
             ours = llm.embed(texts)
         except Exception:  # non-finite results are refused; measure them anyway for the report
             ours = _raw_embeddings(llm, texts)
         seconds = time.perf_counter() - start
-        rows.append({"policy": policy, **embedding_metrics(ours, ref), "texts_per_s": len(texts) / seconds})
+        rows.append({"policy": llm.policy.name, **embedding_metrics(ours, ref), "texts_per_s": len(texts) / seconds})
     return rows
 
 
@@ -207,11 +214,11 @@ def _top5_close(a: tuple[list[int], list[dict]], b: tuple[list[int], list[dict]]
     return ta[i] in lb[i] and tb[i] in la[i]
 
 
-def _compare_generation(llm_ref_obj, model, policies, texts_ids, prompts_ids, device):
+def _compare_generation(llm_ref_obj, load: Callable, policies, texts_ids, prompts_ids):
     ref_greedy = [llm_ref_obj.greedy(p, GREEDY_TOKENS) for p in prompts_ids]
     rows = []
     for policy in policies:
-        llm = _load(model, policy, device)
+        llm = load(policy)
         agree = total = non_finite = 0
         kl = nll = ref_nll = 0.0
         start_t = time.perf_counter()
@@ -234,7 +241,7 @@ def _compare_generation(llm_ref_obj, model, policies, texts_ids, prompts_ids, de
         ppl = math.exp(nll / finite_total) if finite_total else float("nan")
         rows.append(
             {
-                "policy": policy,
+                "policy": llm.policy.name,
                 "top1_agreement": agree / total,
                 "mean_kl": kl / finite_total if finite_total else float("nan"),
                 "perplexity": ppl,
@@ -259,21 +266,25 @@ def compare(
     texts: list[str] | None = None,
     prompts: list[str] | None = None,
     device: str = "cpu",
+    precision_plan: Any = None,
 ) -> CompareReport:
-    """Run ``policies`` against ``reference`` on real texts (built-in defaults) and return the report."""
+    """Run ``policies`` against ``reference`` on real texts (built-in defaults) and return the report.
+
+    ``precision_plan`` (a plan file from ``hyprec repair``) adds a row for the plan."""
     from hyprec.model_sources import resolve_model
     from hyprec.texts import evaluation_texts, pydoc_topics
 
-    policies = policies or list(POLICY_ARGS)
+    policies = list(policies or POLICY_ARGS) + (["plan"] if precision_plan is not None else [])
     if reference not in REFERENCES:
         raise InvalidInputError(f"reference {reference!r}: expected one of {', '.join(REFERENCES)}")
     path = resolve_model(model)
-    llm_ref = _load(path, "float32", device)
+    load = functools.partial(_load, path, device=device, plan=precision_plan)
+    llm_ref = load("float32")
     if not llm_ref.is_generative:
         if reference == "transformers":
             raise InvalidInputError("embedding models compare against 'sentence-transformers' or 'float32'")
         texts = texts or evaluation_texts(200)
-        rows = _compare_embeddings(path, llm_ref, policies, reference, texts, device)
+        rows = _compare_embeddings(load, llm_ref, policies, reference, texts, device)
         return CompareReport(str(model or path.name), "embedding", reference, len(texts), rows)
     if reference == "sentence-transformers":
         raise InvalidInputError("generative models compare against 'transformers' or 'float32'")
@@ -289,5 +300,5 @@ def compare(
     texts_ids = [tok.encode(t)[:TEXT_TOKENS] for t in texts]
     prompts_ids = [tok.encode(p) for p in prompts]
     ref_obj = _TransformersReference(path) if reference == "transformers" else _HyprecReference(llm_ref)
-    rows = _compare_generation(ref_obj, path, policies, texts_ids, prompts_ids, device)
+    rows = _compare_generation(ref_obj, load, policies, texts_ids, prompts_ids)
     return CompareReport(str(model or path.name), "generation", reference, len(texts_ids), rows)

@@ -5,8 +5,9 @@ as nothing under- or overflows):
 
 * **Residual stream** (pre-norm decoders). A norm reading the stream gives the same output when its input is scaled
   by ``s``, provided its ``eps`` is scaled by ``s**2``. So the stream can be multiplied by ``s = 2**k``: the
-  embedding scale and every module writing to the stream (output projections, or Gemma's post-norm gains) are
-  multiplied by ``s``, the norms reading it get ``eps * s**2``, and every float32 output is unchanged.
+  embedding (its table, or its output scale when the table is tied to the output head) and every module writing
+  to the stream (output projections, or Gemma's post-norm gains) are multiplied by ``s``, the norms reading it
+  get ``eps * s**2``, and every float32 output is unchanged.
 * **Gated FFN intermediate**. ``down(act(gate(x)) * up(x))`` is linear in ``up``: dividing ``up`` by ``2**k`` and
   multiplying ``down``'s weight by ``2**k`` shrinks the intermediate and leaves the output unchanged.
 
@@ -55,7 +56,11 @@ def rescale_residual(model: nn.Module, log2_scale: int) -> None:
             "be rescaled"
         )
     factor = 2.0**log2_scale
-    stream.embedding.embed_scale = stream.embedding.embed_scale * factor
+    if stream.table is not None:
+        with torch.no_grad():
+            stream.table.weight.mul_(factor)
+    else:  # tied to the output head: scale the embedding output instead
+        stream.embedding.embed_scale = stream.embedding.embed_scale * factor
     for module in stream.writers:
         _scale_output(module, factor)
     for norm in stream.readers:
