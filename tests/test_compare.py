@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -29,8 +30,8 @@ def test_embedding_compare_against_float32(eval_texts):
 @pytest.mark.parametrize(("build", "policy"), [(clean_llama, "hybrid-fp16"), (massive_residual, "float16")])
 def test_generation_compare_against_float32(tmp_path, build, policy):
     build(tmp_path)
-    ref = _HyprecReference(_load(tmp_path, "float32", "cpu"))
-    rows = _compare_generation(ref, tmp_path, ["float32", policy], TEXTS, PROMPTS, "cpu")
+    load = functools.partial(_load, tmp_path, device="cpu")
+    rows = _compare_generation(_HyprecReference(load("float32")), load, ["float32", policy], TEXTS, PROMPTS)
     same, other = rows
     assert same["top1_agreement"] == 1.0 and same["mean_kl"] < 1e-9 and abs(same["ppl_ratio"] - 1) < 1e-6
     assert same["greedy_identical_prefix"] == [48, 48] and same["top5_close"] == 2
