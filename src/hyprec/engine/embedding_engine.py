@@ -118,7 +118,7 @@ class EmbeddingEngine(GuardedEngine):
             return self.pipeline.dense[-1].out_features
         return self.model.hidden_size * len(self.pipeline.pooling.modes)
 
-    def _prompt(self, prompt_name: str | None, prompt: str | None) -> str:
+    def prompt_text(self, prompt_name: str | None, prompt: str | None) -> str:
         if prompt is not None and prompt_name is not None:
             raise InvalidInputError("give either prompt or prompt_name, not both")
         if prompt is not None:
@@ -135,10 +135,19 @@ class EmbeddingEngine(GuardedEngine):
 
     def tokenize(self, texts: list[str], prompt: str = "") -> list[list[int]]:
         """Token ids as sentence-transformers produces them: prompt prepended, whitespace stripped, truncated."""
+        return self.tokenize_with_flags(texts, prompt)[0]
+
+    def tokenize_with_flags(self, texts: list[str], prompt: str = "") -> tuple[list[list[int]], list[bool]]:
+        """:meth:`tokenize`, plus whether each text was truncated to ``max_seq_length`` (the server refuses
+        over-long inputs unless the request asks for truncation)."""
         inputs = [(prompt + t).strip() for t in texts]
         if self.pipeline.do_lower_case:
             inputs = [t.lower() for t in inputs]
-        return self.tokenizer.encode(inputs)
+        return self.tokenizer.encode_with_flags(inputs)
+
+    def prompt_length(self, prompt_text: str) -> int:
+        """Tokens of a prompt that pooling may skip (ST counts the prompt minus its trailing special token)."""
+        return self.tokenizer.count(prompt_text) - 1 if prompt_text else 0
 
     @torch.inference_mode()
     def embed(
@@ -155,17 +164,42 @@ class EmbeddingEngine(GuardedEngine):
         """Embeddings ``float32 [len(texts), dim]`` in input order. See :meth:`hyprec.LLM.embed`."""
         items = validate_texts(texts)
         if dimensions is not None:
-            dimensions = _positive_int(dimensions, "dimensions", self.dimension)
+            dimensions = _positive_int(dimensions, "dimensions", self.dimension)  # before tokenising
         if normalize is not None and not isinstance(normalize, bool):
             raise InputTypeError(f"normalize must be True, False or None, got {normalize!r}")
         max_seqs = self.engine_config.max_num_seqs if batch_size is None else _positive_int(batch_size, "batch_size")
-        prompt_text = self._prompt(prompt_name, prompt)
-        # ST counts the prompt's tokens minus the trailing special token; pooling may skip them.
-        prompt_len = self.tokenizer.count(prompt_text) - 1 if prompt_text else 0
+        prompt_text = self.prompt_text(prompt_name, prompt)
+        prompt_len = self.prompt_length(prompt_text)
 
         ids = self.tokenize(items, prompt_text)
-        out = np.empty((len(items), dimensions or self.dimension), dtype=np.float32)
+        return self.embed_token_ids(
+            ids,
+            prompt_len=prompt_len,
+            normalize=normalize,
+            dimensions=dimensions,
+            max_seqs=max_seqs,
+            show_progress=show_progress,
+        )
+
+    @torch.inference_mode()
+    def embed_token_ids(
+        self,
+        ids: list[list[int]],
+        *,
+        prompt_len: int = 0,
+        normalize: bool | None = None,
+        dimensions: int | None = None,
+        max_seqs: int | None = None,
+        show_progress: bool = False,
+    ) -> np.ndarray:
+        """Embeddings of already tokenised inputs (special tokens included), in input order. ``prompt_len``
+        leading tokens of every input belong to a prompt (excluded from pooling when the pipeline says so)."""
+        if dimensions is not None:
+            dimensions = _positive_int(dimensions, "dimensions", self.dimension)
+        self._check_ids(ids)
+        out = np.empty((len(ids), dimensions or self.dimension), dtype=np.float32)
         stats = BatchStats()
+        max_seqs = max_seqs or self.engine_config.max_num_seqs
         batches = plan_batches([len(x) for x in ids], self.engine_config.max_num_batched_tokens, max_seqs)
         for batch in tqdm(batches, desc="embed", unit="batch", disable=not show_progress):
             lens = [len(ids[i]) for i in batch]
@@ -209,20 +243,23 @@ class EmbeddingEngine(GuardedEngine):
     @torch.inference_mode()
     def last_hidden_states(self, token_ids: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """Float32 last hidden states ``[len_i, hidden]`` of each token-id list, all run as one batch."""
+        if not token_ids:
+            raise InvalidInputError("token_ids: expected a non-empty list of non-empty token-id lists")
+        ids = self._check_ids(token_ids)
+        hidden = self._forward(ids).float()
+        return list(torch.split(hidden, [len(x) for x in ids]))
+
+    def _check_ids(self, token_ids: Sequence[Sequence[int]]) -> list[list[int]]:
+        """Token-id lists as plain ints, or an error naming the first bad list."""
         ids = [list(seq) for seq in token_ids]
         if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) for seq in ids for t in seq):
             raise InputTypeError("token_ids: expected lists of integers")
         ids = [[int(t) for t in seq] for seq in ids]
-        if not ids or any(not seq for seq in ids):
-            raise InvalidInputError("token_ids: expected a non-empty list of non-empty token-id lists")
         vocab = self.model_config.get("vocab_size")
         for i, seq in enumerate(ids):
-            if min(seq) < 0 or max(seq) >= vocab or len(seq) > self.model.max_positions:
-                raise InvalidInputError(
-                    f"token_ids[{i}]: ids must lie in [0, {vocab}) and length <= {self.model.max_positions}"
-                )
-        hidden = self._forward(ids).float()
-        return list(torch.split(hidden, [len(x) for x in ids]))
+            if not seq or min(seq) < 0 or max(seq) >= vocab or len(seq) > self.model.max_positions:
+                raise InvalidInputError(f"token_ids[{i}]: expected 1..{self.model.max_positions} ids in [0, {vocab})")
+        return ids
 
     def info(self) -> dict[str, Any]:
         return {

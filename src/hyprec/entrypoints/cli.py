@@ -156,6 +156,20 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--json", action="store_true", help="print the plan as JSON")
     rep.add_argument("--device", default="cpu")
 
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (embeddings, completions, chat)")
+    serve.add_argument("model", nargs="?", default=None, help="model directory, .gguf file or alias (default: minilm)")
+    _add_model_options(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", help="the name clients use (default: the model argument)")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    serve.add_argument("--max-concurrent-requests", type=int, default=256, help="429 beyond this many")
+    serve.add_argument("--max-inputs-per-request", type=int, default=2048, help="413 beyond this many inputs")
+    serve.add_argument("--max-input-tokens", type=int, help="400 for longer inputs (default: the model's limit)")
+    serve.add_argument("--request-timeout", type=float, default=600.0, help="seconds; 504 beyond")
+    serve.add_argument("--max-num-batched-tokens", type=int, default=16384, help="token budget of a forward pass")
+    serve.add_argument("--max-model-len", type=int, help="context window (generative models)")
+
     info = sub.add_parser("info", help="architecture, sizes, resolved policy and pooling pipeline")
     info.add_argument("model", nargs="?", default=None)
     _add_model_options(info)
@@ -167,6 +181,8 @@ def _load(args: argparse.Namespace, model: str | None):
     from hyprec.entrypoints.llm import LLM  # imported late: `hyprec --help` stays fast
 
     extra = {"max_model_len": args.max_model_len} if getattr(args, "max_model_len", None) else {}
+    if getattr(args, "max_num_batched_tokens", None):
+        extra["max_num_batched_tokens"] = args.max_num_batched_tokens
     if args.precision_plan is not None:
         extra["precision_plan"] = args.precision_plan
     return LLM(
@@ -294,6 +310,31 @@ def cmd_repair(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    try:
+        import uvicorn
+
+        from hyprec.serving.app import ServerSettings, build_app
+    except ImportError as exc:
+        raise InvalidInputError(f"hyprec serve needs the 'serve' extra: pip install 'hyprec[serve]' ({exc})") from None
+    for name in ("max_concurrent_requests", "max_inputs_per_request", "port"):
+        if getattr(args, name) < 1:
+            raise InvalidInputError(f"--{name.replace('_', '-')}={getattr(args, name)}: expected a positive integer")
+    llm = _load(args, args.model)
+    settings = ServerSettings(
+        model_name=args.served_model_name or args.model or "minilm",
+        api_key=args.api_key,
+        max_concurrent_requests=args.max_concurrent_requests,
+        max_inputs_per_request=args.max_inputs_per_request,
+        max_input_tokens=args.max_input_tokens,
+        request_timeout=args.request_timeout,
+    )
+    app = build_app(llm, settings)
+    where = f"http://{args.host}:{args.port}"
+    print(f"hyprec: serving {settings.model_name} ({llm.policy.name}) on {where}", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     info = _load(args, args.model).info()
     if args.json:
@@ -320,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
             "check": cmd_check,
             "compare": cmd_compare,
             "repair": cmd_repair,
+            "serve": cmd_serve,
         }[args.command](args)
     except HyprecError as exc:
         print(f"hyprec: error: {exc}", file=sys.stderr)

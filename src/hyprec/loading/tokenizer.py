@@ -45,7 +45,12 @@ class TextTokenizer:
         raise ModelLoadError(f"no tokenizer in {directory}: expected tokenizer.json or vocab.txt")
 
     def encode(self, texts: list[str]) -> list[list[int]]:
-        return [enc.ids for enc in self._tok.encode_batch(texts)]
+        return self.encode_with_flags(texts)[0]
+
+    def encode_with_flags(self, texts: list[str]) -> tuple[list[list[int]], list[bool]]:
+        """Token ids, and for each text whether it was truncated to ``max_length``."""
+        encodings = self._tok.encode_batch(texts)
+        return [enc.ids for enc in encodings], [bool(enc.overflowing) for enc in encodings]
 
     def count(self, text: str) -> int:
         """Tokens of one text, special tokens included, after truncation (as ST measures prompt lengths)."""

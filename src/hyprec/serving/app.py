@@ -1,0 +1,514 @@
+"""The OpenAI-compatible FastAPI app: ``/v1/embeddings``, ``/v1/completions``, ``/v1/chat/completions``,
+``/v1/models``, ``/health``, ``/metrics`` and ``/version``.
+
+Handlers validate and tokenise; all engine work goes through one :class:`~hyprec.serving.worker.EngineWorker`,
+which batches concurrent requests together. Every error leaves in OpenAI's shape
+(``{"error": {"message", "type", "param", "code"}}``); stack traces stay in the server log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from hyprec import __version__
+from hyprec.errors import HyprecError, NonFiniteOutputError
+from hyprec.outputs import RequestOutput
+from hyprec.sampling_params import SamplingParams
+from hyprec.serving.metrics import ServerMetrics
+from hyprec.serving.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, error_body
+from hyprec.serving.worker import AbortJob, EmbedJob, EngineWorker, GenerateJob
+
+log = logging.getLogger("hyprec")
+
+
+@dataclass
+class ServerSettings:
+    """Limits and identity of one server."""
+
+    model_name: str
+    api_key: str | None = None
+    max_concurrent_requests: int = 256  # 429 beyond
+    max_inputs_per_request: int = 2048  # 413 beyond
+    max_input_tokens: int | None = None  # 400 beyond, unless truncation is asked; default: the model's limit
+    request_timeout: float = 600.0  # seconds; 504 beyond
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param = status, message, kind, param
+
+
+def _error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, kind, status, param), status_code=status)
+
+
+# ------------------------------------------------------------------ inputs
+
+
+def _as_batch(value: Any, field: str) -> tuple[list[str] | None, list[list[int]] | None]:
+    """OpenAI's input forms -> (texts, None) or (None, token-id lists)."""
+    if isinstance(value, str):
+        return [value], None
+    if not value:
+        raise ApiError(400, f"'{field}' must not be empty", param=field)
+    if all(isinstance(v, str) for v in value):
+        return list(value), None
+    if all(isinstance(v, int) for v in value):
+        return None, [list(value)]
+    if all(isinstance(v, list) for v in value):
+        if any(not v for v in value):
+            raise ApiError(400, f"'{field}' contains an empty token-id list", param=field)
+        return None, [list(v) for v in value]
+    raise ApiError(400, f"'{field}': expected a string, a list of strings, or token ids", param=field)
+
+
+# ------------------------------------------------------------------ app
+
+
+def build_app(llm: Any, settings: ServerSettings) -> FastAPI:
+    """The app serving ``llm`` (a :class:`hyprec.LLM`) under ``settings``."""
+    engine = llm.engine
+    metrics = ServerMetrics()
+    metrics.set_model(settings.model_name, engine.policy)
+    worker = EngineWorker(engine, metrics, max_batch_tokens=engine.engine_config.max_num_batched_tokens)
+    created = int(time.time())
+    in_flight = 0
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        worker.start()
+        yield
+        worker.stop()
+
+    app = FastAPI(title="hyprec", version=__version__, lifespan=lifespan)
+    app.state.worker, app.state.metrics, app.state.settings = worker, metrics, settings
+
+    # -------------------------------------------------------------- errors
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.message, exc.kind, exc.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        if first.get("type") == "json_invalid":
+            return _error(400, f"malformed JSON body: {first.get('msg')}", "invalid_request_error")
+        param = ".".join(loc) or None
+        return _error(400, f"{param or 'body'}: {first.get('msg')}", "invalid_request_error", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _error(exc.status_code, str(exc.detail), kind)
+
+    @app.exception_handler(Exception)
+    async def on_crash(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("hyprec: unhandled error", exc_info=exc)
+        return _error(500, "internal server error (see the server log)", "internal_error")
+
+    def engine_error(exc: HyprecError) -> ApiError:
+        if isinstance(exc, NonFiniteOutputError):
+            return ApiError(500, str(exc), "numerical_error")
+        return ApiError(400, str(exc))
+
+    # -------------------------------------------------------------- limits, auth, metrics
+
+    @app.middleware("http")
+    async def guard_requests(request: Request, call_next):
+        nonlocal in_flight
+        path = request.url.path
+        if not path.startswith("/v1/"):
+            return await call_next(request)
+        if settings.api_key is not None and request.headers.get("authorization") != f"Bearer {settings.api_key}":
+            metrics.requests.labels(path, "401").inc()
+            return _error(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error")
+        if in_flight >= settings.max_concurrent_requests:
+            metrics.requests.labels(path, "429").inc()
+            return _error(
+                429, f"too many concurrent requests (limit {settings.max_concurrent_requests})", "rate_limit_error"
+            )
+        in_flight += 1
+        metrics.in_flight.set(in_flight)
+        start = time.perf_counter()
+        try:
+            response = await call_next(request)
+        finally:
+            in_flight -= 1
+            metrics.in_flight.set(in_flight)
+        metrics.latency.labels(path).observe(time.perf_counter() - start)
+        metrics.requests.labels(path, str(response.status_code)).inc()
+        return response
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != settings.model_name:
+            raise ApiError(404, f"model {name!r} does not exist; this server serves {settings.model_name!r}",
+                           "not_found_error", "model")  # fmt: skip
+
+    def check_count(n: int, field: str) -> None:
+        if n > settings.max_inputs_per_request:
+            raise ApiError(413, f"'{field}' has {n} items; the limit is {settings.max_inputs_per_request} per request",
+                           param=field)  # fmt: skip
+
+    # -------------------------------------------------------------- plain routes
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not worker.alive:
+            return _error(503, f"engine is not running: {worker.error!r}", "service_unavailable")
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        card = {"id": settings.model_name, "object": "model", "created": created, "owned_by": "hyprec"}
+        card["policy"] = engine.policy.name
+        return {"object": "list", "data": [card]}
+
+    # -------------------------------------------------------------- embeddings
+
+    @app.post("/v1/embeddings")
+    async def embeddings(req: EmbeddingRequest) -> dict[str, Any]:
+        check_model(req.model)
+        if llm.is_generative:
+            raise ApiError(400, f"{settings.model_name} is a generative model; /v1/embeddings needs an embedding model")
+        texts, ids = _as_batch(req.input, "input")
+        check_count(len(texts or ids), "input")
+        if req.dimensions is not None and req.dimensions > engine.dimension:
+            raise ApiError(400, f"dimensions={req.dimensions}: this model's embeddings have {engine.dimension}",
+                           param="dimensions")  # fmt: skip
+        ids, prompt_len = await run_in_threadpool(_embedding_ids, engine, settings, req, texts, ids)
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        worker.submit(EmbedJob(ids, prompt_len, req.normalize, req.dimensions, future, loop))
+        try:
+            vectors = await asyncio.wait_for(future, settings.request_timeout)
+        except TimeoutError:
+            raise ApiError(504, f"request timed out after {settings.request_timeout:g} s", "timeout") from None
+        except HyprecError as exc:
+            raise engine_error(exc) from None
+        tokens = sum(len(x) for x in ids)
+        metrics.prompt_tokens.inc(tokens)
+        data = [
+            {"object": "embedding", "index": i, "embedding": _encode(v, req.encoding_format)}
+            for i, v in enumerate(vectors)
+        ]
+        return {
+            "object": "list",
+            "data": data,
+            "model": settings.model_name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+
+    # -------------------------------------------------------------- generation
+
+    def generative() -> None:
+        if not llm.is_generative:
+            raise ApiError(400, f"{settings.model_name} is an embedding model; use /v1/embeddings")
+
+    def sampling(req: CompletionRequest | ChatCompletionRequest, logprobs: int | None, max_tokens: int | None):
+        try:
+            return SamplingParams(max_tokens=max_tokens or 16, logprobs=logprobs, **req.sampling_kwargs())
+        except HyprecError as exc:
+            raise ApiError(400, str(exc)) from None
+
+    async def run(prompts: list[tuple[str | None, list[int]]], params: SamplingParams, stream: bool, kind: str):
+        """Submit every prompt; returns (request ids, queue of (request id, update))."""
+        for i, (_, ids) in enumerate(prompts):
+            try:
+                engine.validate_request(ids, params, where=f"prompt {i}" if len(prompts) > 1 else "prompt")
+            except HyprecError as exc:
+                raise engine_error(exc) from None
+        loop = asyncio.get_running_loop()
+        updates: asyncio.Queue = asyncio.Queue()
+        base = f"{kind}-{uuid.uuid4().hex}"
+        rids = [f"{base}-{i}" for i in range(len(prompts))]
+        for rid, (text, ids) in zip(rids, prompts, strict=True):
+            worker.submit(GenerateJob(rid, text, ids, params, _Tagged(rid, updates), loop))
+            metrics.prompt_tokens.inc(len(ids))
+        return base, rids, updates
+
+    async def finals(rids: list[str], updates: asyncio.Queue) -> dict[str, RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        try:
+            async with asyncio.timeout(settings.request_timeout):
+                while len(done) < len(rids):
+                    rid, item = await updates.get()
+                    if isinstance(item, BaseException):
+                        raise item
+                    if item.finished:
+                        done[rid] = item
+        except TimeoutError:
+            raise ApiError(504, f"request timed out after {settings.request_timeout:g} s", "timeout") from None
+        except HyprecError as exc:
+            raise engine_error(exc) from None
+        finally:
+            for rid in rids:
+                if rid not in done:
+                    worker.submit(AbortJob(rid))
+        return done
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(req: CompletionRequest) -> Any:
+        check_model(req.model)
+        generative()
+        texts, ids = _as_batch(req.prompt, "prompt")
+        check_count(len(texts or ids), "prompt")
+        tok = engine.tokenizer
+        if texts is not None and tok is None:
+            raise ApiError(400, "this model has no tokenizer; send prompts as token ids", param="prompt")
+        prompts = [(t, tok.encode(t)) for t in texts] if texts is not None else [(None, x) for x in ids]
+        params = sampling(req, req.logprobs, req.max_tokens)
+        base, rids, updates = await run(prompts, params, req.stream, "cmpl")
+        if req.stream:
+            return _sse(_stream_completions(base, rids, updates, params, settings, worker, tok))
+        done = await finals(rids, updates)
+        choices, completion_tokens = [], 0
+        for p, rid in enumerate(rids):
+            for out in done[rid].outputs:
+                completion_tokens += len(out.token_ids)
+                choices.append(
+                    {
+                        "index": p * params.n + out.index,
+                        "text": (prompts[p][0] or "") + out.text if req.echo else out.text,
+                        "logprobs": _completion_logprobs(out, tok) if req.logprobs is not None else None,
+                        "finish_reason": out.finish_reason,
+                    }
+                )
+        metrics.generation_tokens.inc(completion_tokens)
+        prompt_tokens = sum(len(x) for _, x in prompts)
+        return {
+            "id": base,
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": settings.model_name,
+            "choices": choices,
+            "usage": _usage(prompt_tokens, completion_tokens),
+        }
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(req: ChatCompletionRequest) -> Any:
+        check_model(req.model)
+        generative()
+        tok = engine.tokenizer
+        if tok is None:
+            raise ApiError(400, "this model has no tokenizer (needed for chat)")
+        messages = [m.model_dump() for m in req.messages]
+        try:
+            prompt = (tok.apply_chat_template(messages), tok.encode_chat(messages))
+        except HyprecError as exc:
+            raise ApiError(400, str(exc), param="messages") from None
+        top = req.top_logprobs or 0
+        params = sampling(req, top if req.logprobs else None, req.max_completion_tokens or req.max_tokens)
+        base, rids, updates = await run([prompt], params, req.stream, "chatcmpl")
+        if req.stream:
+            return _sse(_stream_chat(base, rids[0], updates, params, settings, worker, tok, req.logprobs))
+        out = (await finals(rids, updates))[rids[0]]
+        completion_tokens = sum(len(o.token_ids) for o in out.outputs)
+        metrics.generation_tokens.inc(completion_tokens)
+        choices = [
+            {
+                "index": o.index,
+                "message": {"role": "assistant", "content": o.text},
+                "logprobs": {"content": _chat_logprobs(o.logprobs, o.token_ids, tok)} if req.logprobs else None,
+                "finish_reason": o.finish_reason,
+            }
+            for o in out.outputs
+        ]
+        return {
+            "id": base,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": settings.model_name,
+            "choices": choices,
+            "usage": _usage(len(prompt[1]), completion_tokens),
+        }
+
+    return app
+
+
+# ------------------------------------------------------------------ helpers (module level: no app state)
+
+
+class _Tagged:
+    """An ``asyncio.Queue`` facade that tags each update with its request id (several prompts share a queue)."""
+
+    def __init__(self, rid: str, queue: asyncio.Queue):
+        self.rid, self.queue = rid, queue
+
+    def put_nowait(self, item: Any) -> None:
+        self.queue.put_nowait((self.rid, item))
+
+
+def _embedding_ids(
+    engine: Any, settings: ServerSettings, req: EmbeddingRequest, texts: list[str] | None, ids: list[list[int]] | None
+) -> tuple[list[list[int]], int]:
+    """Token ids of an embedding request within the token limits (runs in a worker thread: tokenising is CPU work)."""
+    limit = min(settings.max_input_tokens or engine.max_seq_length, engine.max_seq_length)
+    keep = min(req.truncate_prompt_tokens or limit, limit)
+    try:
+        prompt = engine.prompt_text(req.prompt_name, None)
+    except HyprecError as exc:
+        raise ApiError(400, str(exc), param="prompt_name") from None
+    if texts is not None:
+        ids, truncated = engine.tokenize_with_flags(texts, prompt)
+        too_long = [i for i, (x, t) in enumerate(zip(ids, truncated, strict=True)) if t or len(x) > keep]
+        if too_long and req.truncate_prompt_tokens is None:
+            raise ApiError(400, f"input[{too_long[0]}] is longer than {limit} tokens (the limit per input); "
+                           "set truncate_prompt_tokens to truncate", param="input")  # fmt: skip
+        # Keep the final special token when truncating further, as the tokenizer itself does.
+        ids = [x if len(x) <= keep else x[: keep - 1] + x[-1:] for x in ids]
+    else:
+        vocab = engine.model_config.get("vocab_size")
+        for i, x in enumerate(ids):
+            if any(not 0 <= t < vocab for t in x):
+                raise ApiError(400, f"input[{i}]: token ids must lie in [0, {vocab})", param="input")
+            if len(x) > limit and req.truncate_prompt_tokens is None:
+                raise ApiError(400, f"input[{i}] has {len(x)} tokens; the limit per input is {limit}; "
+                               "set truncate_prompt_tokens to truncate", param="input")  # fmt: skip
+        ids = [x[:keep] for x in ids]
+    return ids, engine.prompt_length(prompt)
+
+
+def _encode(vector: np.ndarray, fmt: str) -> list[float] | str:
+    if fmt == "base64":  # what the openai client decodes: little-endian float32
+        return base64.b64encode(np.ascontiguousarray(vector, dtype="<f4").tobytes()).decode()
+    return vector.tolist()
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _token_text(tok: Any, token_id: int) -> str:
+    return tok.decode([token_id]) if tok is not None else str(token_id)
+
+
+def _completion_logprobs(out: Any, tok: Any, start: int = 0) -> dict[str, Any]:
+    """The legacy completions ``logprobs`` object for tokens ``start..`` of a completion."""
+    tokens, chosen, tops = [], [], []
+    for token_id, lp in zip(out.token_ids[start:], (out.logprobs or [])[start:], strict=False):
+        tokens.append(_token_text(tok, token_id))
+        chosen.append(lp.get(token_id))
+        tops.append({_token_text(tok, t): v for t, v in lp.items()})
+    return {"tokens": tokens, "token_logprobs": chosen, "top_logprobs": tops, "text_offset": []}
+
+
+def _chat_logprobs(logprobs: list[dict[int, float]] | None, token_ids: list[int], tok: Any) -> list[dict[str, Any]]:
+    entries = []
+    for token_id, lp in zip(token_ids, logprobs or [], strict=False):
+        text = _token_text(tok, token_id)
+        entries.append(
+            {
+                "token": text,
+                "logprob": lp.get(token_id),
+                "bytes": list(text.encode()),
+                "top_logprobs": [
+                    {"token": _token_text(tok, t), "logprob": v, "bytes": list(_token_text(tok, t).encode())}
+                    for t, v in sorted(lp.items(), key=lambda kv: -kv[1])
+                ],
+            }
+        )
+    return entries
+
+
+def _sse(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+    async def body() -> AsyncIterator[str]:
+        async for event in events:
+            yield f"data: {json.dumps(event)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream")
+
+
+async def _updates(rids: list[str], updates: asyncio.Queue, settings: ServerSettings, worker: EngineWorker):
+    """Yield (rid, RequestOutput) until every request finished; errors end the stream with an error event."""
+    finished: set[str] = set()
+    try:
+        async with asyncio.timeout(settings.request_timeout):
+            while len(finished) < len(rids):
+                rid, item = await updates.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finished:
+                    finished.add(rid)
+                yield rid, item
+    finally:  # finished, failed, timed out, or the client went away
+        for rid in rids:
+            if rid not in finished:
+                worker.submit(AbortJob(rid))
+
+
+async def _stream_completions(base, rids, updates, params, settings, worker, tok) -> AsyncIterator[dict[str, Any]]:
+    sent: dict[tuple[str, int], tuple[int, int]] = {}  # (rid, index) -> (chars, tokens) already sent
+    try:
+        async for rid, out in _updates(rids, updates, settings, worker):
+            p = rids.index(rid)
+            for o in out.outputs:
+                chars, ntok = sent.get((rid, o.index), (0, 0))
+                if len(o.text) == chars and not o.finished:
+                    continue
+                sent[(rid, o.index)] = (len(o.text), len(o.token_ids))
+                choice = {
+                    "index": p * params.n + o.index,
+                    "text": o.text[chars:],
+                    "logprobs": _completion_logprobs(o, tok, ntok) if params.logprobs is not None else None,
+                    "finish_reason": o.finish_reason,
+                }
+                yield {"id": base, "object": "text_completion", "created": int(time.time()),
+                       "model": settings.model_name, "choices": [choice]}  # fmt: skip
+    except (HyprecError, TimeoutError) as exc:
+        yield error_body(str(exc) or "request timed out", "timeout" if isinstance(exc, TimeoutError) else "error", 500)
+
+
+async def _stream_chat(base, rid, updates, params, settings, worker, tok, logprobs) -> AsyncIterator[dict[str, Any]]:
+    def chunk(index: int, delta: dict, finish: str | None, lps: list | None = None) -> dict[str, Any]:
+        choice = {"index": index, "delta": delta, "logprobs": {"content": lps} if lps is not None else None,
+                  "finish_reason": finish}  # fmt: skip
+        return {"id": base, "object": "chat.completion.chunk", "created": int(time.time()),
+                "model": settings.model_name, "choices": [choice]}  # fmt: skip
+
+    for i in range(params.n):
+        yield chunk(i, {"role": "assistant", "content": ""}, None)
+    sent: dict[int, tuple[int, int]] = {}
+    try:
+        async for _, out in _updates([rid], updates, settings, worker):
+            for o in out.outputs:
+                chars, ntok = sent.get(o.index, (0, 0))
+                if len(o.text) == chars and not o.finished:
+                    continue
+                sent[o.index] = (len(o.text), len(o.token_ids))
+                lps = _chat_logprobs((o.logprobs or [])[ntok:], o.token_ids[ntok:], tok) if logprobs else None
+                yield chunk(o.index, {"content": o.text[chars:]}, o.finish_reason, lps)
+    except (HyprecError, TimeoutError) as exc:
+        yield error_body(str(exc) or "request timed out", "timeout" if isinstance(exc, TimeoutError) else "error", 500)

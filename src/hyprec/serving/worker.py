@@ -1,0 +1,239 @@
+"""The engine loop behind the server: one thread owns the engine; requests from the event loop are batched.
+
+Engines are not thread-safe, so every engine call happens on one worker thread. Handlers submit jobs through a
+queue and await an ``asyncio`` future (embeddings) or an ``asyncio.Queue`` of partial outputs (generation).
+
+* **Embeddings**: each turn the worker takes every queued embedding job (up to a token budget), groups them by
+  their pooling options, and runs each group as one engine call; the engine packs all their inputs into
+  token-budget forward passes. Concurrent requests therefore share forward passes.
+* **Generation**: new requests join the running batch between steps (the engine's continuous batching); after
+  every step each request's new state goes to its queue.
+
+A job that fails (bad input, non-finite output) fails alone: its error goes to its own future, the other jobs in
+the batch are recomputed without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from hyprec.errors import HyprecError
+from hyprec.outputs import RequestOutput
+from hyprec.sampling_params import SamplingParams
+from hyprec.serving.metrics import ServerMetrics
+
+log = logging.getLogger("hyprec")
+
+
+@dataclass
+class EmbedJob:
+    ids: list[list[int]]
+    prompt_len: int
+    normalize: bool | None
+    dimensions: int | None
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+
+    @property
+    def key(self) -> tuple:
+        return self.prompt_len, self.normalize, self.dimensions
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(x) for x in self.ids)
+
+
+@dataclass
+class GenerateJob:
+    request_id: str
+    prompt: str | None
+    ids: list[int]
+    params: SamplingParams
+    updates: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+
+
+@dataclass
+class AbortJob:
+    request_id: str
+
+
+@dataclass
+class _Stop:
+    pass
+
+
+@dataclass
+class EngineWorker:
+    """Runs ``engine`` on a daemon thread; see the module docstring."""
+
+    engine: Any
+    metrics: ServerMetrics
+    max_batch_tokens: int = 16384
+    jobs: queue.Queue = field(default_factory=queue.Queue)
+    error: BaseException | None = None
+
+    def __post_init__(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="hyprec-engine", daemon=True)
+        self._live: dict[str, GenerateJob] = {}
+        self._guard_events = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.jobs.put(_Stop())
+        self._thread.join(timeout=10)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    def submit(self, job: EmbedJob | GenerateJob | AbortJob) -> None:
+        self.jobs.put(job)
+        self.metrics.queue_depth.set(self.jobs.qsize())
+
+    # ------------------------------------------------------------------ the loop
+
+    def _run(self) -> None:
+        try:
+            while True:
+                busy = bool(self._live)
+                try:
+                    first = self.jobs.get(block=not busy, timeout=None)
+                except queue.Empty:
+                    first = None
+                pending = [first] if first is not None else []
+                while True:  # everything queued now joins this turn
+                    try:
+                        pending.append(self.jobs.get_nowait())
+                    except queue.Empty:
+                        break
+                self.metrics.queue_depth.set(self.jobs.qsize())
+                if any(isinstance(j, _Stop) for j in pending):
+                    return
+                self._turn(pending)
+        except BaseException as exc:  # the engine itself broke: /health reports it, requests fail fast
+            log.exception("hyprec: engine loop died")
+            self.error = exc
+            for job in list(self._live.values()):
+                _push(job, exc)
+
+    def _turn(self, pending: list) -> None:
+        embeds = [j for j in pending if isinstance(j, EmbedJob)]
+        for job in pending:
+            if isinstance(job, GenerateJob):
+                self._add(job)
+            elif isinstance(job, AbortJob) and job.request_id in self._live:
+                self._live.pop(job.request_id)
+                self.engine.abort(job.request_id)
+        if embeds:
+            self._embed(embeds)
+        if self._live:
+            self._step()
+        self._count_guard_events()
+
+    # ------------------------------------------------------------------ embeddings
+
+    def _embed(self, jobs: list[EmbedJob]) -> None:
+        groups: dict[tuple, list[EmbedJob]] = {}
+        for job in jobs:
+            groups.setdefault(job.key, []).append(job)
+        for group in groups.values():
+            # Split a group that exceeds the token budget of one turn into several engine calls.
+            batch: list[EmbedJob] = []
+            for job in group:
+                if batch and sum(j.tokens for j in batch) + job.tokens > self.max_batch_tokens:
+                    self._embed_group(batch)
+                    batch = []
+                batch.append(job)
+            self._embed_group(batch)
+
+    def _embed_group(self, jobs: list[EmbedJob]) -> None:
+        ids = [x for job in jobs for x in job.ids]
+        first = jobs[0]
+        try:
+            vectors = self.engine.embed_token_ids(
+                ids, prompt_len=first.prompt_len, normalize=first.normalize, dimensions=first.dimensions
+            )
+        except HyprecError as exc:
+            if len(jobs) == 1:
+                _resolve(first, exception=exc)
+                return
+            for job in jobs:  # find the culprit: each job alone, so only it fails
+                self._embed_group([job])
+            return
+        self.metrics.observe_batch(len(jobs), len(ids), self.engine.last_stats.batches)
+        start = 0
+        for job in jobs:
+            _resolve(job, result=vectors[start : start + len(job.ids)])
+            start += len(job.ids)
+
+    # ------------------------------------------------------------------ generation
+
+    def _add(self, job: GenerateJob) -> None:
+        try:
+            self.engine.add_request(job.ids, job.params, prompt=job.prompt, request_id=job.request_id)
+        except HyprecError as exc:
+            _push(job, exc)
+            return
+        self._live[job.request_id] = job
+
+    def _step(self) -> None:
+        start = time.perf_counter()
+        try:
+            outputs = self.engine.step()
+        except HyprecError as exc:  # e.g. the guard raised: every running request gets the error
+            for rid, job in list(self._live.items()):
+                self.engine.abort(rid)
+                _push(job, exc)
+            self._live.clear()
+            return
+        self.metrics.step_seconds.observe(time.perf_counter() - start)
+        if outputs:
+            self.metrics.observe_batch(len(outputs), len(outputs), 1)
+        for out in outputs:
+            job = self._live.get(out.request_id)
+            if job is None:
+                continue
+            _push(job, _snapshot(out))
+            if out.finished:
+                self._live.pop(out.request_id)
+
+    def _count_guard_events(self) -> None:
+        events = self.engine.guard_events
+        for event in events[self._guard_events :]:
+            self.metrics.guard_events.labels(policy=event.policy, quantity=event.quantity).inc()
+        self._guard_events = len(events)
+        self.metrics.set_policy(self.engine.policy)
+
+
+def _snapshot(out: RequestOutput) -> RequestOutput:
+    """A copy the event loop can read while the engine keeps mutating its own objects."""
+    from dataclasses import replace
+
+    return replace(out, outputs=[replace(o, token_ids=list(o.token_ids)) for o in out.outputs])
+
+
+def _resolve(job: EmbedJob, *, result: np.ndarray | None = None, exception: BaseException | None = None) -> None:
+    def settle() -> None:
+        if job.future.done():  # cancelled (client gone, timeout)
+            return
+        if exception is not None:
+            job.future.set_exception(exception)
+        else:
+            job.future.set_result(result)
+
+    job.loop.call_soon_threadsafe(settle)
+
+
+def _push(job: GenerateJob, item: RequestOutput | BaseException) -> None:
+    job.loop.call_soon_threadsafe(job.updates.put_nowait, item)
