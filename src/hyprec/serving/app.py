@@ -56,6 +56,14 @@ class ApiError(Exception):
         self.status, self.message, self.kind, self.param = status, message, kind, param
 
 
+# Fields whose type is a union: pydantic reports one error per member; the message names the accepted forms.
+UNION_FIELDS = {
+    "input": "a string, a list of strings, a list of token ids, or a list of token-id lists",
+    "prompt": "a string, a list of strings, a list of token ids, or a list of token-id lists",
+    "stop": "a string or a list of strings",
+}
+
+
 def _error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
     return JSONResponse(error_body(message, kind, status, param), status_code=status)
 
@@ -109,12 +117,19 @@ def build_app(llm: Any, settings: ServerSettings) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0]
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        errors = exc.errors()
+        first = errors[0]
         if first.get("type") == "json_invalid":
             return _error(400, f"malformed JSON body: {first.get('msg')}", "invalid_request_error")
-        param = ".".join(loc) or None
-        return _error(400, f"{param or 'body'}: {first.get('msg')}", "invalid_request_error", param)
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        if not loc:
+            return _error(400, f"request body: {first.get('msg')}", "invalid_request_error")
+        field = loc[0]
+        if field in UNION_FIELDS and first.get("type") != "missing":  # one error per union member: say it once
+            message = f"'{field}': got {first.get('input')!r:.60}; expected {UNION_FIELDS[field]}"
+        else:
+            message = f"'{'.'.join(loc)}': {first.get('msg')}"
+        return _error(400, message, "invalid_request_error", field)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -140,10 +155,10 @@ def build_app(llm: Any, settings: ServerSettings) -> FastAPI:
         if not path.startswith("/v1/"):
             return await call_next(request)
         if settings.api_key is not None and request.headers.get("authorization") != f"Bearer {settings.api_key}":
-            metrics.requests.labels(path, "401").inc()
+            metrics.requests.labels("unauthenticated", "401").inc()
             return _error(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error")
         if in_flight >= settings.max_concurrent_requests:
-            metrics.requests.labels(path, "429").inc()
+            metrics.requests.labels("rejected", "429").inc()
             return _error(
                 429, f"too many concurrent requests (limit {settings.max_concurrent_requests})", "rate_limit_error"
             )
@@ -155,8 +170,9 @@ def build_app(llm: Any, settings: ServerSettings) -> FastAPI:
         finally:
             in_flight -= 1
             metrics.in_flight.set(in_flight)
-        metrics.latency.labels(path).observe(time.perf_counter() - start)
-        metrics.requests.labels(path, str(response.status_code)).inc()
+        route = getattr(request.scope.get("route"), "path", "unmatched")  # bounded label values
+        metrics.latency.labels(route).observe(time.perf_counter() - start)
+        metrics.requests.labels(route, str(response.status_code)).inc()
         return response
 
     def check_model(name: str | None) -> None:
