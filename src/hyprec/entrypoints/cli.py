@@ -170,6 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-num-batched-tokens", type=int, default=16384, help="token budget of a forward pass")
     serve.add_argument("--max-model-len", type=int, help="context window (generative models)")
 
+    eds = sub.add_parser("embed-dataset", help="embed a .jsonl/.parquet file's text column on Ray actors")
+    eds.add_argument("--input", type=Path, required=True, help=".jsonl (JSON objects) or .parquet")
+    eds.add_argument("--output", type=Path, required=True, help="directory; writes embeddings.parquet there")
+    eds.add_argument("--model", default=None, help="model directory or alias (default: minilm)")
+    _add_model_options(eds)
+    eds.add_argument("--column", default="text", help="the text column (default: text)")
+    eds.add_argument("--ray-address", default="local", help="'local' (default) or a Ray cluster address")
+    eds.add_argument("--concurrency", type=int, default=2, help="actors, one engine each")
+    eds.add_argument("--batch-size", type=int, default=256, help="rows per actor call")
+    eds.add_argument("--num-cpus-per-actor", type=float, default=1.0, help="CPUs Ray reserves for each actor")
+
     info = sub.add_parser("info", help="architecture, sizes, resolved policy and pooling pipeline")
     info.add_argument("model", nargs="?", default=None)
     _add_model_options(info)
@@ -335,6 +346,28 @@ def cmd_serve(args: argparse.Namespace) -> None:
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
 
 
+def cmd_embed_dataset(args: argparse.Namespace) -> None:
+    from hyprec.ray import embed_dataset
+
+    options = {"dtype": args.dtype, "attn_dtype": args.attn_dtype, "kv_cache_dtype": args.kv_cache_dtype}
+    if args.precision_plan is not None:
+        options["precision_plan"] = str(args.precision_plan)
+    target = embed_dataset(
+        args.input,
+        args.output,
+        args.model,
+        ray_address=args.ray_address,
+        concurrency=args.concurrency,
+        column=args.column,
+        batch_size=args.batch_size,
+        num_cpus_per_actor=args.num_cpus_per_actor,
+        show_progress=not args.quiet,
+        device=args.device,
+        **options,
+    )
+    print(f"wrote {target}", file=sys.stderr)
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     info = _load(args, args.model).info()
     if args.json:
@@ -362,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
             "compare": cmd_compare,
             "repair": cmd_repair,
             "serve": cmd_serve,
+            "embed-dataset": cmd_embed_dataset,
         }[args.command](args)
     except HyprecError as exc:
         print(f"hyprec: error: {exc}", file=sys.stderr)

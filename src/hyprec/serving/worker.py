@@ -83,11 +83,16 @@ class EngineWorker:
 
     def __post_init__(self) -> None:
         self._thread = threading.Thread(target=self._run, name="hyprec-engine", daemon=True)
+        self._start_lock = threading.Lock()
         self._live: dict[str, GenerateJob] = {}
         self._guard_events = 0
 
     def start(self) -> None:
-        self._thread.start()
+        """Start the loop (idempotent: the app's lifespan starts it, and so does the first job, for hosts such as
+        Ray Serve that may not run lifespan events)."""
+        with self._start_lock:
+            if not self._thread.is_alive() and self._thread.ident is None:
+                self._thread.start()
 
     def stop(self) -> None:
         self.jobs.put(_Stop())
@@ -95,9 +100,11 @@ class EngineWorker:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and self.error is None
+        """Running, or not started yet (it starts with the first job); False once the loop died."""
+        return self.error is None and (self._thread.is_alive() or self._thread.ident is None)
 
     def submit(self, job: EmbedJob | GenerateJob | AbortJob) -> None:
+        self.start()
         self.jobs.put(job)
         self.metrics.queue_depth.set(self.jobs.qsize())
 
