@@ -157,7 +157,8 @@ def serve_app(
     _require_ray()
     from ray import serve
 
-    from hyprec.serving.app import ServerSettings, build_app
+    from hyprec.serving.app import build_app
+    from hyprec.serving.settings import ServerSettings
 
     settings = ServerSettings(model_name=model_name or str(model or "minilm"), **(server_options or {}))
 

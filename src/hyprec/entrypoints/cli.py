@@ -325,7 +325,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     try:
         import uvicorn
 
-        from hyprec.serving.app import ServerSettings, build_app
+        from hyprec.serving.app import build_app
+        from hyprec.serving.settings import ServerSettings
     except ImportError as exc:
         raise InvalidInputError(f"hyprec serve needs the 'serve' extra: pip install 'hyprec[serve]' ({exc})") from None
     for name in ("max_concurrent_requests", "max_inputs_per_request", "port"):

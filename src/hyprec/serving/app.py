@@ -9,21 +9,16 @@ which batches concurrent requests together. Every error leaves in OpenAI's shape
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -33,21 +28,20 @@ from hyprec.outputs import RequestOutput
 from hyprec.sampling_params import SamplingParams
 from hyprec.serving.metrics import ServerMetrics
 from hyprec.serving.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, error_body
-from hyprec.serving.worker import AbortJob, EmbedJob, EngineWorker, GenerateJob
+from hyprec.serving.responses import (
+    chat_logprobs,
+    completion_logprobs,
+    encode_embedding,
+    sse,
+    stream_chat,
+    stream_completions,
+    stream_updates,
+    usage,
+)
+from hyprec.serving.settings import ServerSettings
+from hyprec.serving.worker import EmbedJob, EngineWorker, GenerateJob
 
 log = logging.getLogger("hyprec")
-
-
-@dataclass
-class ServerSettings:
-    """Limits and identity of one server."""
-
-    model_name: str
-    api_key: str | None = None
-    max_concurrent_requests: int = 256  # 429 beyond
-    max_inputs_per_request: int = 2048  # 413 beyond
-    max_input_tokens: int | None = None  # 400 beyond, unless truncation is asked; default: the model's limit
-    request_timeout: float = 600.0  # seconds; 504 beyond
 
 
 class ApiError(Exception):
@@ -232,7 +226,7 @@ def build_app(llm: Any, settings: ServerSettings) -> FastAPI:
         tokens = sum(len(x) for x in ids)
         metrics.prompt_tokens.inc(tokens)
         data = [
-            {"object": "embedding", "index": i, "embedding": _encode(v, req.encoding_format)}
+            {"object": "embedding", "index": i, "embedding": encode_embedding(v, req.encoding_format)}
             for i, v in enumerate(vectors)
         ]
         return {
@@ -273,21 +267,13 @@ def build_app(llm: Any, settings: ServerSettings) -> FastAPI:
     async def finals(rids: list[str], updates: asyncio.Queue) -> dict[str, RequestOutput]:
         done: dict[str, RequestOutput] = {}
         try:
-            async with asyncio.timeout(settings.request_timeout):
-                while len(done) < len(rids):
-                    rid, item = await updates.get()
-                    if isinstance(item, BaseException):
-                        raise item
-                    if item.finished:
-                        done[rid] = item
+            async for rid, item in stream_updates(rids, updates, settings, worker):
+                if item.finished:
+                    done[rid] = item
         except TimeoutError:
             raise ApiError(504, f"request timed out after {settings.request_timeout:g} s", "timeout") from None
         except HyprecError as exc:
             raise engine_error(exc) from None
-        finally:
-            for rid in rids:
-                if rid not in done:
-                    worker.submit(AbortJob(rid))
         return done
 
     @app.post("/v1/completions", response_model=None)
@@ -303,7 +289,7 @@ def build_app(llm: Any, settings: ServerSettings) -> FastAPI:
         params = sampling(req, req.logprobs, req.max_tokens)
         base, rids, updates = await run(prompts, params, req.stream, "cmpl")
         if req.stream:
-            return _sse(_stream_completions(base, rids, updates, params, settings, worker, tok))
+            return sse(stream_completions(base, rids, updates, params, settings, worker, tok))
         done = await finals(rids, updates)
         choices, completion_tokens = [], 0
         for p, rid in enumerate(rids):
@@ -313,7 +299,7 @@ def build_app(llm: Any, settings: ServerSettings) -> FastAPI:
                     {
                         "index": p * params.n + out.index,
                         "text": (prompts[p][0] or "") + out.text if req.echo else out.text,
-                        "logprobs": _completion_logprobs(out, tok) if req.logprobs is not None else None,
+                        "logprobs": completion_logprobs(out, tok) if req.logprobs is not None else None,
                         "finish_reason": out.finish_reason,
                     }
                 )
@@ -325,7 +311,7 @@ def build_app(llm: Any, settings: ServerSettings) -> FastAPI:
             "created": int(time.time()),
             "model": settings.model_name,
             "choices": choices,
-            "usage": _usage(prompt_tokens, completion_tokens),
+            "usage": usage(prompt_tokens, completion_tokens),
         }
 
     @app.post("/v1/chat/completions", response_model=None)
@@ -344,7 +330,7 @@ def build_app(llm: Any, settings: ServerSettings) -> FastAPI:
         params = sampling(req, top if req.logprobs else None, req.max_completion_tokens or req.max_tokens)
         base, rids, updates = await run([prompt], params, req.stream, "chatcmpl")
         if req.stream:
-            return _sse(_stream_chat(base, rids[0], updates, params, settings, worker, tok, req.logprobs))
+            return sse(stream_chat(base, rids[0], updates, params, settings, worker, tok, req.logprobs))
         out = (await finals(rids, updates))[rids[0]]
         completion_tokens = sum(len(o.token_ids) for o in out.outputs)
         metrics.generation_tokens.inc(completion_tokens)
@@ -352,7 +338,7 @@ def build_app(llm: Any, settings: ServerSettings) -> FastAPI:
             {
                 "index": o.index,
                 "message": {"role": "assistant", "content": o.text},
-                "logprobs": {"content": _chat_logprobs(o.logprobs, o.token_ids, tok)} if req.logprobs else None,
+                "logprobs": {"content": chat_logprobs(o.logprobs, o.token_ids, tok)} if req.logprobs else None,
                 "finish_reason": o.finish_reason,
             }
             for o in out.outputs
@@ -363,7 +349,7 @@ def build_app(llm: Any, settings: ServerSettings) -> FastAPI:
             "created": int(time.time()),
             "model": settings.model_name,
             "choices": choices,
-            "usage": _usage(len(prompt[1]), completion_tokens),
+            "usage": usage(len(prompt[1]), completion_tokens),
         }
 
     return app
@@ -410,121 +396,3 @@ def _embedding_ids(
                                "set truncate_prompt_tokens to truncate", param="input")  # fmt: skip
         ids = [x[:keep] for x in ids]
     return ids, engine.prompt_length(prompt)
-
-
-def _encode(vector: np.ndarray, fmt: str) -> list[float] | str:
-    if fmt == "base64":  # what the openai client decodes: little-endian float32
-        return base64.b64encode(np.ascontiguousarray(vector, dtype="<f4").tobytes()).decode()
-    return vector.tolist()
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
-def _token_text(tok: Any, token_id: int) -> str:
-    return tok.decode([token_id]) if tok is not None else str(token_id)
-
-
-def _completion_logprobs(out: Any, tok: Any, start: int = 0) -> dict[str, Any]:
-    """The legacy completions ``logprobs`` object for tokens ``start..`` of a completion."""
-    tokens, chosen, tops = [], [], []
-    for token_id, lp in zip(out.token_ids[start:], (out.logprobs or [])[start:], strict=False):
-        tokens.append(_token_text(tok, token_id))
-        chosen.append(lp.get(token_id))
-        tops.append({_token_text(tok, t): v for t, v in lp.items()})
-    return {"tokens": tokens, "token_logprobs": chosen, "top_logprobs": tops, "text_offset": []}
-
-
-def _chat_logprobs(logprobs: list[dict[int, float]] | None, token_ids: list[int], tok: Any) -> list[dict[str, Any]]:
-    entries = []
-    for token_id, lp in zip(token_ids, logprobs or [], strict=False):
-        text = _token_text(tok, token_id)
-        entries.append(
-            {
-                "token": text,
-                "logprob": lp.get(token_id),
-                "bytes": list(text.encode()),
-                "top_logprobs": [
-                    {"token": _token_text(tok, t), "logprob": v, "bytes": list(_token_text(tok, t).encode())}
-                    for t, v in sorted(lp.items(), key=lambda kv: -kv[1])
-                ],
-            }
-        )
-    return entries
-
-
-def _sse(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
-    async def body() -> AsyncIterator[str]:
-        async for event in events:
-            yield f"data: {json.dumps(event)}\n\n"
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(body(), media_type="text/event-stream")
-
-
-async def _updates(rids: list[str], updates: asyncio.Queue, settings: ServerSettings, worker: EngineWorker):
-    """Yield (rid, RequestOutput) until every request finished; errors end the stream with an error event."""
-    finished: set[str] = set()
-    try:
-        async with asyncio.timeout(settings.request_timeout):
-            while len(finished) < len(rids):
-                rid, item = await updates.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if item.finished:
-                    finished.add(rid)
-                yield rid, item
-    finally:  # finished, failed, timed out, or the client went away
-        for rid in rids:
-            if rid not in finished:
-                worker.submit(AbortJob(rid))
-
-
-async def _stream_completions(base, rids, updates, params, settings, worker, tok) -> AsyncIterator[dict[str, Any]]:
-    sent: dict[tuple[str, int], tuple[int, int]] = {}  # (rid, index) -> (chars, tokens) already sent
-    try:
-        async for rid, out in _updates(rids, updates, settings, worker):
-            p = rids.index(rid)
-            for o in out.outputs:
-                chars, ntok = sent.get((rid, o.index), (0, 0))
-                if len(o.text) == chars and not o.finished:
-                    continue
-                sent[(rid, o.index)] = (len(o.text), len(o.token_ids))
-                choice = {
-                    "index": p * params.n + o.index,
-                    "text": o.text[chars:],
-                    "logprobs": _completion_logprobs(o, tok, ntok) if params.logprobs is not None else None,
-                    "finish_reason": o.finish_reason,
-                }
-                yield {"id": base, "object": "text_completion", "created": int(time.time()),
-                       "model": settings.model_name, "choices": [choice]}  # fmt: skip
-    except (HyprecError, TimeoutError) as exc:
-        yield error_body(str(exc) or "request timed out", "timeout" if isinstance(exc, TimeoutError) else "error", 500)
-
-
-async def _stream_chat(base, rid, updates, params, settings, worker, tok, logprobs) -> AsyncIterator[dict[str, Any]]:
-    def chunk(index: int, delta: dict, finish: str | None, lps: list | None = None) -> dict[str, Any]:
-        choice = {"index": index, "delta": delta, "logprobs": {"content": lps} if lps is not None else None,
-                  "finish_reason": finish}  # fmt: skip
-        return {"id": base, "object": "chat.completion.chunk", "created": int(time.time()),
-                "model": settings.model_name, "choices": [choice]}  # fmt: skip
-
-    for i in range(params.n):
-        yield chunk(i, {"role": "assistant", "content": ""}, None)
-    sent: dict[int, tuple[int, int]] = {}
-    try:
-        async for _, out in _updates([rid], updates, settings, worker):
-            for o in out.outputs:
-                chars, ntok = sent.get(o.index, (0, 0))
-                if len(o.text) == chars and not o.finished:
-                    continue
-                sent[o.index] = (len(o.text), len(o.token_ids))
-                lps = _chat_logprobs((o.logprobs or [])[ntok:], o.token_ids[ntok:], tok) if logprobs else None
-                yield chunk(o.index, {"content": o.text[chars:]}, o.finish_reason, lps)
-    except (HyprecError, TimeoutError) as exc:
-        yield error_body(str(exc) or "request timed out", "timeout" if isinstance(exc, TimeoutError) else "error", 500)
