@@ -31,6 +31,7 @@ from hyprec.serving.protocol import ChatCompletionRequest, CompletionRequest, Em
 from hyprec.serving.responses import (
     chat_logprobs,
     completion_logprobs,
+    completion_object,
     encode_embedding,
     sse,
     stream_chat,
@@ -305,14 +306,9 @@ def build_app(llm: Any, settings: ServerSettings) -> FastAPI:
                 )
         metrics.generation_tokens.inc(completion_tokens)
         prompt_tokens = sum(len(x) for _, x in prompts)
-        return {
-            "id": base,
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": settings.model_name,
-            "choices": choices,
-            "usage": usage(prompt_tokens, completion_tokens),
-        }
+        return completion_object(
+            base, "text_completion", settings.model_name, choices, usage(prompt_tokens, completion_tokens)
+        )
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(req: ChatCompletionRequest) -> Any:
@@ -343,14 +339,9 @@ def build_app(llm: Any, settings: ServerSettings) -> FastAPI:
             }
             for o in out.outputs
         ]
-        return {
-            "id": base,
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": settings.model_name,
-            "choices": choices,
-            "usage": usage(len(prompt[1]), completion_tokens),
-        }
+        return completion_object(
+            base, "chat.completion", settings.model_name, choices, usage(len(prompt[1]), completion_tokens)
+        )
 
     return app
 

@@ -24,6 +24,16 @@ def encode_embedding(vector: np.ndarray, fmt: str) -> list[float] | str:
     return vector.tolist()
 
 
+def completion_object(
+    request_id: str, kind: str, model: str, choices: list[dict[str, Any]], tokens: dict[str, int] | None = None
+) -> dict[str, Any]:
+    """A completion, chat completion, or one streamed chunk of either."""
+    out = {"id": request_id, "object": kind, "created": int(time.time()), "model": model, "choices": choices}
+    if tokens is not None:
+        out["usage"] = tokens
+    return out
+
+
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {
         "prompt_tokens": prompt_tokens,
@@ -107,8 +117,7 @@ async def stream_completions(base, rids, updates, params, settings, worker, tok)
                     "logprobs": completion_logprobs(o, tok, ntok) if params.logprobs is not None else None,
                     "finish_reason": o.finish_reason,
                 }
-                yield {"id": base, "object": "text_completion", "created": int(time.time()),
-                       "model": settings.model_name, "choices": [choice]}  # fmt: skip
+                yield completion_object(base, "text_completion", settings.model_name, [choice])
     except (HyprecError, TimeoutError) as exc:
         yield error_body(str(exc) or "request timed out", "timeout" if isinstance(exc, TimeoutError) else "error", 500)
 
@@ -117,8 +126,7 @@ async def stream_chat(base, rid, updates, params, settings, worker, tok, logprob
     def chunk(index: int, delta: dict, finish: str | None, lps: list | None = None) -> dict[str, Any]:
         choice = {"index": index, "delta": delta, "logprobs": {"content": lps} if lps is not None else None,
                   "finish_reason": finish}  # fmt: skip
-        return {"id": base, "object": "chat.completion.chunk", "created": int(time.time()),
-                "model": settings.model_name, "choices": [choice]}  # fmt: skip
+        return completion_object(base, "chat.completion.chunk", settings.model_name, [choice])
 
     for i in range(params.n):
         yield chunk(i, {"role": "assistant", "content": ""}, None)
