@@ -83,7 +83,7 @@ def main() -> None:
         **{name: LLM(args.model, precision_plan=plan, **small) for name, plan in plans.items()},
     }
     tok = engines["float32"].engine.tokenizer
-    held_out = [tok.encode(t)[:256] for t in default_calibration_texts(True)[1::2]]
+    held_out = [tok.encode(t)[:256] for t in default_calibration_texts(True, 16)[1::2]]  # what repair held out
     prompts = [tok.encode(t)[:64] for t in default_calibration_texts(True)[:8]]
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
 

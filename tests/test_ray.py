@@ -56,6 +56,22 @@ def test_map_batches_on_two_actors_matches_llm_embed(local_ray, offline, texts):
     assert_same_rows(got, offline.embed(texts))
 
 
+def test_each_actor_call_is_exactly_llm_embed_of_its_batch(local_ray, offline, texts):
+    # Two blocks of 150 rows, one actor call per block: the same inputs in the same batch as LLM.embed gets.
+    ds = ray.data.from_items([{"text": t} for t in texts], override_num_blocks=2)
+    out = ds.map_batches(
+        EmbedBatch,
+        fn_constructor_kwargs={"model": "minilm"},
+        compute=ray.data.ActorPoolStrategy(size=2),
+        batch_size=None,
+        num_cpus=0.5,
+        batch_format="pyarrow",
+    ).take_all()
+    got = np.array([row["embedding"] for row in out], dtype=np.float32)
+    half = len(texts) // 2
+    np.testing.assert_array_equal(got, np.concatenate([offline.embed(texts[:half]), offline.embed(texts[half:])]))
+
+
 def test_embed_dataset_cli_writes_parquet_in_input_order(local_ray, offline, tmp_path, texts):
     source = tmp_path / "corpus.jsonl"
     rows = [{"doc": f"d{i}", "text": t} for i, t in enumerate(texts[:40])]

@@ -150,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="least top-1 agreement with float32 (decoders, default 0.995) or least cosine (encoders, 0.9999)",
     )
+    rep.add_argument(
+        "--search-margin",
+        type=float,
+        help="accept candidates only at tolerance + margin (default: one standard error of the top-1 rate)",
+    )
     rep.add_argument("--texts", type=Path, help="calibration texts (.txt or .jsonl); default: built-in real text")
     rep.add_argument("--max-tokens", type=int, default=256, help="tokens per calibration text (decoders)")
     rep.add_argument("--output", type=Path, default=Path("precision-plan.json"), help="plan file (.json)")
@@ -307,6 +312,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
         args.model,
         target=args.target,
         tolerance=args.tolerance,
+        search_margin=args.search_margin,
         texts=texts,
         max_tokens=args.max_tokens,
         device=args.device,

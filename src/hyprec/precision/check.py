@@ -236,14 +236,14 @@ def judge(rows: list[LayerActivity]) -> tuple[dict[str, Verdict], str]:
     return verdicts, recommended
 
 
-def default_calibration_texts(generative: bool) -> list[str]:
-    """Built-in real text: long pydoc pages for decoders (activations grow with context), the evaluation mix
-    (long, medium and very short texts) for encoders."""
+def default_calibration_texts(generative: bool, n: int = 8) -> list[str]:
+    """Built-in real text: the ``n`` longest pydoc pages for decoders (activations grow with context), ``8 * n``
+    texts of the evaluation mix (long, medium and very short) for encoders."""
     from hyprec.texts import evaluation_texts, pydoc_topics
 
     if generative:
-        return sorted(pydoc_topics().values(), key=len, reverse=True)[:8]
-    return evaluation_texts(64)
+        return sorted(pydoc_topics().values(), key=len, reverse=True)[:n]
+    return evaluation_texts(8 * n)
 
 
 @torch.no_grad()

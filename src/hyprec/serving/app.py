@@ -40,7 +40,7 @@ from hyprec.serving.responses import (
     usage,
 )
 from hyprec.serving.settings import ServerSettings
-from hyprec.serving.worker import EmbedJob, EngineWorker, GenerateJob
+from hyprec.serving.worker import EmbedJob, EngineDeadError, EngineWorker, GenerateJob
 
 log = logging.getLogger("hyprec")
 
@@ -139,6 +139,8 @@ def build_app(llm: Any, settings: ServerSettings) -> FastAPI:
     def engine_error(exc: HyprecError) -> ApiError:
         if isinstance(exc, NonFiniteOutputError):
             return ApiError(500, str(exc), "numerical_error")
+        if isinstance(exc, EngineDeadError):
+            return ApiError(503, str(exc), "service_unavailable")
         return ApiError(400, str(exc))
 
     # -------------------------------------------------------------- limits, auth, metrics
@@ -217,8 +219,8 @@ def build_app(llm: Any, settings: ServerSettings) -> FastAPI:
         ids, prompt_len = await run_in_threadpool(_embedding_ids, engine, settings, req, texts, ids)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        worker.submit(EmbedJob(ids, prompt_len, req.normalize, req.dimensions, future, loop))
         try:
+            worker.submit(EmbedJob(ids, prompt_len, req.normalize, req.dimensions, future, loop))
             vectors = await asyncio.wait_for(future, settings.request_timeout)
         except TimeoutError:
             raise ApiError(504, f"request timed out after {settings.request_timeout:g} s", "timeout") from None
@@ -261,7 +263,10 @@ def build_app(llm: Any, settings: ServerSettings) -> FastAPI:
         base = f"{kind}-{uuid.uuid4().hex}"
         rids = [f"{base}-{i}" for i in range(len(prompts))]
         for rid, (text, ids) in zip(rids, prompts, strict=True):
-            worker.submit(GenerateJob(rid, text, ids, params, _Tagged(rid, updates), loop))
+            try:
+                worker.submit(GenerateJob(rid, text, ids, params, _Tagged(rid, updates), loop))
+            except EngineDeadError as exc:
+                raise engine_error(exc) from None
             metrics.prompt_tokens.inc(len(ids))
         return base, rids, updates
 
@@ -323,7 +328,9 @@ def build_app(llm: Any, settings: ServerSettings) -> FastAPI:
         except HyprecError as exc:
             raise ApiError(400, str(exc), param="messages") from None
         top = req.top_logprobs or 0
-        params = sampling(req, top if req.logprobs else None, req.max_completion_tokens or req.max_tokens)
+        # Like OpenAI and vLLM, a chat reply may run to the end of the context window unless limited.
+        max_tokens = req.max_completion_tokens or req.max_tokens or max(1, engine.max_model_len - len(prompt[1]) - 1)
+        params = sampling(req, top if req.logprobs else None, max_tokens)
         base, rids, updates = await run([prompt], params, req.stream, "chatcmpl")
         if req.stream:
             return sse(stream_chat(base, rids[0], updates, params, settings, worker, tok, req.logprobs))

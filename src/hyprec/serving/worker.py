@@ -33,6 +33,10 @@ from hyprec.serving.metrics import ServerMetrics
 log = logging.getLogger("hyprec")
 
 
+class EngineDeadError(HyprecError):
+    """The engine loop died (its error is in the message); the server answers 503 from then on."""
+
+
 @dataclass
 class EmbedJob:
     ids: list[list[int]]
@@ -104,6 +108,9 @@ class EngineWorker:
         return self.error is None and (self._thread.is_alive() or self._thread.ident is None)
 
     def submit(self, job: EmbedJob | GenerateJob | AbortJob) -> None:
+        """Queue a job for the loop. Raises :class:`EngineDeadError` once the loop has died."""
+        if self.error is not None:
+            raise EngineDeadError(f"the engine loop stopped: {self.error!r}")
         self.start()
         self.jobs.put(job)
         self.metrics.queue_depth.set(self.jobs.qsize())
@@ -171,8 +178,10 @@ class EngineWorker:
             vectors = self.engine.embed_token_ids(
                 ids, prompt_len=first.prompt_len, normalize=first.normalize, dimensions=first.dimensions
             )
-        except HyprecError as exc:
+        except Exception as exc:  # any failure stays with the job that caused it; the loop goes on
             if len(jobs) == 1:
+                if not isinstance(exc, HyprecError):
+                    log.exception("hyprec: embedding batch failed")
                 _resolve(first, exception=exc)
                 return
             for job in jobs:  # find the culprit: each job alone, so only it fails

@@ -1,0 +1,77 @@
+"""The server's engine loop in-process (FastAPI's TestClient / httpx ASGI transport) on tiny zoo models:
+back-pressure, a dead engine loop, and the guard metric."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed")
+
+import httpx
+from fastapi.testclient import TestClient
+
+from hyprec import LLM, SamplingParams
+from hyprec.serving.app import build_app
+from hyprec.serving.settings import ServerSettings
+from zoo import clean_bert, clean_llama
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+PROMPT = [5, 6, 7, 8]
+
+
+@pytest.fixture
+def llama(tmp_path):
+    clean_llama(tmp_path)
+    return LLM(tmp_path, max_model_len=128, num_kv_blocks=16)
+
+
+def test_dead_engine_loop_fails_requests_and_health(llama):
+    expected = llama.generate([PROMPT], SamplingParams(temperature=0, max_tokens=3))[0].outputs[0].token_ids
+    with TestClient(build_app(llama, ServerSettings("zoo"))) as client:
+        ok = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 3, "temperature": 0, "logprobs": 0})
+        assert ok.status_code == 200, ok.text
+        assert len(ok.json()["choices"][0]["logprobs"]["tokens"]) == len(expected)
+
+        def broken_step():
+            raise RuntimeError("simulated engine failure")
+
+        llama.engine.step = broken_step
+        failed = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 3})
+        assert failed.status_code == 500 and "Traceback" not in failed.text
+        assert failed.json()["error"]["type"] == "internal_error"
+        health = client.get("/health")
+        assert health.status_code == 503 and "simulated engine failure" in health.json()["error"]["message"]
+        after = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 3})
+        assert after.status_code == 503 and after.json()["error"]["type"] == "service_unavailable"
+
+
+def test_concurrency_limit_answers_429(tmp_path):
+    clean_bert(tmp_path)
+    app = build_app(LLM(tmp_path), ServerSettings("zoo", max_concurrent_requests=1))
+
+    async def fire():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            return await asyncio.gather(
+                *(http.post("/v1/embeddings", json={"input": [[2, 10, 11, 3]] * 64}) for _ in range(6))
+            )
+
+    statuses = sorted(r.status_code for r in asyncio.run(fire()))
+    assert statuses[0] == 200 and 429 in statuses, statuses
+    rejected = next(r for r in asyncio.run(fire()) if r.status_code == 429)
+    assert rejected.json()["error"]["type"] == "rate_limit_error" and "limit 1" in rejected.json()["error"]["message"]
+
+
+def test_guard_fallback_is_counted_in_metrics(tmp_path):
+    from zoo import massive_residual
+
+    massive_residual(tmp_path)
+    llm = LLM(tmp_path, dtype="float16", max_model_len=128, num_kv_blocks=16)
+    with TestClient(build_app(llm, ServerSettings("zoo"))) as client:
+        r = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "temperature": 0})
+        assert r.status_code == 200, r.text
+        metrics = client.get("/metrics").text
+    assert 'hyprec_precision_guard_events_total{policy="float16",quantity="residual stream"} 1.0' in metrics
+    assert 'policy="hybrid-fp16"' in metrics  # the model gauge follows the fallback
