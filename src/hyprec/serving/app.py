@@ -162,14 +162,16 @@ def build_app(llm: Any, settings: ServerSettings) -> FastAPI:
         in_flight += 1
         metrics.in_flight.set(in_flight)
         start = time.perf_counter()
+        status = "500"  # unless a response comes back: an unhandled error becomes a 500 further out
         try:
             response = await call_next(request)
+            status = str(response.status_code)
         finally:
             in_flight -= 1
             metrics.in_flight.set(in_flight)
-        route = getattr(request.scope.get("route"), "path", "unmatched")  # bounded label values
-        metrics.latency.labels(route).observe(time.perf_counter() - start)
-        metrics.requests.labels(route, str(response.status_code)).inc()
+            route = getattr(request.scope.get("route"), "path", "unmatched")  # bounded label values
+            metrics.latency.labels(route).observe(time.perf_counter() - start)
+            metrics.requests.labels(route, status).inc()
         return response
 
     def check_model(name: str | None) -> None:
