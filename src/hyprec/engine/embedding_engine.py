@@ -196,7 +196,7 @@ class EmbeddingEngine(GuardedEngine):
         leading tokens of every input belong to a prompt (excluded from pooling when the pipeline says so)."""
         if dimensions is not None:
             dimensions = _positive_int(dimensions, "dimensions", self.dimension)
-        self._check_ids(ids)
+        ids = self._check_ids(ids)
         out = np.empty((len(ids), dimensions or self.dimension), dtype=np.float32)
         stats = BatchStats()
         max_seqs = max_seqs or self.engine_config.max_num_seqs

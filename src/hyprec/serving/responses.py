@@ -15,7 +15,7 @@ from fastapi.responses import StreamingResponse
 from hyprec.errors import HyprecError
 from hyprec.serving.protocol import error_body
 from hyprec.serving.settings import ServerSettings
-from hyprec.serving.worker import AbortJob, EngineWorker
+from hyprec.serving.worker import EngineWorker
 
 
 def encode_embedding(vector: np.ndarray, fmt: str) -> list[float] | str:
@@ -98,7 +98,7 @@ async def stream_updates(rids: list[str], updates: asyncio.Queue, settings: Serv
     finally:  # finished, failed, timed out, or the client went away
         for rid in rids:
             if rid not in finished:
-                worker.submit(AbortJob(rid))
+                worker.abort(rid)
 
 
 async def stream_completions(base, rids, updates, params, settings, worker, tok) -> AsyncIterator[dict[str, Any]]:

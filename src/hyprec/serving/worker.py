@@ -115,6 +115,11 @@ class EngineWorker:
         self.jobs.put(job)
         self.metrics.queue_depth.set(self.jobs.qsize())
 
+    def abort(self, request_id: str) -> None:
+        """Stop generating for a request whose client is gone or failed (a no-op once the loop has died)."""
+        if self.error is None:
+            self.submit(AbortJob(request_id))
+
     # ------------------------------------------------------------------ the loop
 
     def _run(self) -> None:
