@@ -76,3 +76,37 @@ def test_guard_fallback_is_counted_in_metrics(tmp_path):
         metrics = client.get("/metrics").text
     assert 'hyprec_precision_guard_events_total{policy="float16",quantity="residual stream"} 1.0' in metrics
     assert 'policy="hybrid-fp16"' in metrics  # the model gauge follows the fallback
+
+
+def test_streamed_requests_count_as_in_flight_until_their_last_event(tmp_path):
+    from fastapi.responses import StreamingResponse
+
+    clean_bert(tmp_path)
+    app = build_app(LLM(tmp_path), ServerSettings("zoo", max_concurrent_requests=1))
+    release = asyncio.Event()
+
+    async def slow_stream():
+        async def body():
+            yield b"data: first\n\n"
+            await release.wait()
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    app.add_api_route("/v1/slow", slow_stream, methods=["GET"])
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            streaming = asyncio.create_task(http.get("/v1/slow"))
+            await asyncio.sleep(0.1)  # the stream has started and waits for its last event
+            during = await http.post("/v1/embeddings", json={"input": [[2, 10, 3]]})
+            release.set()
+            finished = await streaming
+            after = await http.post("/v1/embeddings", json={"input": [[2, 10, 3]]})
+            return during, finished, after
+
+    during, finished, after = asyncio.run(scenario())
+    assert during.status_code == 429
+    assert finished.status_code == 200 and finished.text.endswith("data: [DONE]\n\n")
+    assert after.status_code == 200

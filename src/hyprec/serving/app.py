@@ -162,16 +162,32 @@ def build_app(llm: Any, settings: ServerSettings) -> FastAPI:
         in_flight += 1
         metrics.in_flight.set(in_flight)
         start = time.perf_counter()
-        status = "500"  # unless a response comes back: an unhandled error becomes a 500 further out
-        try:
-            response = await call_next(request)
-            status = str(response.status_code)
-        finally:
+
+        def finish(status: str) -> None:
+            # A request counts as in flight, and its latency runs, until its body is sent: for a streamed
+            # completion that is the last event, not the response headers.
+            nonlocal in_flight
             in_flight -= 1
             metrics.in_flight.set(in_flight)
             route = getattr(request.scope.get("route"), "path", "unmatched")  # bounded label values
             metrics.latency.labels(route).observe(time.perf_counter() - start)
             metrics.requests.labels(route, status).inc()
+
+        try:
+            response = await call_next(request)
+        except BaseException:
+            finish("500")  # an unhandled error becomes a 500 further out
+            raise
+        body = response.body_iterator
+
+        async def counted_body():
+            try:
+                async for chunk in body:
+                    yield chunk
+            finally:
+                finish(str(response.status_code))
+
+        response.body_iterator = counted_body()
         return response
 
     def check_model(name: str | None) -> None:
