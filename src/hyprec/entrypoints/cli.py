@@ -193,22 +193,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _llm_options(args: argparse.Namespace) -> dict[str, object]:
+    """The :class:`hyprec.LLM` keyword arguments a subcommand's model options ask for."""
+    options: dict[str, object] = {
+        "dtype": args.dtype,
+        "attn_dtype": args.attn_dtype,
+        "kv_cache_dtype": args.kv_cache_dtype,
+        "device": args.device,
+    }
+    for name in ("max_model_len", "max_num_batched_tokens", "precision_plan"):
+        if getattr(args, name, None) is not None:
+            options[name] = getattr(args, name)
+    return options
+
+
 def _load(args: argparse.Namespace, model: str | None):
     from hyprec.entrypoints.llm import LLM  # imported late: `hyprec --help` stays fast
 
-    extra = {"max_model_len": args.max_model_len} if getattr(args, "max_model_len", None) else {}
-    if getattr(args, "max_num_batched_tokens", None):
-        extra["max_num_batched_tokens"] = args.max_num_batched_tokens
-    if args.precision_plan is not None:
-        extra["precision_plan"] = args.precision_plan
-    return LLM(
-        model,
-        dtype=args.dtype,
-        attn_dtype=args.attn_dtype,
-        kv_cache_dtype=args.kv_cache_dtype,
-        device=args.device,
-        **extra,
-    )
+    return LLM(model, **_llm_options(args))
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -356,9 +358,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_embed_dataset(args: argparse.Namespace) -> None:
     from hyprec.ray import embed_dataset
 
-    options = {"dtype": args.dtype, "attn_dtype": args.attn_dtype, "kv_cache_dtype": args.kv_cache_dtype}
-    if args.precision_plan is not None:
-        options["precision_plan"] = str(args.precision_plan)
     target = embed_dataset(
         args.input,
         args.output,
@@ -369,8 +368,7 @@ def cmd_embed_dataset(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         num_cpus_per_actor=args.num_cpus_per_actor,
         show_progress=not args.quiet,
-        device=args.device,
-        **options,
+        **_llm_options(args),
     )
     print(f"wrote {target}", file=sys.stderr)
 

@@ -96,9 +96,15 @@ def _neighbours(x: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-sim, axis=1, kind="stable")[:, :k]
 
 
+def row_cosines(ours: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row of ``ours`` with the same row of ``ref``, computed in float64."""
+    a, b = ours.astype(np.float64), ref.astype(np.float64)
+    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+
+
 def embedding_metrics(ours: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     a, b = ours.astype(np.float64), ref.astype(np.float64)
-    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+    cos = row_cosines(a, b)
     k = min(TOP_K, len(a) - 1)
     na, nb = _neighbours(a, k), _neighbours(b, k)
     overlap = np.mean([len(set(x) & set(y)) / k for x, y in zip(na, nb, strict=True)]) if k else 1.0

@@ -35,6 +35,7 @@ from hyprec.dtype_policy import plan_policy
 from hyprec.errors import InvalidInputError, NonFiniteOutputError
 from hyprec.precision.attention_bounds import fp16_attention_check
 from hyprec.precision.check import FP16_MAX, RISK_MARGIN, default_calibration_texts, record_activity
+from hyprec.precision.compare import row_cosines
 from hyprec.precision.plan import LayerPrecision, PrecisionPlan, model_fingerprint
 
 log = logging.getLogger("hyprec")
@@ -110,8 +111,7 @@ class _Reference:
             ours = self._embed()
         except NonFiniteOutputError:
             return {"min_cosine": float("nan"), "mean_cosine": float("nan"), "non_finite": len(self.ids)}
-        a, b = ours.astype(np.float64), self.embeddings.astype(np.float64)
-        cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+        cos = row_cosines(ours, self.embeddings)
         bad = int((~np.isfinite(cos)).sum())
         return {
             "min_cosine": float(np.nanmin(cos)) if not bad else float("nan"),

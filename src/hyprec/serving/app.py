@@ -136,6 +136,9 @@ def build_app(llm: Any, settings: ServerSettings) -> FastAPI:
         log.exception("hyprec: unhandled error", exc_info=exc)
         return _error(500, "internal server error (see the server log)", "internal_error")
 
+    def timed_out() -> ApiError:
+        return ApiError(504, f"request timed out after {settings.request_timeout:g} s", "timeout")
+
     def engine_error(exc: HyprecError) -> ApiError:
         if isinstance(exc, NonFiniteOutputError):
             return ApiError(500, str(exc), "numerical_error")
@@ -241,7 +244,7 @@ def build_app(llm: Any, settings: ServerSettings) -> FastAPI:
             worker.submit(EmbedJob(ids, prompt_len, req.normalize, req.dimensions, future, loop))
             vectors = await asyncio.wait_for(future, settings.request_timeout)
         except TimeoutError:
-            raise ApiError(504, f"request timed out after {settings.request_timeout:g} s", "timeout") from None
+            raise timed_out() from None
         except HyprecError as exc:
             raise engine_error(exc) from None
         tokens = sum(len(x) for x in ids)
@@ -269,8 +272,8 @@ def build_app(llm: Any, settings: ServerSettings) -> FastAPI:
         except HyprecError as exc:
             raise ApiError(400, str(exc)) from None
 
-    async def run(prompts: list[tuple[str | None, list[int]]], params: SamplingParams, stream: bool, kind: str):
-        """Submit every prompt; returns (request ids, queue of (request id, update))."""
+    async def run(prompts: list[tuple[str | None, list[int]]], params: SamplingParams, kind: str):
+        """Validate and submit every prompt; returns (response id, request ids, queue of (request id, update))."""
         for i, (_, ids) in enumerate(prompts):
             try:
                 engine.validate_request(ids, params, where=f"prompt {i}" if len(prompts) > 1 else "prompt")
@@ -295,7 +298,7 @@ def build_app(llm: Any, settings: ServerSettings) -> FastAPI:
                 if item.finished:
                     done[rid] = item
         except TimeoutError:
-            raise ApiError(504, f"request timed out after {settings.request_timeout:g} s", "timeout") from None
+            raise timed_out() from None
         except HyprecError as exc:
             raise engine_error(exc) from None
         return done
@@ -311,7 +314,7 @@ def build_app(llm: Any, settings: ServerSettings) -> FastAPI:
             raise ApiError(400, "this model has no tokenizer; send prompts as token ids", param="prompt")
         prompts = [(t, tok.encode(t)) for t in texts] if texts is not None else [(None, x) for x in ids]
         params = sampling(req, req.logprobs, req.max_tokens)
-        base, rids, updates = await run(prompts, params, req.stream, "cmpl")
+        base, rids, updates = await run(prompts, params, "cmpl")
         if req.stream:
             return sse(stream_completions(base, rids, updates, params, settings, worker, tok))
         done = await finals(rids, updates)
@@ -349,7 +352,7 @@ def build_app(llm: Any, settings: ServerSettings) -> FastAPI:
         # Like OpenAI and vLLM, a chat reply may run to the end of the context window unless limited.
         max_tokens = req.max_completion_tokens or req.max_tokens or max(1, engine.max_model_len - len(prompt[1]) - 1)
         params = sampling(req, top if req.logprobs else None, max_tokens)
-        base, rids, updates = await run([prompt], params, req.stream, "chatcmpl")
+        base, rids, updates = await run([prompt], params, "chatcmpl")
         if req.stream:
             return sse(stream_chat(base, rids[0], updates, params, settings, worker, tok, req.logprobs))
         out = (await finals(rids, updates))[rids[0]]

@@ -57,21 +57,19 @@ def completion_logprobs(out: Any, tok: Any, start: int = 0) -> dict[str, Any]:
 
 
 def chat_logprobs(logprobs: list[dict[int, float]] | None, token_ids: list[int], tok: Any) -> list[dict[str, Any]]:
-    entries = []
-    for token_id, lp in zip(token_ids, logprobs or [], strict=False):
+    """The chat ``logprobs.content`` entries: each chosen token with its top alternatives, best first."""
+
+    def entry(token_id: int, logprob: float | None) -> dict[str, Any]:
         text = token_text(tok, token_id)
-        entries.append(
-            {
-                "token": text,
-                "logprob": lp.get(token_id),
-                "bytes": list(text.encode()),
-                "top_logprobs": [
-                    {"token": token_text(tok, t), "logprob": v, "bytes": list(token_text(tok, t).encode())}
-                    for t, v in sorted(lp.items(), key=lambda kv: -kv[1])
-                ],
-            }
-        )
-    return entries
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    def best_first(lp: dict[int, float]) -> list[dict[str, Any]]:
+        return [entry(t, v) for t, v in sorted(lp.items(), key=lambda kv: -kv[1])]
+
+    return [
+        {**entry(token_id, lp.get(token_id)), "top_logprobs": best_first(lp)}
+        for token_id, lp in zip(token_ids, logprobs or [], strict=False)
+    ]
 
 
 def sse(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
@@ -101,25 +99,36 @@ async def stream_updates(rids: list[str], updates: asyncio.Queue, settings: Serv
                 worker.abort(rid)
 
 
-async def stream_completions(base, rids, updates, params, settings, worker, tok) -> AsyncIterator[dict[str, Any]]:
+async def _deltas(rids: list[str], updates: asyncio.Queue, settings: ServerSettings, worker: EngineWorker):
+    """Per completion, what is new since the last event: yields (rid, completion, new text, first new token)."""
     sent: dict[tuple[str, int], tuple[int, int]] = {}  # (rid, index) -> (chars, tokens) already sent
+    async for rid, out in stream_updates(rids, updates, settings, worker):
+        for o in out.outputs:
+            chars, ntok = sent.get((rid, o.index), (0, 0))
+            if len(o.text) == chars and not o.finished:
+                continue
+            sent[(rid, o.index)] = (len(o.text), len(o.token_ids))
+            yield rid, o, o.text[chars:], ntok
+
+
+def _stream_error(exc: BaseException) -> dict[str, Any]:
+    """The last event of a stream that failed or timed out (the status line has already been sent)."""
+    timed_out = isinstance(exc, TimeoutError)
+    return error_body(str(exc) or "request timed out", "timeout" if timed_out else "error", 500)
+
+
+async def stream_completions(base, rids, updates, params, settings, worker, tok) -> AsyncIterator[dict[str, Any]]:
     try:
-        async for rid, out in stream_updates(rids, updates, settings, worker):
-            p = rids.index(rid)
-            for o in out.outputs:
-                chars, ntok = sent.get((rid, o.index), (0, 0))
-                if len(o.text) == chars and not o.finished:
-                    continue
-                sent[(rid, o.index)] = (len(o.text), len(o.token_ids))
-                choice = {
-                    "index": p * params.n + o.index,
-                    "text": o.text[chars:],
-                    "logprobs": completion_logprobs(o, tok, ntok) if params.logprobs is not None else None,
-                    "finish_reason": o.finish_reason,
-                }
-                yield completion_object(base, "text_completion", settings.model_name, [choice])
+        async for rid, o, text, ntok in _deltas(rids, updates, settings, worker):
+            choice = {
+                "index": rids.index(rid) * params.n + o.index,
+                "text": text,
+                "logprobs": completion_logprobs(o, tok, ntok) if params.logprobs is not None else None,
+                "finish_reason": o.finish_reason,
+            }
+            yield completion_object(base, "text_completion", settings.model_name, [choice])
     except (HyprecError, TimeoutError) as exc:
-        yield error_body(str(exc) or "request timed out", "timeout" if isinstance(exc, TimeoutError) else "error", 500)
+        yield _stream_error(exc)
 
 
 async def stream_chat(base, rid, updates, params, settings, worker, tok, logprobs) -> AsyncIterator[dict[str, Any]]:
@@ -130,15 +139,9 @@ async def stream_chat(base, rid, updates, params, settings, worker, tok, logprob
 
     for i in range(params.n):
         yield chunk(i, {"role": "assistant", "content": ""}, None)
-    sent: dict[int, tuple[int, int]] = {}
     try:
-        async for _, out in stream_updates([rid], updates, settings, worker):
-            for o in out.outputs:
-                chars, ntok = sent.get(o.index, (0, 0))
-                if len(o.text) == chars and not o.finished:
-                    continue
-                sent[o.index] = (len(o.text), len(o.token_ids))
-                lps = chat_logprobs((o.logprobs or [])[ntok:], o.token_ids[ntok:], tok) if logprobs else None
-                yield chunk(o.index, {"content": o.text[chars:]}, o.finish_reason, lps)
+        async for _, o, text, ntok in _deltas([rid], updates, settings, worker):
+            lps = chat_logprobs((o.logprobs or [])[ntok:], o.token_ids[ntok:], tok) if logprobs else None
+            yield chunk(o.index, {"content": text}, o.finish_reason, lps)
     except (HyprecError, TimeoutError) as exc:
-        yield error_body(str(exc) or "request timed out", "timeout" if isinstance(exc, TimeoutError) else "error", 500)
+        yield _stream_error(exc)

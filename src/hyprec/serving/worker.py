@@ -20,7 +20,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -169,11 +169,13 @@ class EngineWorker:
         for group in groups.values():
             # Split a group that exceeds the token budget of one turn into several engine calls.
             batch: list[EmbedJob] = []
+            tokens = 0
             for job in group:
-                if batch and sum(j.tokens for j in batch) + job.tokens > self.max_batch_tokens:
+                if batch and tokens + job.tokens > self.max_batch_tokens:
                     self._embed_group(batch)
-                    batch = []
+                    batch, tokens = [], 0
                 batch.append(job)
+                tokens += job.tokens
             self._embed_group(batch)
 
     def _embed_group(self, jobs: list[EmbedJob]) -> None:
@@ -239,8 +241,6 @@ class EngineWorker:
 
 def _snapshot(out: RequestOutput) -> RequestOutput:
     """A copy the event loop can read while the engine keeps mutating its own objects."""
-    from dataclasses import replace
-
     return replace(out, outputs=[replace(o, token_ids=list(o.token_ids)) for o in out.outputs])
 
 
