@@ -109,11 +109,16 @@ class EngineConfig:
     on_nonfinite: str = "fallback"  # fallback | raise | ignore
     # A precision plan from `hyprec repair` (path or PrecisionPlan); it sets every dtype per layer.
     precision_plan: Any = None
+    # Batch invariance: an input's result is bit-identical whatever it is batched with (fixed-size GEMM row tiles,
+    # attention per group of equal-length sequences, position-aligned prefill chunks). Costs speed; see README.
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         self.device = resolve_device(self.device)
         for name in ("max_num_batched_tokens", "max_num_seqs", "block_size", "kv_cache_memory"):
             _check_positive(name, getattr(self, name))
+        if not isinstance(self.deterministic, bool):
+            raise ConfigError(f"deterministic={self.deterministic!r}: expected True or False")
         if self.on_nonfinite not in ("fallback", "raise", "ignore"):
             raise ConfigError(f"on_nonfinite={self.on_nonfinite!r}: expected one of fallback, raise, ignore")
         for name in ("max_model_len", "num_kv_blocks"):

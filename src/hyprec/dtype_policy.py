@@ -112,6 +112,7 @@ def resolve_policy(
     kv_cache_dtype: str | torch.dtype = "auto",
     *,
     checkpoint_dtype: torch.dtype = torch.float32,
+    checkpoint_storage: str | None = None,
     fp16_attention_safe: Callable[[], tuple[bool, str]] | None = None,
 ) -> DtypePolicy:
     """Validate the user's dtype names and resolve every ``auto``.
@@ -122,7 +123,9 @@ def resolve_policy(
         attn_dtype: ``auto`` | ``float32`` | ``float16`` | ``bfloat16``. In hybrid mode ``auto`` picks float16 when
             ``fp16_attention_safe`` certifies it, otherwise bfloat16 (float32's range, coarser mantissa).
         kv_cache_dtype: ``auto`` follows ``attn_dtype``.
-        checkpoint_dtype: dtype the weights were stored in.
+        checkpoint_dtype: dtype the weights were stored in (a quantized file: the dtype it dequantizes to).
+        checkpoint_storage: how the weights were stored, when ``checkpoint_dtype`` alone would mislead (``GGUF
+            Q4_K_M checkpoint (dequantised to float32)``); named in the reason.
         fp16_attention_safe: lazily evaluated check returning ``(safe, evidence)``; only called when needed.
 
     Raises:
@@ -134,12 +137,11 @@ def resolve_policy(
     reasons = []
 
     if mode == "auto":
-        if checkpoint_dtype == torch.float32:
-            mode = "hybrid"
-            reasons.append("float32 checkpoint -> hybrid")
-        else:
-            mode = str(checkpoint_dtype).removeprefix("torch.")
-            reasons.append(f"{mode} checkpoint -> {mode}")
+        stored = str(checkpoint_dtype).removeprefix("torch.")
+        mode = "hybrid" if checkpoint_dtype == torch.float32 else stored
+        reasons.append(f"{checkpoint_storage or f'{stored} checkpoint'} -> {mode}")
+    elif checkpoint_storage:
+        reasons.append(f"{mode} as requested, from a {checkpoint_storage}")
 
     if mode == "hybrid":
         compute = torch.float32

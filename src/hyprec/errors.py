@@ -33,3 +33,7 @@ class InputTypeError(HyprecError, TypeError):
 
 class NonFiniteOutputError(HyprecError, FloatingPointError):
     """A computation produced NaN or inf; raised instead of returning the result."""
+
+
+class OutputWriteError(HyprecError, OSError):
+    """An output file could not be written after the work was done (the message says where the result went)."""

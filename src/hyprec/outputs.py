@@ -36,12 +36,17 @@ class CompletionOutput:
 
 @dataclass
 class RequestOutput:
-    """The state of a request after a step: its prompt and its ``n`` completions so far."""
+    """The state of a request after a step: its prompt and its ``n`` completions so far.
+
+    ``error`` is set when this request failed on its own (e.g. its logits became non-finite after its penalties):
+    the engine has dropped it (its completions end with ``abort``) and the other requests went on.
+    """
 
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
+    error: Exception | None = None
 
     @property
     def finished(self) -> bool:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hyprec.layers.linear import Linear
 from hyprec.loading.st_pipeline import DenseSpec, PipelineSpec, PoolingSpec
 from hyprec.loading.weights import Checkpoint, load_weights
 
@@ -59,9 +60,9 @@ class Dense(nn.Module):
     def __init__(self, spec: DenseSpec):
         super().__init__()
         with torch.device("meta"):
-            self.linear = nn.Linear(spec.in_features, spec.out_features, bias=spec.bias)
+            self.linear = Linear(spec.in_features, spec.out_features, bias=spec.bias)
             if spec.residual and spec.in_features != spec.out_features:
-                self.residual = nn.Linear(spec.in_features, spec.out_features, bias=False)
+                self.residual = Linear(spec.in_features, spec.out_features, bias=False)
         load_weights(self, Checkpoint.open(spec.path), compute_dtype=torch.float32)
         self.activation = _DENSE_ACTIVATIONS[spec.activation]()
         self.use_residual = spec.residual
@@ -93,10 +94,12 @@ class EmbeddingHead(nn.Module):
         x = pool(hidden, seq_lens, self.spec.pooling, prompt_lens)
         for layer in self.dense:
             x = layer(x)
-        do_normalize = self.spec.normalize if normalize is None else normalize
-        if dimensions is not None:
-            # Matryoshka: keep the leading dimensions; re-normalise below so unit vectors stay unit vectors.
-            x = x[:, :dimensions]
-        if do_normalize:
-            x = F.normalize(x, p=2, dim=1)
-        return x
+        return truncate_and_normalize(x, dimensions, self.spec.normalize if normalize is None else normalize)
+
+
+def truncate_and_normalize(x: torch.Tensor, dimensions: int | None, normalize: bool) -> torch.Tensor:
+    """The end of every embedding: Matryoshka truncation to the leading ``dimensions``, then L2 normalisation,
+    in that order (as sentence-transformers does), so that truncated unit vectors are unit vectors again."""
+    if dimensions is not None:
+        x = x[:, :dimensions]
+    return F.normalize(x, p=2, dim=1) if normalize else x

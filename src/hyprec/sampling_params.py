@@ -17,6 +17,21 @@ from hyprec.errors import InputTypeError, InvalidInputError
 MAX_LOGPROBS = 20
 """The largest ``logprobs`` (top log-probabilities returned per generated token) a request may ask for."""
 
+# The sampler works in float32: a positive value below its smallest normal number becomes 0 there (or counts as 0
+# where denormals are flushed), and one above its largest becomes inf; either turns a row into NaN.
+FLOAT32_TINY = 1.1754943508222875e-38
+FLOAT32_MAX = 3.4028234663852886e38
+
+MIN_TEMPERATURE = FLOAT32_TINY
+"""The smallest positive ``temperature`` (the smallest normal float32, ~1.18e-38); 0 means greedy."""
+MAX_TEMPERATURE = FLOAT32_MAX
+"""The largest ``temperature`` (the largest float32, ~3.4e38)."""
+MIN_REPETITION_PENALTY = 0.01
+"""The smallest ``repetition_penalty``: dividing a logit by it multiplies it by at most 100, which cannot overflow
+float32 for any logit a model produces."""
+MAX_REPETITION_PENALTY = 100.0
+"""The largest ``repetition_penalty``."""
+
 # torch.Generator.manual_seed accepts exactly this range (negative seeds wrap modulo 2**64).
 _SEED_MIN = -(1 << 63)
 _SEED_MAX = (1 << 64) - 1
@@ -87,9 +102,10 @@ class SamplingParams:
 
     Attributes:
         n: number of sequences generated for the prompt (>= 1).
-        temperature: softmax temperature (>= 0); 0 means greedy decoding, which ignores top_p, top_k and min_p.
+        temperature: softmax temperature: 0 means greedy decoding, which ignores top_p, top_k and min_p; otherwise
+            in [MIN_TEMPERATURE, MAX_TEMPERATURE] (the float32 range the sampler divides in, ~1.18e-38 to ~3.4e38).
         top_p: nucleus sampling: keep the smallest set of most likely tokens whose probability reaches top_p,
-            in (0, 1]; 1 disables it.
+            in [FLOAT32_TINY, 1] (above 0 in float32); 1 disables it.
         top_k: keep the k most likely tokens (>= 1); 0 or -1 disables it (-1 is stored as 0).
         min_p: drop tokens less likely than min_p times the most likely token, in [0, 1]; 0 disables it.
         seed: seed of this request's own random generator, making its samples reproducible whatever else is in the
@@ -98,8 +114,9 @@ class SamplingParams:
         stop: strings that end generation; None, a string or a list, stored as a list of non-empty strings.
         stop_token_ids: token ids that end generation, stored as a list (None -> []).
         ignore_eos: keep generating after the end-of-sequence token.
-        repetition_penalty: > 0; logits of tokens already in the prompt or the output are divided by it when
-            positive and multiplied by it when negative; 1 disables it.
+        repetition_penalty: in [MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY] (0.01 to 100); logits of tokens
+            already in the prompt or the output are divided by it when positive and multiplied by it when negative;
+            1 disables it.
         presence_penalty: in [-2, 2]; subtracted once from the logit of every token already in the output.
         frequency_penalty: in [-2, 2]; subtracted from a token's logit once per occurrence in the output.
         logprobs: None, or how many top log-probabilities (0 to 20) to return per generated token; the
@@ -142,9 +159,19 @@ class SamplingParams:
         self.n = _as_int("n", self.n)
         _require(self.n >= 1, "n", self.n, "an int >= 1")
         self.temperature = _as_float("temperature", self.temperature)
-        _require(self.temperature >= 0.0, "temperature", self.temperature, "a number >= 0 (0 means greedy)")
+        _require(
+            self.temperature == 0.0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE,
+            "temperature",
+            self.temperature,
+            f"0 (greedy) or a number in [{MIN_TEMPERATURE:.8g}, {MAX_TEMPERATURE:.8g}] (the float32 range)",
+        )
         self.top_p = _as_float("top_p", self.top_p)
-        _require(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "a number in (0, 1] (1 disables it)")
+        _require(
+            FLOAT32_TINY <= self.top_p <= 1.0,
+            "top_p",
+            self.top_p,
+            f"a number in [{FLOAT32_TINY:.8g}, 1] (above 0 in float32; 1 disables it)",
+        )
         self.top_k = _as_int("top_k", self.top_k)
         _require(self.top_k >= -1, "top_k", self.top_k, "an int >= 1, or 0 or -1 to disable it")
         self.top_k = max(self.top_k, 0)  # one spelling of "disabled", so the sampler tests a single value
@@ -156,7 +183,12 @@ class SamplingParams:
 
     def _validate_penalties(self) -> None:
         self.repetition_penalty = _as_float("repetition_penalty", self.repetition_penalty)
-        _require(self.repetition_penalty > 0.0, "repetition_penalty", self.repetition_penalty, "a number > 0")
+        _require(
+            MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY,
+            "repetition_penalty",
+            self.repetition_penalty,
+            f"a number in [{MIN_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}] (1 disables it)",
+        )
         for name in ("presence_penalty", "frequency_penalty"):
             value = _as_float(name, getattr(self, name))
             _require(-2.0 <= value <= 2.0, name, value, "a number in [-2, 2]")

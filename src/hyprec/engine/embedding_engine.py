@@ -21,6 +21,7 @@ from hyprec.engine.model_loading import model_summary
 from hyprec.errors import InputTypeError, InvalidInputError, ModelLoadError, NonFiniteOutputError
 from hyprec.layers.attention import AttentionMetadata
 from hyprec.layers.attention_backends import select_backend
+from hyprec.layers.linear import set_batch_invariant
 from hyprec.loading.st_pipeline import read_pipeline
 from hyprec.loading.tokenizer import TextTokenizer
 from hyprec.loading.weights import Checkpoint
@@ -82,6 +83,7 @@ class EmbeddingEngine(GuardedEngine):
         self.plan = load_plan(self.engine_config.precision_plan)
         self._set_policy(dtype, attn_dtype, kv_cache_dtype)
         self.head = EmbeddingHead(self.pipeline).to(self.device).eval()
+        set_batch_invariant(self.head, self.engine_config.deterministic)
         self.max_seq_length = self._max_seq_length()
         self.dimension = self._output_dimension()
         self.last_stats = BatchStats()
@@ -89,8 +91,11 @@ class EmbeddingEngine(GuardedEngine):
     def install(self, model: nn.Module, policy: DtypePolicy) -> None:
         """Run on ``model`` under ``policy`` (at load, on guard fallback, and for ``repair``'s candidate plans)."""
         self.model, self.policy = model, policy
+        set_batch_invariant(model, self.engine_config.deterministic)
         needs_bias = type(model).uses_attention_bias
-        self.backend = select_backend(self.device, policy.attn_dtype, needs_bias=needs_bias)
+        self.backend = select_backend(
+            self.device, policy.attn_dtype, needs_bias=needs_bias, batch_invariant=self.engine_config.deterministic
+        )
         self.guard = self._make_guard()
         log.info("hyprec: %s: policy %s, attention backend %s", self.model_dir.name, self.policy, self.backend.name)
 
@@ -220,7 +225,11 @@ class EmbeddingEngine(GuardedEngine):
         lens = [len(x) for x in ids]
         flat = torch.tensor([t for seq in ids for t in seq], dtype=torch.long, device=self.device)
         meta = AttentionMetadata.for_sequences(
-            lens, attn_dtype=self.policy.attn_dtype, backend=self.backend, device=self.device
+            lens,
+            attn_dtype=self.policy.attn_dtype,
+            backend=self.backend,
+            device=self.device,
+            batch_invariant=self.engine_config.deterministic,
         )
         return self.model(flat, meta)
 

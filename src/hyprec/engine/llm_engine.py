@@ -25,6 +25,7 @@ from hyprec.engine.scheduler import ScheduledSeq, Scheduler
 from hyprec.engine.sequence import Sequence
 from hyprec.errors import ConfigError, InvalidInputError, NonFiniteOutputError
 from hyprec.layers.attention_backends import select_backend
+from hyprec.layers.linear import set_batch_invariant
 from hyprec.loading.generation_tokenizer import GenerationTokenizer
 from hyprec.loading.weights import WeightSource
 from hyprec.models.base import DecoderModel
@@ -69,7 +70,7 @@ class LLMEngine(GuardedEngine):
         self.engine_config = ec = engine_config or EngineConfig()
         self.device = torch.device(ec.device)
         self.checkpoint_dtype = checkpoint.floating_dtype()
-        self.scheduler = Scheduler(None, ec.max_num_seqs, ec.max_num_batched_tokens)
+        self.scheduler = Scheduler(None, ec.max_num_seqs, ec.max_num_batched_tokens, deterministic=ec.deterministic)
         self.guard: PrecisionGuard | None = None
         self.guard_events: list[GuardEvent] = []
         self.plan = load_plan(ec.precision_plan)
@@ -83,6 +84,7 @@ class LLMEngine(GuardedEngine):
         ec = self.engine_config
         self.model: DecoderModel = model
         self.policy = policy
+        set_batch_invariant(model, ec.deterministic)
         self.max_model_len = self._max_model_len()
         layers = self.model.attention_layers()
         kv_dtypes = [d.kv_cache for d in self.policy.layer_dtypes(len(layers))]
@@ -98,8 +100,10 @@ class LLMEngine(GuardedEngine):
         self.kv_cache = KVCache(layers, groups, ec.block_size, kv_dtypes, self.device)
         self.blocks = BlockManager(groups, ec.block_size)
         self.scheduler.restart(self.blocks)
-        self.backend = select_backend(self.device, self.policy.attn_dtype)
-        self.runner = ModelRunner(self.model, self.kv_cache, self.blocks, self.backend, self.policy, self.device)
+        self.backend = select_backend(self.device, self.policy.attn_dtype, batch_invariant=ec.deterministic)
+        self.runner = ModelRunner(
+            self.model, self.kv_cache, self.blocks, self.backend, self.policy, self.device, ec.deterministic
+        )
         self.guard = self._make_guard()
         log.info("hyprec: %s: policy %s, attention backend %s", self.name, self.policy, self.backend.name)
 
@@ -180,7 +184,11 @@ class LLMEngine(GuardedEngine):
     # ------------------------------------------------------------------ stepping
 
     def step(self) -> list[RequestOutput]:
-        """One forward pass; returns the current state of every request that advanced (finished ones removed)."""
+        """One forward pass; returns the current state of every request that advanced (finished ones removed).
+
+        A request that fails on its own (its logits cannot be sampled, or detokenising it raises) is dropped and
+        returned with ``error`` set; the other requests of the batch go on as if it had never been there.
+        """
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             return []
@@ -192,14 +200,28 @@ class LLMEngine(GuardedEngine):
         sampling = [item.seq for item in plan.scheduled if item.samples]
         for item in plan.scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
+        failed: dict[str, Exception] = {}  # request id -> why it failed; the other requests go on
         if sampled is not None:
             for i, seq in enumerate(sampling):
-                self._append(seq, sampled.token_ids[i], sampled.logprobs[i], sampled.top_logprobs[i])
+                if seq.request_id in failed:
+                    continue
+                error = sampled.failures.get(i)
+                if error is None:
+                    try:
+                        self._append(seq, sampled.token_ids[i], sampled.logprobs[i], sampled.top_logprobs[i])
+                    except Exception as exc:  # detokenising or stop checks of one request: it fails alone
+                        error = exc
+                if error is not None:
+                    failed[seq.request_id] = error
         touched = dict.fromkeys(item.seq.request_id for item in plan.scheduled)
-        outputs = [self._request_output(self.requests[rid]) for rid in touched]
-        for out in outputs:
-            if out.finished:
-                del self.requests[out.request_id]
+        outputs = []
+        for rid in touched:
+            request = self.requests[rid]
+            if rid in failed:
+                self.abort(rid)  # frees its cache blocks; its completions end with "abort"
+            outputs.append(self._request_output(request, failed.get(rid)))
+            if outputs[-1].finished:
+                self.requests.pop(rid, None)
         return outputs
 
     def _append(self, seq: Sequence, token: int, logprob: float, top: list[tuple[int, float]] | None) -> None:
@@ -224,7 +246,7 @@ class LLMEngine(GuardedEngine):
         return None
 
     @staticmethod
-    def _request_output(req: Request) -> RequestOutput:
+    def _request_output(req: Request, error: Exception | None = None) -> RequestOutput:
         outs = []
         for seq in req.seqs:
             logprobs = None
@@ -246,7 +268,7 @@ class LLMEngine(GuardedEngine):
                     cumulative_logprob=float(sum(seq.output_logprobs)),
                 )
             )
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, error)
 
     @torch.inference_mode()
     def score(self, token_ids: list[int], chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:

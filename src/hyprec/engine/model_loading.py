@@ -56,6 +56,7 @@ def load_model(
         attn_dtype,
         kv_cache_dtype,
         checkpoint_dtype=checkpoint_dtype,
+        checkpoint_storage=checkpoint.storage(),
         fp16_attention_safe=lambda: fp16_attention_check(build(torch.float32)),
     )
     return build(policy.compute_dtype), policy

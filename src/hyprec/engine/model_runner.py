@@ -25,6 +25,7 @@ class ModelRunner:
         backend: AttentionBackend,
         policy: DtypePolicy,
         device: torch.device,
+        batch_invariant: bool = False,
     ):
         self.model = model
         self.kv_cache = kv_cache
@@ -32,6 +33,7 @@ class ModelRunner:
         self.backend = backend
         self.policy = policy
         self.device = device
+        self.batch_invariant = batch_invariant
         self.sampler = Sampler()
 
     def _group_slots(self, batch: list[ScheduledSeq]) -> dict[str, CacheGroupSlots]:
@@ -83,6 +85,7 @@ class ModelRunner:
             query_start=torch.tensor([item.seq.num_computed_tokens for item in batch], device=self.device),
             kv_cache=self.kv_cache,
             groups=self._group_slots(batch),
+            batch_invariant=self.batch_invariant,
         )
         hidden = self.model(
             torch.tensor(ids, dtype=torch.long, device=self.device),
@@ -92,19 +95,22 @@ class ModelRunner:
         return hidden, meta.queries.cu[1:].long() - 1
 
     def sample(self, logits: torch.Tensor, batch: list[ScheduledSeq]) -> SamplerOutput | None:
-        """Sample for the rows that complete a sequence; non-finite logits are refused, never sampled."""
+        """Sample for the rows that complete a sequence. Non-finite logits are refused, never sampled, and a row
+        that cannot be sampled fails alone: its error is in ``SamplerOutput.failures``, the other rows are sampled."""
         sampling = [item.seq for item in batch if item.samples]
         if not sampling:
             return None
-        finite = torch.isfinite(logits).all(dim=1)
-        if not bool(finite.all()):
-            bad = [s.request_id for s, ok in zip(sampling, finite.tolist(), strict=True) if not ok]
-            raise NonFiniteOutputError(
-                f"non-finite logits for requests {bad[:8]} under policy {self.policy.name} "
+        finite = torch.isfinite(logits).all(dim=1).tolist()
+        failed: dict[int, Exception] = {
+            row: NonFiniteOutputError(
+                f"non-finite logits for request {seq.request_id!r} under policy {self.policy.name} "
                 f"(weights/activations {self.policy.compute_dtype}); the activations overflowed. "
                 "Use dtype='hybrid' (float32 residual stream, half-precision attention) or dtype='float32'"
             )
+            for row, (seq, ok) in enumerate(zip(sampling, finite, strict=True))
+            if not ok
+        }
         states = [
             SequenceSamplingState(s.params, s.prompt_token_ids, s.output_token_ids, s.generator) for s in sampling
         ]
-        return self.sampler(logits, states)
+        return self.sampler.sample_each(logits, states, failed)

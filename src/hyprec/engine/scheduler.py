@@ -5,6 +5,12 @@ its prompt for one mid-prefill), then admits waiting sequences in arrival order 
 sequence limit and the KV cache allow. Prompts longer than the remaining budget are prefilled in chunks.
 When the cache runs out, the most recently admitted running sequence is preempted: its blocks are freed and it
 goes back to the front of the queue, to be recomputed from its tokens on resume.
+
+In deterministic (batch-invariant) mode a token's computation must not depend on the step it ran in, so chunk
+boundaries are fixed by the sequence alone: prompts are prefilled in chunks that end at multiples of
+``prefill_chunk`` (or at the prompt's end), a chunk that does not fit this step's budget waits for the next step
+instead of being cut, and generated tokens recomputed after a preemption run one per step, exactly as they were
+decoded.
 """
 
 from __future__ import annotations
@@ -37,11 +43,23 @@ class SchedulerOutput:
         return sum(s.num_new_tokens for s in self.scheduled)
 
 
+#: Prefill chunk of deterministic mode (capped by the token budget): prompts up to this length prefill in one step.
+DETERMINISTIC_PREFILL_CHUNK = 512
+
+
 class Scheduler:
-    def __init__(self, block_manager: BlockManager | None, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(
+        self,
+        block_manager: BlockManager | None,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        *,
+        deterministic: bool = False,
+    ):
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.prefill_chunk = min(DETERMINISTIC_PREFILL_CHUNK, max_num_batched_tokens) if deterministic else None
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -61,6 +79,14 @@ class Scheduler:
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def _num_new_tokens(self, seq: Sequence, budget: int) -> int:
+        """Tokens of ``seq`` to compute this step within ``budget``; 0 when it must wait for the next step."""
+        if self.prefill_chunk is None:
+            return min(seq.num_uncomputed, budget)
+        done, prompt = seq.num_computed_tokens, len(seq.prompt_token_ids)
+        end = min((done // self.prefill_chunk + 1) * self.prefill_chunk, prompt) if done < prompt else done + 1
+        return end - done if end - done <= budget else 0
 
     def _try_grow(self, seq: Sequence, num_new: int) -> bool:
         total = seq.num_computed_tokens + num_new
@@ -86,7 +112,9 @@ class Scheduler:
         queue = sorted(self.running, key=lambda s: s.arrival)
         while queue and budget > 0:
             seq = queue.pop(0)
-            num_new = min(seq.num_uncomputed, budget)
+            num_new = self._num_new_tokens(seq, budget)
+            if num_new == 0:
+                continue
             while not self._try_grow(seq, num_new):
                 victim = queue.pop() if queue else seq
                 self._preempt(victim)
@@ -100,7 +128,9 @@ class Scheduler:
         # 2. Waiting sequences in arrival order, unless something was just preempted (the cache is full).
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            num_new = min(seq.num_uncomputed, budget)
+            num_new = self._num_new_tokens(seq, budget)
+            if num_new == 0:
+                break
             if not self._try_grow(seq, num_new):
                 if not self.running:  # nothing to wait for: this sequence can never fit
                     raise RuntimeError(

@@ -12,8 +12,13 @@ import numpy as np
 
 from hyprec.dtype_policy import ATTN_DTYPES, DTYPES, KV_CACHE_DTYPES
 from hyprec.errors import HyprecError, InvalidInputError
+from hyprec.output_files import check_output_file, write_output
 
 PROGRESS_THRESHOLD = 256  # show a progress bar for inputs with more texts than this
+EMBEDDING_SUFFIXES = (".npy", ".jsonl")
+SUMMARY_ROWS = 8  # texts (and cosine-matrix rows) the terminal summary of `hyprec embed` shows
+CHECK_FOUND_NON_FINITE = 3  # exit status of `hyprec check` on NaN/inf weights (like repair missing its tolerance)
+INTERRUPTED = 130  # exit status after Ctrl-C, as shells report 128 + SIGINT
 
 
 def read_texts(path: Path) -> list[str]:
@@ -45,6 +50,7 @@ def read_texts(path: Path) -> list[str]:
 
 
 def write_embeddings(vectors: np.ndarray, output: Path | None) -> None:
+    """JSON lines ``{"index", "embedding"}`` on stdout (``output`` None), or a ``.npy`` / ``.jsonl`` file."""
     if output is None:
         for i, v in enumerate(vectors):
             sys.stdout.write(json.dumps({"index": i, "embedding": v.tolist()}) + "\n")
@@ -59,25 +65,82 @@ def write_embeddings(vectors: np.ndarray, output: Path | None) -> None:
         raise InvalidInputError(f"--output {output}: expected a .npy or .jsonl file")
 
 
+def embedding_summary(texts: list[str], vectors: np.ndarray, policy: str) -> str:
+    """What `hyprec embed` shows on a terminal instead of hundreds of raw floats: the shape and policy, each
+    text's norm and first values, and the texts' pairwise cosine similarity."""
+    rows = min(len(texts), SUMMARY_ROWS)
+    norms = np.linalg.norm(vectors, axis=1)
+    lines = [f"{vectors.shape[0]} x {vectors.shape[1]} float32 embeddings ({policy})"]
+    for i in range(rows):
+        head = ", ".join(f"{x:+.4f}" for x in vectors[i, :4])
+        lines.append(f"  [{i}] {texts[i][:48]!r:<52} norm {norms[i]:.4f}  [{head}, ...]")
+    if len(texts) > rows:
+        lines.append(f"  ... and {len(texts) - rows} more")
+    if rows > 1:
+        unit = vectors[:rows] / np.maximum(norms[:rows, None], np.finfo(np.float32).tiny)
+        cosine = unit @ unit.T
+        lines.append("cosine similarity")
+        lines.append("       " + "".join(f"{f'[{j}]':>8}" for j in range(rows)))
+        lines += [f"  {f'[{i}]':<5}" + "".join(f"{c:>8.4f}" for c in cosine[i]) for i in range(rows)]
+    lines.append("(the vectors: --output FILE.npy|.jsonl, --json, or pipe the output for JSON lines)")
+    return "\n".join(lines)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to help texts that do not state their default already; None and False (an unset
+    option, an off flag) say nothing worth printing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False:
+            return text
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """hyprec's parsers (subcommands inherit the class): defaults in the help, and ``-q`` accepted before the
+    subcommand and after it. A subcommand's ``-q`` defaults to SUPPRESS so that it never resets a ``-q`` given
+    before the subcommand."""
+
+    def __init__(self, *args, quiet_default: object = argparse.SUPPRESS, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.add_argument(
+            "-q", "--quiet", action="store_true", default=quiet_default, help="only print results, warnings and errors"
+        )
+
+
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help=f"one of {', '.join(DTYPES)}")
     p.add_argument("--attn-dtype", default="auto", help=f"one of {', '.join(ATTN_DTYPES)}")
     p.add_argument("--kv-cache-dtype", default="auto", help=f"one of {', '.join(KV_CACHE_DTYPES)}")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    _add_device_option(p)
     p.add_argument("--precision-plan", type=Path, help="a plan written by `hyprec repair` (sets every dtype)")
 
 
+def _add_device_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+
+
+def _add_model_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None, help="model directory, .gguf file or alias (default: minilm)")
+
+
 def _add_generation_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="gemma", help="model directory, .gguf file or alias (default: gemma)")
+    p.add_argument(
+        "--model",
+        default="gemma",
+        help="model directory, .gguf file or alias (default: gemma, Gemma-3-270M base: not instruction-tuned)",
+    )
     _add_model_options(p)
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: smallest set of tokens with this mass")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below this fraction of the likeliest's p")
+    p.add_argument("--seed", type=int, help="random seed (default: unseeded)")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeated tokens")
     p.add_argument("--max-model-len", type=int, help="context window (default: the model's, at most 8192 on CPU)")
 
 
@@ -97,19 +160,23 @@ def _sampling_params(args: argparse.Namespace):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hyprec", description="Hybrid-precision inference engine.")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only print results and errors")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="hyprec", description="Hybrid-precision inference engine.", quiet_default=False)
+    sub = parser.add_subparsers(dest="command", required=True)  # subcommands are _Parser too
 
     embed = sub.add_parser("embed", help="embed texts (arguments, --input file)")
-    embed.add_argument("texts", nargs="*", metavar="TEXT")
+    embed.add_argument("texts", nargs="*", metavar="TEXT", help="texts to embed (before those of --input)")
     embed.add_argument("--model", default=None, help="model directory or alias (default: minilm)")
     _add_model_options(embed)
     embed.add_argument("--input", type=Path, help=".txt (one text per line) or .jsonl")
-    embed.add_argument("--output", type=Path, help=".npy or .jsonl (default: JSON lines on stdout)")
-    embed.add_argument("--dimensions", type=int, help="Matryoshka truncation")
-    embed.add_argument("--prompt-name", help="a prompt defined by the model")
-    embed.add_argument("--batch-size", type=int, help="most texts per forward pass")
+    embed.add_argument(
+        "--output",
+        type=Path,
+        help=".npy or .jsonl (default: JSON lines on stdout when piped, a readable summary on a terminal)",
+    )
+    embed.add_argument("--json", action="store_true", help="JSON lines on stdout even on a terminal")
+    embed.add_argument("--dimensions", type=int, help="Matryoshka truncation (re-normalised; default: all)")
+    embed.add_argument("--prompt-name", help="a prompt defined by the model (encoders; default: the model's own)")
+    embed.add_argument("--batch-size", type=int, help="most texts per forward pass (default: the token budget's)")
     embed.add_argument(
         "--no-normalize",
         dest="normalize",
@@ -119,31 +186,47 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     gen = sub.add_parser("generate", help="complete a prompt with a generative model")
-    gen.add_argument("prompt", metavar="PROMPT")
+    gen.add_argument("prompt", metavar="PROMPT", help="the text to complete")
     _add_generation_options(gen)
 
-    chat = sub.add_parser("chat", help="chat on stdin/stdout: one user message per line; EOF or /exit ends")
+    chat = sub.add_parser(
+        "chat",
+        help="chat on stdin/stdout: one user message per line; EOF or /exit ends",
+        description="Chat on stdin/stdout: one user message per line; EOF or /exit ends. The default model, the "
+        "`gemma` alias, is Gemma-3-270M *base*: it is not instruction-tuned, so it continues text rather than "
+        "following instructions; pass an instruction-tuned model (--model DIR|FILE.gguf) for real conversations.",
+    )
     chat.add_argument("--system", help="a system message opening the conversation")
     _add_generation_options(chat)
 
-    check = sub.add_parser("check", help="precision risk report: will this model overflow in float16/bfloat16?")
-    check.add_argument("model", nargs="?", default=None)
+    check = sub.add_parser(
+        "check",
+        help="precision risk report: will this model overflow in float16/bfloat16?",
+        description="Precision risk report: will this model overflow in float16/bfloat16? Exit status 0 with a "
+        f"report, 2 on bad input, {CHECK_FOUND_NON_FINITE} when weights or float32 activations are NaN/inf (then "
+        "every policy fails).",
+    )
+    _add_model_argument(check)
     check.add_argument("--texts", type=Path, help="calibration texts (.txt or .jsonl); default: built-in real text")
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     check.add_argument("--plot", type=Path, help="write a per-layer max-|x| chart (PNG)")
-    check.add_argument("--device", default="cpu")
+    _add_device_option(check)
 
     comp = sub.add_parser("compare", help="run dtype policies against a reference on real text")
-    comp.add_argument("model", nargs="?", default=None)
+    _add_model_argument(comp)
     comp.add_argument("--policies", nargs="+", help="default: float32 hybrid-fp16 hybrid-bf16 float16 bfloat16")
-    comp.add_argument("--reference", default="float32", help="float32 | sentence-transformers | transformers")
+    comp.add_argument(
+        "--reference",
+        default="float32",
+        help="what the policies are measured against: float32 (hyprec's own), sentence-transformers or transformers",
+    )
     comp.add_argument("--texts", type=Path, help="texts (.txt or .jsonl); default: built-in real text")
     comp.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
     comp.add_argument("--precision-plan", type=Path, help="also run this plan (from `hyprec repair`)")
-    comp.add_argument("--device", default="cpu")
+    _add_device_option(comp)
 
     rep = sub.add_parser("repair", help="search a precision plan: as much as possible in float16/bfloat16")
-    rep.add_argument("model", nargs="?", default=None)
+    _add_model_argument(rep)
     rep.add_argument("--target", default="float16", help="float16 (default) or bfloat16")
     rep.add_argument(
         "--tolerance",
@@ -159,21 +242,57 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--max-tokens", type=int, default=256, help="tokens per calibration text (decoders)")
     rep.add_argument("--output", type=Path, default=Path("precision-plan.json"), help="plan file (.json)")
     rep.add_argument("--json", action="store_true", help="print the plan as JSON")
-    rep.add_argument("--device", default="cpu")
+    _add_device_option(rep)
+
+    from hyprec.serving.settings import API_KEY_ENV, COUNT, PORT, SECONDS, ServerSettings
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (embeddings, completions, chat)")
     serve.add_argument("model", nargs="?", default=None, help="model directory, .gguf file or alias (default: minilm)")
     _add_model_options(serve)
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--served-model-name", help="the name clients use (default: the model argument)")
-    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
-    serve.add_argument("--max-concurrent-requests", type=int, default=256, help="429 beyond this many")
-    serve.add_argument("--max-inputs-per-request", type=int, default=2048, help="413 beyond this many inputs")
-    serve.add_argument("--max-input-tokens", type=int, help="400 for longer inputs (default: the model's limit)")
-    serve.add_argument("--request-timeout", type=float, default=600.0, help="seconds; 504 beyond")
-    serve.add_argument("--max-num-batched-tokens", type=int, default=16384, help="token budget of a forward pass")
-    serve.add_argument("--max-model-len", type=int, help="context window (generative models)")
+    serve.add_argument("--port", type=PORT, default=8000, help="1..65535 (default 8000)")
+    serve.add_argument(
+        "--served-model-name", help="the name clients use (default: the alias, or the model's file/directory name)"
+    )
+    serve.add_argument(
+        "--api-key", help=f"require 'Authorization: Bearer KEY' on /v1 routes (see also --api-key-file, ${API_KEY_ENV})"
+    )
+    serve.add_argument(
+        "--api-key-file", type=Path, help=f"read the API key from this file's first line (or set ${API_KEY_ENV})"
+    )
+    defaults = ServerSettings("-")
+    serve.add_argument(
+        "--max-concurrent-requests",
+        type=COUNT,
+        default=defaults.max_concurrent_requests,
+        help="429 beyond this many (counted once a request's body is in)",
+    )
+    serve.add_argument(
+        "--max-inputs-per-request",
+        type=COUNT,
+        default=defaults.max_inputs_per_request,
+        help="413 beyond this many inputs",
+    )
+    serve.add_argument("--max-input-tokens", type=COUNT, help="400 for longer inputs (default: the model's limit)")
+    serve.add_argument("--request-timeout", type=SECONDS, default=defaults.request_timeout, help="seconds; 504 beyond")
+    serve.add_argument("--max-body-bytes", type=COUNT, default=defaults.max_body_bytes, help="413 for larger bodies")
+    serve.add_argument(
+        "--body-timeout", type=SECONDS, default=defaults.body_timeout, help="seconds to send a request body; 408 beyond"
+    )
+    serve.add_argument(
+        "--chat-template-timeout",
+        type=SECONDS,
+        default=defaults.chat_template_timeout,
+        help="seconds a chat template may take to render; 400 beyond",
+    )
+    serve.add_argument(
+        "--shutdown-timeout",
+        type=SECONDS,
+        default=defaults.shutdown_timeout,
+        help="seconds open requests get after SIGTERM/SIGINT; then they end with an error",
+    )
+    serve.add_argument("--max-num-batched-tokens", type=COUNT, default=16384, help="token budget of a forward pass")
+    serve.add_argument("--max-model-len", type=COUNT, help="context window (generative models)")
 
     eds = sub.add_parser("embed-dataset", help="embed a .jsonl/.parquet file's text column on Ray actors")
     eds.add_argument("--input", type=Path, required=True, help=".jsonl (JSON objects) or .parquet")
@@ -184,10 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
     eds.add_argument("--ray-address", default="local", help="'local' (default) or a Ray cluster address")
     eds.add_argument("--concurrency", type=int, default=2, help="actors, one engine each")
     eds.add_argument("--batch-size", type=int, default=256, help="rows per actor call")
-    eds.add_argument("--num-cpus-per-actor", type=float, default=1.0, help="CPUs Ray reserves for each actor")
+    eds.add_argument(
+        "--num-cpus-per-actor",
+        type=float,
+        help="CPUs Ray reserves for each actor (default: sized to the runtime, at most 1, leaving room to read)",
+    )
 
     info = sub.add_parser("info", help="architecture, sizes, resolved policy and pooling pipeline")
-    info.add_argument("model", nargs="?", default=None)
+    _add_model_argument(info)
     _add_model_options(info)
     info.add_argument("--json", action="store_true", help="print JSON")
     return parser
@@ -213,9 +336,20 @@ def _load(args: argparse.Namespace, model: str | None):
     return LLM(model, **_llm_options(args))
 
 
+def _load_generator(args: argparse.Namespace):
+    """The model of `generate`/`chat`; an embedding model gets an error that names the command it needs."""
+    llm = _load(args, args.model)
+    if not llm.is_generative:
+        raise InvalidInputError(
+            f"{args.model} is an embedding model: embed texts with `hyprec embed --model {args.model} TEXT...`; "
+            f"`hyprec {args.command}` needs a generative model (.gguf file, decoder directory, or the gemma alias)"
+        )
+    return llm
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     params = _sampling_params(args)
-    llm = _load(args, args.model)
+    llm = _load_generator(args)
     printed = ""
     for out in llm.stream(args.prompt, params):
         text = out.outputs[0].text
@@ -227,7 +361,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> None:
     params = _sampling_params(args)
-    llm = _load(args, args.model)
+    llm = _load_generator(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
     while True:
@@ -252,10 +386,7 @@ def cmd_embed(args: argparse.Namespace) -> None:
     if not texts:
         raise InvalidInputError("no texts: give TEXT arguments or --input FILE")
     if args.output is not None:
-        if args.output.suffix not in (".npy", ".jsonl"):
-            raise InvalidInputError(f"--output {args.output}: expected a .npy or .jsonl file")
-        if not args.output.parent.is_dir():
-            raise InvalidInputError(f"--output {args.output}: directory {args.output.parent} does not exist")
+        check_output_file(args.output, "--output", EMBEDDING_SUFFIXES)
     llm = _load(args, args.model)
     vectors = llm.embed(
         texts,
@@ -263,26 +394,34 @@ def cmd_embed(args: argparse.Namespace) -> None:
         dimensions=args.dimensions,
         prompt_name=args.prompt_name,
         batch_size=args.batch_size,
-        show_progress=len(texts) > PROGRESS_THRESHOLD,
+        show_progress=len(texts) > PROGRESS_THRESHOLD and not args.quiet,
     )
-    write_embeddings(vectors, args.output)
     if args.output is not None:
+        write_output(args.output, lambda path: write_embeddings(vectors, path), "the embeddings")
         print(f"wrote {vectors.shape[0]} x {vectors.shape[1]} embeddings to {args.output}", file=sys.stderr)
+    elif sys.stdout.isatty() and not args.json:  # a person reads this: 384+ raw floats per text help no one
+        print(embedding_summary(texts, vectors, llm.policy.name))
+    else:
+        write_embeddings(vectors, None)
 
 
-def cmd_check(args: argparse.Namespace) -> None:
+def cmd_check(args: argparse.Namespace) -> int:
     from hyprec.precision.check import check, plot, render
 
-    if args.plot is not None and args.plot.suffix != ".png":
-        raise InvalidInputError(f"--plot {args.plot}: expected a .png file")
+    if args.plot is not None:
+        check_output_file(args.plot, "--plot", (".png",))
     texts = read_texts(args.texts) if args.texts is not None else None
     if texts is not None and not texts:
         raise InvalidInputError(f"--texts {args.texts}: no texts in the file")
     report = check(args.model, texts, device=args.device)
-    print(json.dumps(report.as_dict(), indent=2) if args.json else render(report))
+    print(json.dumps(report.as_dict(), indent=2) if args.json else render(report), flush=True)  # before the plot
     if args.plot is not None:
-        plot(report, str(args.plot))
+        write_output(args.plot, lambda path: plot(report, str(path)), "the chart")
         print(f"wrote {args.plot}", file=sys.stderr)
+    if report.non_finite:
+        print(f"hyprec: error: {report.verdicts['float16'].reason}", file=sys.stderr)
+        return CHECK_FOUND_NON_FINITE
+    return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -305,8 +444,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 def cmd_repair(args: argparse.Namespace) -> int:
     from hyprec.precision.repair import render, repair
 
-    if args.output.suffix != ".json" or not args.output.parent.is_dir():
-        raise InvalidInputError(f"--output {args.output}: expected a .json file in an existing directory")
+    check_output_file(args.output, "--output", (".json",))
     texts = read_texts(args.texts) if args.texts is not None else None
     if texts is not None and not texts:
         raise InvalidInputError(f"--texts {args.texts}: no texts in the file")
@@ -320,8 +458,8 @@ def cmd_repair(args: argparse.Namespace) -> int:
         device=args.device,
         show_progress=not args.quiet,
     )
-    plan.save(args.output)
-    print(json.dumps(plan.as_dict(), indent=2) if args.json else render(plan))
+    print(json.dumps(plan.as_dict(), indent=2) if args.json else render(plan), flush=True)
+    write_output(args.output, plan.save, "the plan")
     print(f"wrote {args.output}", file=sys.stderr)
     if not plan.measured["meets_tolerance"]:
         print("hyprec: warning: the plan misses the tolerance on the text above (see 'measured')", file=sys.stderr)
@@ -340,15 +478,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     for name in ("max_concurrent_requests", "max_inputs_per_request", "port"):
         if getattr(args, name) < 1:
             raise InvalidInputError(f"--{name.replace('_', '-')}={getattr(args, name)}: expected a positive integer")
+    settings = ServerSettings.from_args(args)  # before loading: a bad key file fails fast
     llm = _load(args, args.model)
-    settings = ServerSettings(
-        model_name=args.served_model_name or args.model or "minilm",
-        api_key=args.api_key,
-        max_concurrent_requests=args.max_concurrent_requests,
-        max_inputs_per_request=args.max_inputs_per_request,
-        max_input_tokens=args.max_input_tokens,
-        request_timeout=args.request_timeout,
-    )
     app = build_app(llm, settings)
     where = f"http://{args.host}:{args.port}"
     print(f"hyprec: serving {settings.model_name} ({llm.policy.name}) on {where}", file=sys.stderr)
@@ -405,6 +536,9 @@ def main(argv: list[str] | None = None) -> int:
     except HyprecError as exc:
         print(f"hyprec: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: a short message, not a torch traceback
+        print("\nhyprec: interrupted", file=sys.stderr)
+        return INTERRUPTED
     return status or 0
 
 

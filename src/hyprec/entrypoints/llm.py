@@ -12,11 +12,13 @@ from tqdm.auto import tqdm
 from hyprec.config import EngineConfig
 from hyprec.dtype_policy import DtypePolicy
 from hyprec.engine.embedding_engine import EmbeddingEngine, validate_texts
+from hyprec.engine.embedding_engine import _positive_int as positive_int
 from hyprec.engine.llm_engine import LLMEngine
 from hyprec.engine.sources import open_engine
 from hyprec.errors import InputTypeError, InvalidInputError
 from hyprec.model_sources import resolve_model
 from hyprec.outputs import RequestOutput
+from hyprec.pooling import truncate_and_normalize
 from hyprec.sampling_params import SamplingParams
 
 PromptType = str | list[int] | dict[str, Any]
@@ -120,17 +122,15 @@ class LLM:
             show_progress: a progress bar on stderr.
 
         Decoder models embed with last-token pooling (Qwen3-Embedding style), normalised unless
-        ``normalize=False``.
+        ``normalize=False`` (after the ``dimensions`` cut, as for encoders). They define no named prompts: pass the
+        instruction text as ``prompt``; ``prompt_name`` raises InvalidInputError.
 
         Raises:
             InputTypeError: a text is not a string. InvalidInputError: bad parameters.
             NonFiniteOutputError: the computation produced NaN/inf (never returned silently).
         """
         if isinstance(self._engine, LLMEngine):
-            items = [(prompt or "") + t for t in validate_texts(texts)]
-            ids = [self._tokenizer().encode(t) for t in items]
-            vectors = self._engine.embed(ids, normalize=normalize is not False).numpy()
-            return vectors[:, :dimensions] if dimensions else vectors
+            return self._embed_decoder(texts, normalize, dimensions, prompt_name, prompt)
         return self._engine.embed(
             texts,
             normalize=normalize,
@@ -140,6 +140,32 @@ class LLM:
             batch_size=batch_size,
             show_progress=show_progress,
         )
+
+    def _embed_decoder(
+        self,
+        texts: str | Sequence[str],
+        normalize: bool | None,
+        dimensions: int | None,
+        prompt_name: str | None,
+        prompt: str | None,
+    ) -> np.ndarray:
+        """:meth:`embed` for decoders: last-token pooling, then the same Matryoshka cut and normalisation."""
+        engine = self._generator()
+        if prompt_name is not None:
+            # Named prompts live in an encoder's config_sentence_transformers.json; decoders have no such file.
+            raise InvalidInputError(
+                f"prompt_name={prompt_name!r}: {engine.name} is a decoder model and defines no named prompts; "
+                "pass the instruction text itself as prompt=..."
+            )
+        if prompt is not None and not isinstance(prompt, str):
+            raise InputTypeError(f"prompt must be a string, got {type(prompt).__name__}")
+        if normalize is not None and not isinstance(normalize, bool):
+            raise InputTypeError(f"normalize must be True, False or None, got {normalize!r}")
+        if dimensions is not None:
+            dimensions = positive_int(dimensions, "dimensions", engine.model_config.get("hidden_size"))
+        ids = [self._tokenizer().encode((prompt or "") + t) for t in validate_texts(texts)]
+        vectors = engine.embed(ids, normalize=False)
+        return truncate_and_normalize(vectors, dimensions, normalize is not False).numpy()
 
     # ------------------------------------------------------------------ generation
 
@@ -206,6 +232,8 @@ class LLM:
             with tqdm(total=len(ids), desc="generate", unit="req", disable=not use_tqdm) as bar:
                 while len(done) < len(ids):
                     for out in engine.step():
+                        if out.error is not None and out.request_id in ids:
+                            raise out.error  # this request failed on its own; the others are aborted below
                         if out.finished and out.request_id in ids:
                             done[out.request_id] = out
                             bar.update(1)
@@ -237,6 +265,8 @@ class LLM:
             while True:
                 for out in engine.step():
                     if out.request_id == rid:
+                        if out.error is not None:
+                            raise out.error
                         yield out
                         if out.finished:
                             return

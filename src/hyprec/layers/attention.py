@@ -89,6 +89,8 @@ class AttentionMetadata:
         query_start: absolute position of each sequence's first query ``[batch]`` (decoders).
         kv_cache: the cache tensors (decoders).
         groups: per cache group, where to read and write it (decoders).
+        batch_invariant: compute each sequence's attention so that it cannot depend on the other sequences of the
+            batch (backends group sequences of equal shape instead of padding them to the longest).
     """
 
     attn_dtype: torch.dtype
@@ -99,8 +101,9 @@ class AttentionMetadata:
     query_start: torch.Tensor | None = None
     kv_cache: KVCache | None = None
     groups: dict[str, CacheGroupSlots] = field(default_factory=dict)
+    batch_invariant: bool = False
     # Per-batch tensors a backend derives once and reuses in every layer (masks), keyed by the backend.
-    derived: dict[object, torch.Tensor | None] = field(default_factory=dict)
+    derived: dict[object, object] = field(default_factory=dict)
 
     @classmethod
     def for_sequences(
@@ -111,9 +114,16 @@ class AttentionMetadata:
         backend: AttentionBackend,
         device: torch.device | str,
         causal: bool = False,
+        batch_invariant: bool = False,
     ) -> AttentionMetadata:
         """Metadata for a cache-less batch whose sequences attend to themselves (encoders)."""
-        return cls(attn_dtype=attn_dtype, backend=backend, queries=Packing.of(seq_lens, device), causal=causal)
+        return cls(
+            attn_dtype=attn_dtype,
+            backend=backend,
+            queries=Packing.of(seq_lens, device),
+            causal=causal,
+            batch_invariant=batch_invariant,
+        )
 
     # Encoder-side shorthands.
     @property

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -48,6 +49,24 @@ def _pad(x: torch.Tensor, packing: Packing) -> torch.Tensor:
 
 def _lens(packing: Packing, device: torch.device) -> torch.Tensor:
     return torch.tensor(packing.lens, device=device)
+
+
+def _rows(starts: list[int], members: list[int], length: int, device: torch.device) -> torch.Tensor:
+    """Packed row indices of ``length`` tokens from each member sequence, in member order."""
+    first = torch.tensor([starts[i] for i in members], device=device)
+    return (first[:, None] + torch.arange(length, device=device)[None, :]).flatten()
+
+
+@dataclass
+class _Group:
+    """Sequences attended together in batch-invariant mode: same query and key lengths."""
+
+    members: int
+    q_len: int
+    k_len: int
+    q_rows: torch.Tensor
+    k_rows: torch.Tensor
+    mask: torch.Tensor | None
 
 
 class SDPABackend:
@@ -89,6 +108,8 @@ class SDPABackend:
         slots: CacheGroupSlots | None,
         scale: float,
     ) -> torch.Tensor:
+        if meta.batch_invariant:
+            return self._forward_grouped(q, k, v, meta, slots, scale)
         # Masks depend on the batch, not the layer: build each once per forward pass.
         key = ("sdpa-mask", None if slots is None else slots.window, q.dtype)
         if key not in meta.derived:
@@ -104,6 +125,67 @@ class SDPABackend:
             enable_gqa=q.shape[1] != k.shape[1],
         )
         return out.transpose(1, 2)[meta.queries.batch_index, meta.queries.position]
+
+    def _forward_grouped(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+        slots: CacheGroupSlots | None,
+        scale: float,
+    ) -> torch.Tensor:
+        """Batch-invariant attention: one SDPA call per group of sequences with the same (query, key) lengths.
+
+        The fused CPU kernel splits queries and keys into blocks by the lengths it is given and computes every
+        (sequence, head, query block) independently, so a sequence's result depends on its own lengths only, never
+        on how far its neighbours were padded (measured bit-identical for any batch composition in float32,
+        float16 and bfloat16). Each sequence gets exactly the mask it would get alone.
+        """
+        key = ("sdpa-groups", None if slots is None else slots.window, q.dtype)
+        if key not in meta.derived:
+            meta.derived[key] = self._groups(meta, slots, q.dtype)
+        out = torch.empty_like(q)
+        heads, kv_heads, dim = q.shape[1], k.shape[1], q.shape[2]
+        for group in meta.derived[key]:
+            size = group.members
+            qs = q[group.q_rows].view(size, group.q_len, heads, dim).transpose(1, 2)
+            ks = k[group.k_rows].view(size, group.k_len, kv_heads, dim).transpose(1, 2)
+            vs = v[group.k_rows].view(size, group.k_len, kv_heads, dim).transpose(1, 2)
+            o = F.scaled_dot_product_attention(
+                qs, ks, vs, attn_mask=group.mask, scale=scale, enable_gqa=heads != kv_heads
+            )
+            out[group.q_rows] = o.transpose(1, 2).reshape(-1, heads, dim)
+        return out
+
+    def _groups(self, meta: AttentionMetadata, slots: CacheGroupSlots | None, dtype: torch.dtype) -> list[_Group]:
+        qp = meta.queries
+        kp = qp if slots is None else slots.keys
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for i, shape in enumerate(zip(qp.lens, kp.lens, strict=True)):
+            by_shape.setdefault(shape, []).append(i)
+        full_mask = None if slots is None else self._decoder_mask(meta, slots)
+        q_starts, k_starts = qp.cu.tolist(), kp.cu.tolist()
+        device = qp.cu.device
+        groups = []
+        for (q_len, k_len), members in by_shape.items():
+            if full_mask is not None:
+                mask = full_mask[members, :, :q_len, :k_len].contiguous()
+            elif meta.bias is not None:
+                mask = meta.bias[:, :, :q_len, :k_len].to(dtype).contiguous()  # relative bias: same for every seq
+            else:
+                mask = None  # equal lengths, no padding: nothing to mask
+            groups.append(
+                _Group(
+                    members=len(members),
+                    q_len=q_len,
+                    k_len=k_len,
+                    q_rows=_rows(q_starts, members, q_len, device),
+                    k_rows=_rows(k_starts, members, k_len, device),
+                    mask=mask,
+                )
+            )
+        return groups
 
 
 class FlashAttentionBackend:
@@ -153,10 +235,12 @@ _SDPA = SDPABackend()
 
 
 def select_backend(
-    device: torch.device | str, attn_dtype: torch.dtype, *, needs_bias: bool = False
+    device: torch.device | str, attn_dtype: torch.dtype, *, needs_bias: bool = False, batch_invariant: bool = False
 ) -> AttentionBackend:
-    """The backend for (device, attention dtype): FlashAttention on CUDA in half precision when installed and
-    the model needs no additive bias, otherwise the SDPA reference."""
-    if torch.device(device).type == "cuda" and attn_dtype in HALF and not needs_bias and flash_attn_available():
+    """The backend for (device, attention dtype): FlashAttention on CUDA in half precision when installed, the
+    model needs no additive bias and batch invariance is not asked for (its split heuristics depend on the batch),
+    otherwise the SDPA reference."""
+    cuda = torch.device(device).type == "cuda"
+    if cuda and attn_dtype in HALF and not needs_bias and not batch_invariant and flash_attn_available():
         return FlashAttentionBackend()
     return _SDPA

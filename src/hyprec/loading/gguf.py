@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -159,6 +160,20 @@ class GGUFCheckpoint:
             if half in types:
                 return _FLOAT_TYPES[half]
         return torch.float32
+
+    def storage(self) -> str | None:
+        """For a quantized file, its quantization (``general.file_type``, else the quantized tensor types, most
+        frequent first): ``GGUF Q4_K_M checkpoint (dequantised to float32)``. None for F32/F16/BF16 files, whose
+        :meth:`floating_dtype` says it all."""
+        counts = Counter(t.tensor_type for t in self._tensors.values())
+        quantized = [qtype.name for qtype, _ in counts.most_common() if qtype not in _FLOAT_TYPES]
+        if not quantized:
+            return None
+        try:
+            name = gguf.LlamaFileType(self.metadata("general.file_type")).name.removeprefix("MOSTLY_")
+        except (ValueError, TypeError):  # absent, or a file type this gguf release does not know
+            name = "/".join(quantized)
+        return f"GGUF {name} checkpoint (dequantised to float32)"
 
     # -- metadata ---------------------------------------------------------------------------------------------
 

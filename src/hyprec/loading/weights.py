@@ -112,6 +112,10 @@ class Checkpoint:
                         return dtype
         return torch.float32
 
+    def storage(self) -> str | None:
+        """safetensors/bin files store their floating dtype as is: nothing to add to :meth:`floating_dtype`."""
+        return None
+
 
 def _float32_param_names(model: nn.Module) -> set[str]:
     return {
@@ -142,6 +146,10 @@ class WeightSource(Protocol):
     def get(self, name: str) -> torch.Tensor: ...
     def source(self, name: str) -> str: ...
     def floating_dtype(self) -> torch.dtype: ...
+    def storage(self) -> str | None:
+        """How the weights are stored when :meth:`floating_dtype` alone would mislead (a quantized file
+        dequantizes to float32: ``GGUF Q4_K_M checkpoint (dequantised to float32)``), for logs; else None."""
+        ...
 
 
 def load_weights(

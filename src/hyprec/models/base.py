@@ -118,6 +118,8 @@ class DecoderModel(nn.Module):
 
     checkpoint_prefixes: tuple[str, ...] = ()
     ignored_weights: tuple[str, ...] = ("model.rotary_emb.", "rotary_emb.")
+    #: compute the output head in row tiles (see :mod:`hyprec.layers.linear`); set by ``set_batch_invariant``.
+    batch_invariant: bool = False
 
     def __init__(self, config: ModelConfig):
         super().__init__()

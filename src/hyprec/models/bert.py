@@ -16,6 +16,7 @@ from hyprec.config import ModelConfig
 from hyprec.errors import UnsupportedArchitectureError
 from hyprec.layers.activation import get_activation
 from hyprec.layers.attention import Attention, AttentionMetadata
+from hyprec.layers.linear import Linear
 from hyprec.layers.norm import LayerNorm
 from hyprec.models.base import AttentionInputs, EncoderModel, attention_heads
 
@@ -40,9 +41,9 @@ class BertSelfAttention(nn.Module):
         super().__init__()
         hidden = config.get("hidden_size")
         self.num_heads, self.head_dim = attention_heads(config)
-        self.query = nn.Linear(hidden, hidden)
-        self.key = nn.Linear(hidden, hidden)
-        self.value = nn.Linear(hidden, hidden)
+        self.query = Linear(hidden, hidden)
+        self.key = Linear(hidden, hidden)
+        self.value = Linear(hidden, hidden)
         self.attn = Attention(self.num_heads, self.head_dim)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -56,7 +57,7 @@ class BertSelfOutput(nn.Module):
     def __init__(self, config: ModelConfig, in_features: int):
         super().__init__()
         hidden = config.get("hidden_size")
-        self.dense = nn.Linear(in_features, hidden)
+        self.dense = Linear(in_features, hidden)
         self.LayerNorm = LayerNorm(hidden, eps=config.get("layer_norm_eps", 1e-12))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -76,7 +77,7 @@ class BertAttention(nn.Module):
 class BertIntermediate(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.dense = nn.Linear(config.get("hidden_size"), config.get("intermediate_size"))
+        self.dense = Linear(config.get("hidden_size"), config.get("intermediate_size"))
         self.act = get_activation(config.get("hidden_act", "gelu"), config.file)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from torch import nn
 from hyprec.config import ModelConfig
 from hyprec.layers.activation import get_activation
 from hyprec.layers.attention import Attention, AttentionMetadata
+from hyprec.layers.linear import Linear, linear
 from hyprec.layers.norm import RMSNorm
 from hyprec.layers.rotary import RotaryEmbedding
 from hyprec.models.base import AttentionInputs, DecoderModel, ResidualStream
@@ -44,10 +45,10 @@ class LlamaAttention(nn.Module):
         self.num_kv_heads = config.get("num_key_value_heads", self.num_heads)
         self.head_dim = head_dim(config)
         bias = variant.qkv_bias if variant.qkv_bias is not None else config.get("attention_bias", False)
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=config.get("attention_bias", False))
+        self.q_proj = Linear(hidden, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=config.get("attention_bias", False))
         if variant.qk_norm:
             eps = config.get("rms_norm_eps", 1e-6)
             self.q_norm = RMSNorm(self.head_dim, eps, variant.norm_offset)
@@ -81,9 +82,9 @@ class LlamaMLP(nn.Module):
         super().__init__()
         hidden, inter = config.get("hidden_size"), config.get("intermediate_size")
         bias = config.get("mlp_bias", False)
-        self.gate_proj = nn.Linear(hidden, inter, bias=bias)
-        self.up_proj = nn.Linear(hidden, inter, bias=bias)
-        self.down_proj = nn.Linear(inter, hidden, bias=bias)
+        self.gate_proj = Linear(hidden, inter, bias=bias)
+        self.up_proj = Linear(hidden, inter, bias=bias)
+        self.down_proj = Linear(inter, hidden, bias=bias)
         self.act = get_activation(config.get(variant.activation_field, "silu"), config.file)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -144,7 +145,7 @@ class LlamaForCausalLM(DecoderModel):
         if self.tied:
             self.ignored_weights = (*self.ignored_weights, "lm_head.")
         else:
-            self.lm_head = nn.Linear(config.get("hidden_size"), config.get("vocab_size"), bias=False)
+            self.lm_head = Linear(config.get("hidden_size"), config.get("vocab_size"), bias=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, meta)
@@ -152,7 +153,7 @@ class LlamaForCausalLM(DecoderModel):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.model.embed_tokens.weight if self.tied else self.lm_head.weight
         # A precision plan may keep the head in another dtype than the last layer.
-        return torch.nn.functional.linear(hidden.to(weight.dtype), weight).float()
+        return linear(hidden.to(weight.dtype), weight, invariant=self.batch_invariant).float()
 
     def edge_modules(self) -> list[nn.Module]:
         return [self.model.embed_tokens] + ([] if self.tied else [self.lm_head])

@@ -13,6 +13,7 @@ from torch import nn
 
 from hyprec.config import ModelConfig
 from hyprec.layers.attention import Attention, AttentionMetadata
+from hyprec.layers.linear import Linear
 from hyprec.layers.norm import Float32Embedding, LayerNorm
 from hyprec.models.base import AttentionInputs, EncoderModel, attention_heads
 from hyprec.models.bert import BertEncoder, BertIntermediate, BertOutput
@@ -56,10 +57,10 @@ class MPNetSelfAttention(nn.Module):
         super().__init__()
         hidden = config.get("hidden_size")
         self.num_heads, self.head_dim = attention_heads(config)
-        self.q = nn.Linear(hidden, hidden)
-        self.k = nn.Linear(hidden, hidden)
-        self.v = nn.Linear(hidden, hidden)
-        self.o = nn.Linear(hidden, hidden)
+        self.q = Linear(hidden, hidden)
+        self.k = Linear(hidden, hidden)
+        self.v = Linear(hidden, hidden)
+        self.o = Linear(hidden, hidden)
         self.attn = Attention(self.num_heads, self.head_dim)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:

@@ -11,10 +11,14 @@ Each policy is judged on what it actually stores in half precision: whole-model 
 (residual stream, FFN, q/k/v); hybrid stores only q/k/v (the fused kernel keeps logits and softmax statistics in
 float32). A value at or above the format's maximum *fails*; within ``margin`` of it is *at risk* (calibration text
 is a sample, not the worst case); otherwise *safe*.
+
+A model with non-finite weights, or whose float32 calibration pass produces NaN/inf, fails under every policy
+(float32 included): the report names the tensors and layers, and ``hyprec check`` exits non-zero.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hyprec.errors import NonFiniteOutputError
 from hyprec.layers.attention import Attention, AttentionMetadata
 from hyprec.precision.attention_bounds import attention_input_bounds
 
@@ -33,6 +38,7 @@ BF16_MAX = float(torch.finfo(torch.bfloat16).max)
 RISK_MARGIN = 8.0
 LOGIT_ERROR_AT_RISK = 1.0  # estimated absolute logit error from rounding q/k
 POLICIES = ("float16", "bfloat16", "hybrid-fp16", "hybrid-bf16")
+MAX_LISTED = 10  # non-finite tensors listed in the text report
 
 
 @dataclass
@@ -51,7 +57,19 @@ class LayerActivity:
 
     @property
     def attention_inputs(self) -> float:
-        return max(self.q, self.k, self.v)
+        return _fold(_fold(self.q, self.k), self.v)
+
+
+@dataclass
+class NonFinite:
+    """A weight or calibration statistic that is NaN or infinite."""
+
+    layer: str  # "layer 3", "embeddings/head" (weights outside the layers), "output"
+    tensor: str  # the weight's name, or the recorded quantity ("residual", "q", "logits", ...)
+    detail: str  # "12 NaN, 0 inf of 147456 values", "max |x| nan on calibration text"
+
+    def __str__(self) -> str:
+        return f"{self.tensor} ({self.layer}): {self.detail}"
 
 
 @dataclass
@@ -74,15 +92,32 @@ class CheckReport:
     layers: list[LayerActivity]
     verdicts: dict[str, Verdict] = field(default_factory=dict)
     recommended: str = "float32"
+    non_finite: list[NonFinite] = field(default_factory=list)  # non-empty: the model is broken in any precision
 
     def as_dict(self) -> dict[str, Any]:
-        out = asdict(self)
+        """The report as strict JSON-ready data: NaN/inf statistics become ``None`` (``non_finite`` says which)."""
+        out = _finite_or_none(asdict(self))
         out["limits"] = {"float16": FP16_MAX, "bfloat16": BF16_MAX, "risk_margin": RISK_MARGIN}
         return out
 
 
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
 def _amax(x: torch.Tensor) -> float:
     return float(x.detach().abs().max().float()) if x.numel() else 0.0
+
+
+def _fold(a: float, b: float) -> float:
+    """``max`` that keeps NaN: Python's ``max(0.0, nan)`` is 0.0, which would hide a NaN activation."""
+    return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
 
 
 def _logit_amax(q: torch.Tensor, k: torch.Tensor, meta: AttentionMetadata, scale: float) -> float:
@@ -95,7 +130,7 @@ def _logit_amax(q: torch.Tensor, k: torch.Tensor, meta: AttentionMetadata, scale
         s = torch.einsum("qhd,khd->hqk", qs, ks) * scale
         if meta.causal:
             s = s.masked_fill(torch.ones_like(s[0], dtype=torch.bool).triu(1), 0.0)
-        worst = max(worst, _amax(s))
+        worst = _fold(worst, _amax(s))
     return worst
 
 
@@ -107,19 +142,19 @@ def record_activity(model: nn.Module) -> Iterator[list[LayerActivity]]:
     handles = []
 
     def on_block_input(row: LayerActivity):
-        return lambda _m, args: setattr(row, "residual", max(row.residual, _amax(args[0])))
+        return lambda _m, args: setattr(row, "residual", _fold(row.residual, _amax(args[0])))
 
     def on_block_output(row: LayerActivity):
-        return lambda _m, _args, out: setattr(row, "residual", max(row.residual, _amax(out)))
+        return lambda _m, _args, out: setattr(row, "residual", _fold(row.residual, _amax(out)))
 
     def on_ffn(row: LayerActivity):
-        return lambda _m, args: setattr(row, "ffn", max(row.ffn, _amax(args[0])))
+        return lambda _m, args: setattr(row, "ffn", _fold(row.ffn, _amax(args[0])))
 
     def on_attention(row: LayerActivity, attn: Attention):
         def hook(_m, args):
             q, k, v, meta = args
-            row.q, row.k, row.v = max(row.q, _amax(q)), max(row.k, _amax(k)), max(row.v, _amax(v))
-            row.logits = max(row.logits, _logit_amax(q, k, meta, attn.scale))
+            row.q, row.k, row.v = _fold(row.q, _amax(q)), _fold(row.k, _amax(k)), _fold(row.v, _amax(v))
+            row.logits = _fold(row.logits, _logit_amax(q, k, meta, attn.scale))
 
         return hook
 
@@ -141,6 +176,34 @@ def _add_weight_facts(model: nn.Module, rows: list[LayerActivity]) -> None:
         row.qkv_bound = bound.bound
         gain = item.norm.gain() if hasattr(item.norm, "gain") else item.norm.weight.float()
         row.norm_gain = float(gain.abs().max())
+
+
+@torch.no_grad()
+def non_finite_weights(model: nn.Module) -> list[NonFinite]:
+    """Every parameter and buffer of ``model`` holding NaN or inf, with the layer it belongs to."""
+    layer_of = {
+        id(t): f"layer {i}" for i, block in enumerate(model.blocks()) for t in [*block.parameters(), *block.buffers()]
+    }
+    found = []
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if not tensor.is_floating_point():
+            continue
+        nan, inf = int(tensor.isnan().sum()), int(tensor.isinf().sum())
+        if nan or inf:
+            detail = f"{nan} NaN, {inf} inf of {tensor.numel()} values"
+            found.append(NonFinite(layer_of.get(id(tensor), "embeddings/head"), name, detail))
+    return found
+
+
+def non_finite_activity(rows: list[LayerActivity]) -> list[NonFinite]:
+    """Calibration statistics that are NaN or inf (the float32 pass itself broke down)."""
+    quantities = ("residual", "ffn", "q", "k", "v", "logits", "qkv_bound", "norm_gain")
+    return [
+        NonFinite(row.layer, name, f"max |x| {value} on calibration text" if name != "qkv_bound" else f"{value}")
+        for row in rows
+        for name in quantities
+        if (value := getattr(row, name)) is not None and not math.isfinite(value)
+    ]
 
 
 def _judge(rows: list[LayerActivity], quantities: tuple[str, ...], limit: float, label: str) -> Verdict:
@@ -204,8 +267,18 @@ def _logit_precision(rows: list[LayerActivity], unit_roundoff: float, label: str
     )
 
 
-def judge(rows: list[LayerActivity]) -> tuple[dict[str, Verdict], str]:
-    """Verdict per policy, and the recommended policy (the first safe one of hybrid-fp16, hybrid-bf16)."""
+def judge(rows: list[LayerActivity], non_finite: list[NonFinite] | None = None) -> tuple[dict[str, Verdict], str]:
+    """Verdict per policy, and the recommended policy (the first safe one of hybrid-fp16, hybrid-bf16).
+
+    ``non_finite``: every NaN/inf finding (default: the non-finite statistics in ``rows``). Any fails every
+    policy, and the recommendation is then ``none``: no dtype repairs NaN weights.
+    """
+    problems = non_finite_activity(rows) if non_finite is None else non_finite
+    if problems:
+        first = problems[0]
+        more = f" (+{len(problems) - 1} more non-finite)" if len(problems) > 1 else ""
+        reason = f"non-finite {first}{more}: every precision, float32 included, computes NaN/inf"
+        return {p: Verdict("fails", reason, first.layer, first.tensor) for p in POLICIES}, "none"
     whole = ("q", "k", "v", "ffn", "residual")  # computation order within a layer: blame the first to overflow
     attn = ("q", "k", "v")
     verdicts = {
@@ -247,19 +320,29 @@ def default_calibration_texts(generative: bool, n: int = 8) -> list[str]:
 
 
 @torch.no_grad()
-def calibrate(llm: Any, texts: list[str], max_tokens: int = 256) -> tuple[list[LayerActivity], int]:
-    """Run ``texts`` through an already loaded LLM with recording hooks; returns the rows and the token count."""
+def calibrate(
+    llm: Any, texts: list[str], max_tokens: int = 256, *, errors: list[NonFinite] | None = None
+) -> tuple[list[LayerActivity], int]:
+    """Run ``texts`` through an already loaded LLM with recording hooks; returns the rows and the token count.
+
+    With ``errors``, a pass whose outputs are NaN/inf (decoders refuse to return such logits) is recorded there and
+    ends the calibration, instead of raising: the rows keep what the hooks saw up to it.
+    """
     engine = llm.engine
     with record_activity(engine.model) as rows:
         if llm.is_generative:
             ids = [engine.tokenizer.encode(t)[:max_tokens] for t in texts]
-            for seq in ids:
-                if len(seq) >= 2:
-                    engine.score(seq)
+            passes = [functools.partial(engine.score, seq) for seq in ids if len(seq) >= 2]
         else:
             ids = engine.tokenize(texts)
-            for start in range(0, len(ids), 16):
-                engine.last_hidden_states(ids[start : start + 16])
+            passes = [functools.partial(engine.last_hidden_states, ids[s : s + 16]) for s in range(0, len(ids), 16)]
+        try:
+            for run in passes:
+                run()
+        except NonFiniteOutputError as exc:
+            if errors is None:
+                raise
+            errors.append(NonFinite("output", "logits" if llm.is_generative else "hidden states", str(exc)))
     return rows, sum(len(s) for s in ids)
 
 
@@ -270,10 +353,13 @@ def check(model: Any = None, texts: list[str] | None = None, *, device: str = "c
     """
     from hyprec.entrypoints.llm import LLM
 
-    llm = model if isinstance(model, LLM) else LLM(model, dtype="float32", device=device)
+    # No run-time guard: calibration measures what float32 computes, NaN included, rather than falling back.
+    llm = model if isinstance(model, LLM) else LLM(model, dtype="float32", device=device, precision_guard=False)
     texts = texts if texts is not None else default_calibration_texts(llm.is_generative)
-    rows, tokens = calibrate(llm, texts)
+    problems = non_finite_weights(llm.engine.model)
+    rows, tokens = calibrate(llm, texts, errors=problems)
     _add_weight_facts(llm.engine.model, rows)
+    problems += non_finite_activity(rows)
     info = llm.info()
     report = CheckReport(
         model=str(info["model"]),
@@ -282,8 +368,9 @@ def check(model: Any = None, texts: list[str] | None = None, *, device: str = "c
         calibration_texts=len(texts),
         calibration_tokens=tokens,
         layers=rows,
+        non_finite=problems,
     )
-    report.verdicts, report.recommended = judge(rows)
+    report.verdicts, report.recommended = judge(rows, problems)
     if report.checkpoint_dtype == "bfloat16" and report.verdicts["float16"].verdict == "safe":
         report.verdicts["float16"] = Verdict(
             "at-risk",
@@ -311,6 +398,12 @@ def render(report: CheckReport) -> str:
             f"{fmt(r.qkv_bound):>11}{fmt(r.norm_gain):>11}"
         )
     lines.append("")
+    if report.non_finite:
+        lines.append(f"NON-FINITE   {len(report.non_finite)} weights or statistics are NaN or inf:")
+        lines += [f"  {problem}" for problem in report.non_finite[:MAX_LISTED]]
+        if len(report.non_finite) > MAX_LISTED:
+            lines.append(f"  ... and {len(report.non_finite) - MAX_LISTED} more (--json lists all)")
+        lines.append("")
     for policy in POLICIES:
         v = report.verdicts[policy]
         lines.append(f"{policy:<13}{v.verdict:<9}{v.reason}")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,59 @@ from hyprec.precision.rescale import rescale_ffn, rescale_residual
 PLAN_FORMAT = "hyprec-precision-plan"
 PLAN_VERSION = 1
 PLAN_DTYPES = tuple(TORCH_DTYPES)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# What each field of a plan's records may hold: (test, what the error message says was expected). Measured
+# metrics may be NaN (a candidate that produced NaN logits); bounds elsewhere are what `hyprec repair` writes.
+_KINDS: dict[str, tuple[Any, str]] = {
+    "text": (lambda v: isinstance(v, str), "a string"),
+    "flag": (lambda v: isinstance(v, bool), "true or false"),
+    "count": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a non-negative integer"),
+    "number": (_is_number, "a number"),
+    "fraction": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "seconds": (lambda v: _is_number(v) and v >= 0, "a non-negative number"),
+    "names": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
+    "metrics": (
+        lambda v: isinstance(v, dict) and all(isinstance(k, str) and _is_number(x) for k, x in v.items()),
+        "an object of numbers",
+    ),
+    "trial": (
+        lambda v: (
+            isinstance(v, dict)
+            and isinstance(v.get("units"), str)
+            and isinstance(v.get("accepted"), bool)
+            and all(_is_number(x) for k, x in v.items() if k not in ("units", "accepted"))
+        ),
+        'an object {"units": string, "accepted": true/false, <metric>: number}',
+    ),
+}
+# The records a plan carries besides what it runs: field -> key -> kind. Every key is optional.
+_RECORDS: dict[str, dict[str, str]] = {
+    "model": {"name": "text", "architecture": "text", "fingerprint": "text"},
+    "tolerance": {"metric": "text", "min": "fraction", "search_margin": "number"},
+    "calibration": {
+        "sha256": "text",
+        "texts": "count",
+        "tokens": "count",
+        "validation_sha256": "text",
+        "validation_texts": "count",
+        "validation_tokens": "count",
+    },
+    "measured": {"calibration": "metrics", "validation": "metrics", "meets_tolerance": "flag"},
+    "search": {
+        "method": "text",
+        "validations": "count",
+        "seconds": "seconds",
+        "kept_out": "names",
+        "safe_layers": "text",
+        "peak_residual_float32": "number",
+        "trials": "trial[]",
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -131,6 +184,8 @@ class PrecisionPlan:
 
     @classmethod
     def from_dict(cls, raw: Any, where: str = "precision plan") -> PrecisionPlan:
+        """A plan from its JSON form; every field is checked, and errors name ``where`` and the field."""
+
         def fail(what: str) -> ConfigError:
             return ConfigError(f"{where}: {what}")
 
@@ -141,6 +196,9 @@ class PrecisionPlan:
                 f"format={raw.get('format')!r} version={raw.get('version')!r}: expected {PLAN_FORMAT!r} version "
                 f"{PLAN_VERSION} (a file written by `hyprec repair`)"
             )
+        known = ["format", "version", *(f.name for f in fields(cls) if f.name != "path")]
+        if unknown := sorted(set(raw) - set(known)):
+            raise fail(f"unknown field(s) {', '.join(map(repr, unknown))}; a plan has {', '.join(known)}")
 
         def need(key: str, kind: type | tuple[type, ...]) -> Any:
             if key not in raw:
@@ -155,13 +213,37 @@ class PrecisionPlan:
                 raise fail(f"{key} = {value!r}: expected one of {', '.join(PLAN_DTYPES)}")
             return value
 
-        model = need("model", dict)
-        if not isinstance(model.get("fingerprint"), str):
+        def record(key: str) -> dict[str, Any]:
+            """An object of known keys, each of its kind (``kind[]``: a list of them); missing or null: empty."""
+            value = raw.get(key)
+            if value is None:
+                return {}
+            schema = _RECORDS[key]
+            if not isinstance(value, dict):
+                raise fail(f"field {key!r} = {value!r:.60}: expected an object with keys {', '.join(schema)}")
+            for name, item in value.items():
+                if name not in schema:
+                    raise fail(f"field '{key}.{name}': unknown; expected keys {', '.join(schema)}")
+                kind = schema[name]
+                test, expected = _KINDS[kind.removesuffix("[]")]
+                if not kind.endswith("[]"):
+                    if not test(item):
+                        raise fail(f"field '{key}.{name}' = {item!r:.60}: expected {expected}")
+                    continue
+                if not isinstance(item, list):
+                    raise fail(f"field '{key}.{name}' = {item!r:.60}: expected a list of {expected}")
+                for i, element in enumerate(item):
+                    if not test(element):
+                        raise fail(f"field '{key}.{name}[{i}]' = {element!r:.60}: expected {expected}")
+            return dict(value)
+
+        model = record("model") if "model" in raw else need("model", dict)
+        if "fingerprint" not in model:
             raise fail("field 'model.fingerprint' is missing")
         target = dtype(need("target", str), "target")
         layers = []
         for i, layer in enumerate(need("layers", list)):
-            if not isinstance(layer, dict):
+            if not isinstance(layer, dict) or set(layer) != {"linear", "attention"}:
                 raise fail(f"layers[{i}] = {layer!r:.60}: expected an object with 'linear' and 'attention'")
             layers.append(
                 LayerPrecision(
@@ -176,16 +258,16 @@ class PrecisionPlan:
         if not all(-64 <= k <= 64 for k in [scale, *ffn]):
             raise fail("scales must lie in [-64, 64] (powers of two)")
         return cls(
-            model={str(k): str(v) for k, v in model.items()},
+            model=model,
             target=target,
             residual_scale_log2=scale,
             ffn_scale_log2=list(ffn),
             layers=layers,
             edges=dtype(need("edges", str), "edges"),
-            tolerance=dict(raw.get("tolerance") or {}),
-            calibration=dict(raw.get("calibration") or {}),
-            measured=dict(raw.get("measured") or {}),
-            search=dict(raw.get("search") or {}),
+            tolerance=record("tolerance"),
+            calibration=record("calibration"),
+            measured=record("measured"),
+            search=record("search"),
             path=where if where != "precision plan" else None,
         )
 

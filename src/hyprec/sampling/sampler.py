@@ -81,11 +81,14 @@ class SamplerOutput:
         logprobs: the log-probability of each chosen token under the raw model distribution.
         top_logprobs: for sequences whose ``params.logprobs`` is N, the N most likely ``(token_id, logprob)`` pairs
             of the raw distribution, most likely first (ties by lower token id); None where ``logprobs`` is None.
+        failures: rows that could not be sampled, with their error (only from :meth:`Sampler.sample_each`); their
+            entries in the lists above are placeholders (token -1, logprob NaN, top None).
     """
 
     token_ids: list[int]
     logprobs: list[float]
     top_logprobs: list[list[tuple[int, float]] | None]
+    failures: dict[int, Exception] = field(default_factory=dict)
 
 
 class Sampler:
@@ -113,6 +116,49 @@ class Sampler:
         chosen = raw.gather(1, tokens[:, None]).squeeze(1) - lse
         return SamplerOutput(
             token_ids=tokens.tolist(), logprobs=chosen.tolist(), top_logprobs=_top_logprobs(raw, lse, states)
+        )
+
+    def sample_each(
+        self,
+        logits: torch.Tensor,
+        states: Sequence[SequenceSamplingState],
+        failed: dict[int, Exception] | None = None,
+    ) -> SamplerOutput:
+        """Like calling the sampler, but a row that cannot be sampled fails alone instead of failing the batch.
+
+        Rows in ``failed`` (row -> error, e.g. non-finite model logits found by the caller) are not sampled. The
+        others are sampled together; if that raises (whatever the error), each is sampled on its own, so only the
+        rows that fail alone fail. Their errors are in ``SamplerOutput.failures``. Seeded rows draw the same numbers
+        as in a batch that did not fail: their generators are restored before the retry, and a row's result never
+        depends on its neighbours.
+        """
+        failures = dict(failed or {})
+        rows = [i for i in range(len(states)) if i not in failures]
+        saved = {i: states[i].generator.get_state() for i in rows if states[i].generator is not None}
+        done: dict[int, tuple[int, float, list[tuple[int, float]] | None]] = {}
+        try:
+            part = self(_rows(logits, rows), [states[i] for i in rows])
+            done.update(zip(rows, zip(part.token_ids, part.logprobs, part.top_logprobs, strict=True), strict=True))
+        except Exception as batch_error:
+            if len(rows) == 1:
+                failures[rows[0]] = batch_error
+            else:
+                for i in rows:
+                    if i in saved:
+                        states[i].generator.set_state(saved[i])
+                    try:
+                        one = self(logits[i : i + 1], [states[i]])
+                    except Exception as exc:  # this row's own failure
+                        failures[i] = exc
+                    else:
+                        done[i] = (one.token_ids[0], one.logprobs[0], one.top_logprobs[0])
+        placeholder = (-1, math.nan, None)
+        picked = [done.get(i, placeholder) for i in range(len(states))]
+        return SamplerOutput(
+            token_ids=[p[0] for p in picked],
+            logprobs=[p[1] for p in picked],
+            top_logprobs=[p[2] for p in picked],
+            failures=failures,
         )
 
 

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import signal
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -23,15 +27,19 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hyprec import __version__
-from hyprec.errors import HyprecError, NonFiniteOutputError
+from hyprec.engine.embedding_engine import validate_texts
+from hyprec.errors import HyprecError
 from hyprec.outputs import RequestOutput
 from hyprec.sampling_params import SamplingParams
+from hyprec.serving.guard import RequestGuard
 from hyprec.serving.metrics import ServerMetrics
 from hyprec.serving.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, error_body
 from hyprec.serving.responses import (
+    INTERNAL_ERROR,
     chat_logprobs,
     completion_logprobs,
     completion_object,
+    describe_error,
     encode_embedding,
     sse,
     stream_chat,
@@ -40,7 +48,7 @@ from hyprec.serving.responses import (
     usage,
 )
 from hyprec.serving.settings import ServerSettings
-from hyprec.serving.worker import EmbedJob, EngineDeadError, EngineWorker, GenerateJob
+from hyprec.serving.worker import EmbedJob, EngineWorker, GenerateJob, ShutdownError
 
 log = logging.getLogger("hyprec")
 
@@ -66,13 +74,24 @@ def _error(status: int, message: str, kind: str, param: str | None = None) -> JS
 # ------------------------------------------------------------------ inputs
 
 
+def _check_texts(texts: list[str], field: str) -> None:
+    """400 for texts that are not valid Unicode (a JSON ``\\ud800`` escape decodes to a lone surrogate, which no
+    tokenizer or response can encode), with the message the CLI gives."""
+    try:
+        validate_texts(texts)
+    except HyprecError as exc:
+        raise ApiError(400, f"'{field}': {exc}", param=field) from None
+
+
 def _as_batch(value: Any, field: str) -> tuple[list[str] | None, list[list[int]] | None]:
     """OpenAI's input forms -> (texts, None) or (None, token-id lists)."""
     if isinstance(value, str):
+        _check_texts([value], field)
         return [value], None
     if not value:
         raise ApiError(400, f"'{field}' must not be empty", param=field)
     if all(isinstance(v, str) for v in value):
+        _check_texts(value, field)
         return list(value), None
     if all(isinstance(v, int) for v in value):
         return None, [list(value)]
@@ -93,16 +112,32 @@ def build_app(llm: Any, settings: ServerSettings) -> FastAPI:
     metrics.set_model(settings.model_name, engine.policy)
     worker = EngineWorker(engine, metrics, max_batch_tokens=engine.engine_config.max_num_batched_tokens)
     created = int(time.time())
-    in_flight = 0
+    shutdown: list[asyncio.TimerHandle] = []  # the grace period's timer, once a shutdown began
+
+    def begin_shutdown() -> None:
+        """Open requests get ``shutdown_timeout`` seconds to finish; then they fail (streams with an error event),
+        so a long stream cannot hold the server's exit forever."""
+        if shutdown:
+            return
+        log.info("hyprec: shutting down; open requests get %g s to finish", settings.shutdown_timeout)
+        error = ShutdownError(f"the server is shutting down (open requests got {settings.shutdown_timeout:g} s)")
+        loop = asyncio.get_running_loop()
+        shutdown.append(loop.call_later(settings.shutdown_timeout, worker.fail_all, error))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         worker.start()
+        restore = _on_termination(begin_shutdown)
         yield
+        restore()
+        for timer in shutdown:
+            timer.cancel()
         worker.stop()
 
     app = FastAPI(title="hyprec", version=__version__, lifespan=lifespan)
     app.state.worker, app.state.metrics, app.state.settings = worker, metrics, settings
+    app.state.begin_shutdown = begin_shutdown
+    app.add_middleware(RequestGuard, settings=settings, metrics=metrics)
 
     # -------------------------------------------------------------- errors
 
@@ -134,64 +169,13 @@ def build_app(llm: Any, settings: ServerSettings) -> FastAPI:
     @app.exception_handler(Exception)
     async def on_crash(_request: Request, exc: Exception) -> JSONResponse:
         log.exception("hyprec: unhandled error", exc_info=exc)
-        return _error(500, "internal server error (see the server log)", "internal_error")
+        return _error(500, INTERNAL_ERROR, "internal_error")
 
-    def timed_out() -> ApiError:
-        return ApiError(504, f"request timed out after {settings.request_timeout:g} s", "timeout")
+    def engine_error(exc: HyprecError | TimeoutError) -> ApiError:
+        status, kind, message = describe_error(exc, settings)
+        return ApiError(status, message, kind)
 
-    def engine_error(exc: HyprecError) -> ApiError:
-        if isinstance(exc, NonFiniteOutputError):
-            return ApiError(500, str(exc), "numerical_error")
-        if isinstance(exc, EngineDeadError):
-            return ApiError(503, str(exc), "service_unavailable")
-        return ApiError(400, str(exc))
-
-    # -------------------------------------------------------------- limits, auth, metrics
-
-    @app.middleware("http")
-    async def guard_requests(request: Request, call_next):
-        nonlocal in_flight
-        path = request.url.path
-        if not path.startswith("/v1/"):
-            return await call_next(request)
-        if settings.api_key is not None and request.headers.get("authorization") != f"Bearer {settings.api_key}":
-            metrics.requests.labels("unauthenticated", "401").inc()
-            return _error(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error")
-        if in_flight >= settings.max_concurrent_requests:
-            metrics.requests.labels("rejected", "429").inc()
-            return _error(
-                429, f"too many concurrent requests (limit {settings.max_concurrent_requests})", "rate_limit_error"
-            )
-        in_flight += 1
-        metrics.in_flight.set(in_flight)
-        start = time.perf_counter()
-
-        def finish(status: str) -> None:
-            # A request counts as in flight, and its latency runs, until its body is sent: for a streamed
-            # completion that is the last event, not the response headers.
-            nonlocal in_flight
-            in_flight -= 1
-            metrics.in_flight.set(in_flight)
-            route = getattr(request.scope.get("route"), "path", "unmatched")  # bounded label values
-            metrics.latency.labels(route).observe(time.perf_counter() - start)
-            metrics.requests.labels(route, status).inc()
-
-        try:
-            response = await call_next(request)
-        except BaseException:
-            finish("500")  # an unhandled error becomes a 500 further out
-            raise
-        body = response.body_iterator
-
-        async def counted_body():
-            try:
-                async for chunk in body:
-                    yield chunk
-            finally:
-                finish(str(response.status_code))
-
-        response.body_iterator = counted_body()
-        return response
+    # -------------------------------------------------------------- limits, auth, metrics: see serving/guard.py
 
     def check_model(name: str | None) -> None:
         if name is not None and name != settings.model_name:
@@ -208,7 +192,8 @@ def build_app(llm: Any, settings: ServerSettings) -> FastAPI:
     @app.get("/health")
     async def health() -> Response:
         if not worker.alive:
-            return _error(503, f"engine is not running: {worker.error!r}", "service_unavailable")
+            # The cause is in the server log; exception text (paths, internals) is not for clients.
+            return _error(503, "engine is not running (see the server log)", "service_unavailable")
         return JSONResponse({"status": "ok"})
 
     @app.get("/version")
@@ -243,9 +228,7 @@ def build_app(llm: Any, settings: ServerSettings) -> FastAPI:
         try:
             worker.submit(EmbedJob(ids, prompt_len, req.normalize, req.dimensions, future, loop))
             vectors = await asyncio.wait_for(future, settings.request_timeout)
-        except TimeoutError:
-            raise timed_out() from None
-        except HyprecError as exc:
+        except (HyprecError, TimeoutError) as exc:
             raise engine_error(exc) from None
         tokens = sum(len(x) for x in ids)
         metrics.prompt_tokens.inc(tokens)
@@ -269,8 +252,9 @@ def build_app(llm: Any, settings: ServerSettings) -> FastAPI:
     def sampling(req: CompletionRequest | ChatCompletionRequest, logprobs: int | None, max_tokens: int | None):
         try:
             return SamplingParams(max_tokens=max_tokens or 16, logprobs=logprobs, **req.sampling_kwargs())
-        except HyprecError as exc:
-            raise ApiError(400, str(exc)) from None
+        except HyprecError as exc:  # the message starts with the field: "temperature=1e-300: expected ..."
+            field = re.match(r"\w*", str(exc)).group()
+            raise ApiError(400, str(exc), param=field if field in type(req).model_fields else None) from None
 
     async def run(prompts: list[tuple[str | None, list[int]]], params: SamplingParams, kind: str):
         """Validate and submit every prompt; returns (response id, request ids, queue of (request id, update))."""
@@ -286,7 +270,7 @@ def build_app(llm: Any, settings: ServerSettings) -> FastAPI:
         for rid, (text, ids) in zip(rids, prompts, strict=True):
             try:
                 worker.submit(GenerateJob(rid, text, ids, params, _Tagged(rid, updates), loop))
-            except EngineDeadError as exc:
+            except HyprecError as exc:
                 raise engine_error(exc) from None
             metrics.prompt_tokens.inc(len(ids))
         return base, rids, updates
@@ -297,9 +281,7 @@ def build_app(llm: Any, settings: ServerSettings) -> FastAPI:
             async for rid, item in stream_updates(rids, updates, settings, worker):
                 if item.finished:
                     done[rid] = item
-        except TimeoutError:
-            raise timed_out() from None
-        except HyprecError as exc:
+        except (HyprecError, TimeoutError) as exc:
             raise engine_error(exc) from None
         return done
 
@@ -312,8 +294,11 @@ def build_app(llm: Any, settings: ServerSettings) -> FastAPI:
         tok = engine.tokenizer
         if texts is not None and tok is None:
             raise ApiError(400, "this model has no tokenizer; send prompts as token ids", param="prompt")
-        prompts = [(t, tok.encode(t)) for t in texts] if texts is not None else [(None, x) for x in ids]
         params = sampling(req, req.logprobs, req.max_tokens)
+        if texts is not None:  # tokenising is CPU work: off the event loop, which keeps serving meanwhile
+            prompts = await run_in_threadpool(lambda: [(t, tok.encode(t)) for t in texts])
+        else:
+            prompts = [(None, x) for x in ids]
         base, rids, updates = await run(prompts, params, "cmpl")
         if req.stream:
             return sse(stream_completions(base, rids, updates, params, settings, worker, tok))
@@ -344,8 +329,10 @@ def build_app(llm: Any, settings: ServerSettings) -> FastAPI:
         if tok is None:
             raise ApiError(400, "this model has no tokenizer (needed for chat)")
         messages = [m.model_dump() for m in req.messages]
+        _check_texts([m["content"] for m in messages], "messages")
         try:
-            prompt = (tok.apply_chat_template(messages), tok.encode_chat(messages))
+            # Rendering (the model's template: foreign code, budgeted) and tokenising run off the event loop.
+            prompt = await run_in_threadpool(lambda: tok.chat_prompt(messages, timeout=settings.chat_template_timeout))
         except HyprecError as exc:
             raise ApiError(400, str(exc), param="messages") from None
         top = req.top_logprobs or 0
@@ -375,6 +362,38 @@ def build_app(llm: Any, settings: ServerSettings) -> FastAPI:
 
 
 # ------------------------------------------------------------------ helpers (module level: no app state)
+
+
+def _on_termination(callback: Callable[[], None]) -> Callable[[], None]:
+    """Also run ``callback`` (on this event loop) when SIGTERM or SIGINT arrives, before the handler the server
+    installed (uvicorn's: stop accepting, then wait for open requests, however long they take). Returns the
+    function that restores that handler.
+
+    Nothing is chained where there is no such handler (default or ignored signals: no graceful wait to bound) or
+    outside the main thread (only it may set handlers: hosts such as Ray Serve run the app elsewhere).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    loop = asyncio.get_running_loop()
+    chained: dict[int, tuple[Any, Any]] = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(sig)
+        if not callable(previous) or previous is signal.default_int_handler:
+            continue
+
+        def handler(signum: int, frame: Any, previous: Any = previous) -> None:
+            loop.call_soon_threadsafe(callback)  # a signal handler may interrupt the loop anywhere: schedule
+            previous(signum, frame)
+
+        signal.signal(sig, handler)
+        chained[sig] = (handler, previous)
+
+    def restore() -> None:
+        for sig, (handler, previous) in chained.items():
+            if signal.getsignal(sig) is handler:
+                signal.signal(sig, previous)
+
+    return restore
 
 
 class _Tagged:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,10 +13,27 @@ from typing import Any
 import numpy as np
 from fastapi.responses import StreamingResponse
 
-from hyprec.errors import HyprecError
+from hyprec.errors import HyprecError, NonFiniteOutputError
 from hyprec.serving.protocol import error_body
 from hyprec.serving.settings import ServerSettings
-from hyprec.serving.worker import EngineWorker
+from hyprec.serving.worker import EngineWorker, UnavailableError
+
+log = logging.getLogger("hyprec")
+INTERNAL_ERROR = "internal server error (see the server log)"
+
+
+def describe_error(exc: BaseException, settings: ServerSettings) -> tuple[int, str, str]:
+    """(HTTP status, OpenAI error type, message) for the error a request ended with. Errors that are not hyprec's
+    own are bugs: the client gets a generic message, the details stay in the server log."""
+    if isinstance(exc, TimeoutError):
+        return 504, "timeout", f"request timed out after {settings.request_timeout:g} s"
+    if isinstance(exc, UnavailableError):
+        return 503, "service_unavailable", str(exc)
+    if isinstance(exc, NonFiniteOutputError):
+        return 500, "numerical_error", str(exc)
+    if isinstance(exc, HyprecError):
+        return 400, "invalid_request_error", str(exc)
+    return 500, "internal_error", INTERNAL_ERROR
 
 
 def encode_embedding(vector: np.ndarray, fmt: str) -> list[float] | str:
@@ -111,10 +129,13 @@ async def _deltas(rids: list[str], updates: asyncio.Queue, settings: ServerSetti
             yield rid, o, o.text[chars:], ntok
 
 
-def _stream_error(exc: BaseException) -> dict[str, Any]:
-    """The last event of a stream that failed or timed out (the status line has already been sent)."""
-    timed_out = isinstance(exc, TimeoutError)
-    return error_body(str(exc) or "request timed out", "timeout" if timed_out else "error", 500)
+def _stream_error(exc: Exception, settings: ServerSettings) -> dict[str, Any]:
+    """The last event of a stream that failed, timed out or was cut by a shutdown (the status line has already
+    been sent, so the error travels as an event)."""
+    if not isinstance(exc, (HyprecError, TimeoutError)):
+        log.error("hyprec: stream failed", exc_info=exc)
+    status, kind, message = describe_error(exc, settings)
+    return error_body(message, kind, status)
 
 
 async def stream_completions(base, rids, updates, params, settings, worker, tok) -> AsyncIterator[dict[str, Any]]:
@@ -127,8 +148,8 @@ async def stream_completions(base, rids, updates, params, settings, worker, tok)
                 "finish_reason": o.finish_reason,
             }
             yield completion_object(base, "text_completion", settings.model_name, [choice])
-    except (HyprecError, TimeoutError) as exc:
-        yield _stream_error(exc)
+    except Exception as exc:  # whatever ends it, a stream ends with an error event
+        yield _stream_error(exc, settings)
 
 
 async def stream_chat(base, rid, updates, params, settings, worker, tok, logprobs) -> AsyncIterator[dict[str, Any]]:
@@ -143,5 +164,5 @@ async def stream_chat(base, rid, updates, params, settings, worker, tok, logprob
         async for _, o, text, ntok in _deltas([rid], updates, settings, worker):
             lps = chat_logprobs((o.logprobs or [])[ntok:], o.token_ids[ntok:], tok) if logprobs else None
             yield chunk(o.index, {"content": text}, o.finish_reason, lps)
-    except (HyprecError, TimeoutError) as exc:
-        yield _stream_error(exc)
+    except Exception as exc:  # whatever ends it, a stream ends with an error event
+        yield _stream_error(exc, settings)

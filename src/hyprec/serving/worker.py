@@ -9,8 +9,9 @@ queue and await an ``asyncio`` future (embeddings) or an ``asyncio.Queue`` of pa
 * **Generation**: new requests join the running batch between steps (the engine's continuous batching); after
   every step each request's new state goes to its queue.
 
-A job that fails (bad input, non-finite output) fails alone: its error goes to its own future, the other jobs in
-the batch are recomputed without it.
+A job that fails (bad input, non-finite output, any error of its own) fails alone: its error goes to its own
+future or queue; other embedding jobs of the batch are recomputed without it, other generation requests go on (the
+engine drops just the failed one). Only an error of the engine itself (not of one request) stops the loop.
 """
 
 from __future__ import annotations
@@ -33,8 +34,16 @@ from hyprec.serving.metrics import ServerMetrics
 log = logging.getLogger("hyprec")
 
 
-class EngineDeadError(HyprecError):
-    """The engine loop died (its error is in the message); the server answers 503 from then on."""
+class UnavailableError(HyprecError):
+    """The server cannot serve the request now (answered with 503)."""
+
+
+class EngineDeadError(UnavailableError):
+    """The engine loop died (its error is in the server log); the server answers 503 from then on."""
+
+
+class ShutdownError(UnavailableError):
+    """The server is shutting down and its grace period for open requests is over."""
 
 
 @dataclass
@@ -76,6 +85,11 @@ class _Stop:
 
 
 @dataclass
+class _FailAll:
+    error: HyprecError
+
+
+@dataclass
 class EngineWorker:
     """Runs ``engine`` on a daemon thread; see the module docstring."""
 
@@ -110,7 +124,8 @@ class EngineWorker:
     def submit(self, job: EmbedJob | GenerateJob | AbortJob) -> None:
         """Queue a job for the loop. Raises :class:`EngineDeadError` once the loop has died."""
         if self.error is not None:
-            raise EngineDeadError(f"the engine loop stopped: {self.error!r}")
+            # The cause is in the server log; its text (paths, internals) is not for clients.
+            raise EngineDeadError("the engine loop stopped (see the server log)")
         self.start()
         self.jobs.put(job)
         self.metrics.queue_depth.set(self.jobs.qsize())
@@ -119,6 +134,12 @@ class EngineWorker:
         """Stop generating for a request whose client is gone or failed (a no-op once the loop has died)."""
         if self.error is None:
             self.submit(AbortJob(request_id))
+
+    def fail_all(self, error: HyprecError) -> None:
+        """Fail every request in the engine or queued now with ``error`` (the end of a shutdown's grace period);
+        the loop itself goes on."""
+        if self.error is None:
+            self.submit(_FailAll(error))
 
     # ------------------------------------------------------------------ the loop
 
@@ -147,6 +168,10 @@ class EngineWorker:
                 _push(job, exc)
 
     def _turn(self, pending: list) -> None:
+        failing = next((j for j in pending if isinstance(j, _FailAll)), None)
+        if failing is not None:
+            self._fail(pending, failing.error)
+            return
         embeds = [j for j in pending if isinstance(j, EmbedJob)]
         for job in pending:
             if isinstance(job, GenerateJob):
@@ -159,6 +184,17 @@ class EngineWorker:
         if self._live:
             self._step()
         self._count_guard_events()
+
+    def _fail(self, pending: list, error: HyprecError) -> None:
+        for job in pending:
+            if isinstance(job, EmbedJob):
+                _resolve(job, exception=error)
+            elif isinstance(job, GenerateJob):
+                _push(job, error)
+        for rid, job in self._live.items():
+            self.engine.abort(rid)
+            _push(job, error)
+        self._live.clear()
 
     # ------------------------------------------------------------------ embeddings
 
@@ -205,8 +241,8 @@ class EngineWorker:
     def _add(self, job: GenerateJob) -> None:
         try:
             self.engine.add_request(job.ids, job.params, prompt=job.prompt, request_id=job.request_id)
-        except HyprecError as exc:
-            _push(job, exc)
+        except Exception as exc:  # whatever is wrong with this request, it fails alone
+            _fail_request(job, exc)
             return
         self._live[job.request_id] = job
 
@@ -226,6 +262,10 @@ class EngineWorker:
         for out in outputs:
             job = self._live.get(out.request_id)
             if job is None:
+                continue
+            if out.error is not None:  # the engine dropped this request alone; the others went on
+                _fail_request(job, out.error)
+                self._live.pop(out.request_id)
                 continue
             _push(job, _snapshot(out))
             if out.finished:
@@ -258,3 +298,11 @@ def _resolve(job: EmbedJob, *, result: np.ndarray | None = None, exception: Base
 
 def _push(job: GenerateJob, item: RequestOutput | BaseException) -> None:
     job.loop.call_soon_threadsafe(job.updates.put_nowait, item)
+
+
+def _fail_request(job: GenerateJob, exc: Exception) -> None:
+    """Fail one generation request; an error that is not hyprec's own (a bug, not bad input) goes to the log with
+    its traceback, since the client only gets a generic message for it."""
+    if not isinstance(exc, HyprecError):
+        log.error("hyprec: request %s failed", job.request_id, exc_info=exc)
+    _push(job, exc)
