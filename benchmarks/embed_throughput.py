@@ -8,7 +8,8 @@ What it measures
     * ``hyprec float32``: everything in float32;
     * ``hyprec hybrid fp16 attn`` / ``hyprec hybrid bf16 attn``: float32 weights and activations, attention in
       float16 / bfloat16;
-    * ``hyprec bfloat16 (whole model)``: for context, what whole-model half precision gives.
+    * ``hyprec bfloat16 (whole model)``: for context, what whole-model half precision gives;
+    * ``... deterministic``: the batch-invariant mode (``deterministic=True``), whose cost this measures.
 
     Each variant runs in its own spawned process: load, one warm-up pass, then ``--repeats`` timed passes
     over all texts. Nothing else is loaded in that process, so its peak RSS is its own. The timed passes
@@ -57,6 +58,8 @@ from pathlib import Path
 
 import numpy as np
 
+from machine import cpu_flags, cpu_model, load_average
+
 # Never touch the network, in this process and in the spawned ones (they inherit the environment).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -70,6 +73,7 @@ class Variant:
     engine: str  # "st" or "hyprec"
     dtype: str = "float32"
     attn_dtype: str = "auto"
+    deterministic: bool = False  # batch-invariant mode (hyprec only)
 
 
 VARIANTS: tuple[Variant, ...] = (
@@ -78,6 +82,8 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("hyprec hybrid fp16 attn", "hyprec", "hybrid", "float16"),
     Variant("hyprec hybrid bf16 attn", "hyprec", "hybrid", "bfloat16"),
     Variant("hyprec bfloat16 (whole model)", "hyprec", "bfloat16"),
+    Variant("hyprec float32 deterministic", "hyprec", "float32", deterministic=True),
+    Variant("hyprec hybrid fp16 attn deterministic", "hyprec", "hybrid", "float16", deterministic=True),
 )
 
 
@@ -182,7 +188,7 @@ class HyprecRunner:
         from hyprec import LLM
 
         self.texts = list(texts)
-        self.llm = LLM(model, dtype=variant.dtype, attn_dtype=variant.attn_dtype)
+        self.llm = LLM(model, dtype=variant.dtype, attn_dtype=variant.attn_dtype, deterministic=variant.deterministic)
         self.policy = self.llm.policy.name
 
     def embed(self) -> np.ndarray:
@@ -305,27 +311,13 @@ def neighbour_overlap(a: np.ndarray, b: np.ndarray, k: int = TOP_K) -> float:
 # --------------------------------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def load_average() -> str:
-    return " / ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
 def machine_header(args: argparse.Namespace, first: Measurement, load_at_start: str) -> list[str]:
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     python = platform.python_version()
     return [
         "# Embedding throughput: hyprec vs sentence-transformers",
         "",
-        f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores ({usable} usable)",
+        f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores ({usable} usable); flags: {cpu_flags()}",
         f"- torch {first.torch_version}, {first.torch_threads} intra-op threads; Python {python}",
         f"- {first.n_texts} texts (`hyprec.texts.evaluation_texts`); one warm-up pass, then the median of "
         f"{args.repeats} timed passes taken in interleaved rounds; sentence-transformers batch size {args.batch_size}",

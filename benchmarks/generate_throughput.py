@@ -31,12 +31,22 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from machine import cpu_flags, cpu_model, load_average
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 VARIANTS = {
     "transformers float32": None,
     "hyprec float32": {"dtype": "float32"},
     "hyprec hybrid fp16": {"dtype": "hybrid", "attn_dtype": "float16", "kv_cache_dtype": "float16"},
     "hyprec hybrid bf16": {"dtype": "hybrid", "attn_dtype": "bfloat16", "kv_cache_dtype": "bfloat16"},
+    # The batch-invariant mode, whose cost this measures against the rows above.
+    "hyprec float32 deterministic": {"dtype": "float32", "deterministic": True},
+    "hyprec hybrid fp16 deterministic": {
+        "dtype": "hybrid",
+        "attn_dtype": "float16",
+        "kv_cache_dtype": "float16",
+        "deterministic": True,
+    },
 }
 
 
@@ -105,10 +115,11 @@ def run_variant(name: str, batches: list[int], prompt_tokens: int, new_tokens: i
 def machine() -> str:
     import torch
 
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "?")
     threads = torch.get_num_threads()
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({threads} threads), {platform.python_version()}"
+    return (
+        f"{cpu_model()}, {os.cpu_count()} cores, flags {cpu_flags()}, torch {torch.__version__} ({threads} threads), "
+        f"Python {platform.python_version()}"
+    )
 
 
 def table(results: list[dict], batches: list[int]) -> str:
@@ -137,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args(argv)
+    load_at_start = load_average()
     results = []
     ctx = multiprocessing.get_context("spawn")
     for name in args.variants:
@@ -148,6 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     header = (
         f"Gemma-3-270M (GGUF Q4_K_M dequantised to float32), prompts {args.prompt_tokens} tokens, "
         f"{args.new_tokens} new tokens, greedy, median of {args.repeats}\nMachine: {machine()}\n"
+        f"Load average (1/5/15 min) at start: {load_at_start}, at end: {load_average()}\n"
     )
     text = header + "\n" + table(results, args.batches) + "\n"
     print(text)

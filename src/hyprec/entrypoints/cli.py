@@ -116,6 +116,11 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", default="auto", help=f"one of {', '.join(KV_CACHE_DTYPES)}")
     _add_device_option(p)
     p.add_argument("--precision-plan", type=Path, help="a plan written by `hyprec repair` (sets every dtype)")
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="batch invariance: each input's result is bit-identical whatever it is batched with (slower)",
+    )
 
 
 def _add_device_option(p: argparse.ArgumentParser) -> None:
@@ -324,6 +329,8 @@ def _llm_options(args: argparse.Namespace) -> dict[str, object]:
         "kv_cache_dtype": args.kv_cache_dtype,
         "device": args.device,
     }
+    if getattr(args, "deterministic", False):
+        options["deterministic"] = True
     for name in ("max_model_len", "max_num_batched_tokens", "precision_plan"):
         if getattr(args, name, None) is not None:
             options[name] = getattr(args, name)
