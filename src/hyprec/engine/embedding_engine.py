@@ -279,5 +279,6 @@ class EmbeddingEngine(GuardedEngine):
             "prompts": sorted(self.pipeline.prompts),
             "device": str(self.device),
             "attention_backend": self.backend.name,
+            "deterministic": self.engine_config.deterministic,
             "policy": self.policy.as_dict(),
         }

@@ -379,5 +379,6 @@ class LLMEngine(GuardedEngine):
             "kv_cache_bytes_per_token": self.kv_cache.bytes_per_token(),
             "device": str(self.device),
             "attention_backend": self.backend.name,
+            "deterministic": self.engine_config.deterministic,
             "policy": self.policy.as_dict(),
         }
