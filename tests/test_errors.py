@@ -525,9 +525,10 @@ def test_empty_and_whitespace_texts_match_sentence_transformers(minilm_hybrid, s
     assert np.isfinite(ours).all()
     cos = (ours * ref).sum(axis=1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(ref, axis=1))
     assert cos.min() >= 0.99999, cos
-    # ST strips whitespace, so the three blank inputs embed identically
-    np.testing.assert_array_equal(ours[0], ours[1])
-    np.testing.assert_array_equal(ours[0], ours[2])
+    # ST strips whitespace, so the three blank inputs have the same token ids. Their vectors agree to the batch
+    # noise of the default mode (float16 attention rounds last-bit GEMM differences between batch positions);
+    # bit-identical vectors are what deterministic=True guarantees (test_batch_invariance.py).
+    assert_same_rows(ours[[1, 2]], ours[[0, 0]])
 
 
 @pytest.mark.parametrize(("kwargs", "dim"), [({}, DIM), ({"dimensions": 8}, 8)])
@@ -563,7 +564,9 @@ def test_batch_matches_one_at_a_time(minilm_hybrid, mixed_texts, alone):
     assert max(lengths) >= 200 and min(lengths) <= 5  # really mixed lengths
     batched = minilm_hybrid.embed(mixed_texts)
     assert_same_rows(batched, alone)
-    np.testing.assert_array_equal(batched[-1], batched[-3])  # duplicate text, same batch
+    # A duplicate at another position of the same batch: equal up to the default mode's batch noise
+    # (bit-identical only under deterministic=True, tested in test_batch_invariance.py).
+    assert_same_rows(batched[[-1]], batched[[-3]])
 
 
 def test_reversed_order(minilm_hybrid, mixed_texts, alone):
