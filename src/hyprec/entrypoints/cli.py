@@ -254,8 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (embeddings, completions, chat)")
     serve.add_argument("model", nargs="?", default=None, help="model directory, .gguf file or alias (default: minilm)")
     _add_model_options(serve)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=PORT, default=8000, help="1..65535 (default 8000)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=PORT, default=8000, help="TCP port, 1..65535")
     serve.add_argument(
         "--served-model-name", help="the name clients use (default: the alias, or the model's file/directory name)"
     )
@@ -482,9 +482,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
         from hyprec.serving.settings import ServerSettings
     except ImportError as exc:
         raise InvalidInputError(f"hyprec serve needs the 'serve' extra: pip install 'hyprec[serve]' ({exc})") from None
-    for name in ("max_concurrent_requests", "max_inputs_per_request", "port"):
-        if getattr(args, name) < 1:
-            raise InvalidInputError(f"--{name.replace('_', '-')}={getattr(args, name)}: expected a positive integer")
     settings = ServerSettings.from_args(args)  # before loading: a bad key file fails fast
     llm = _load(args, args.model)
     app = build_app(llm, settings)
