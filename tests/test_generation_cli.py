@@ -129,4 +129,6 @@ def test_decoder_embed_is_last_token_pooling(llm, tiny_dir):
     with torch.inference_mode():
         ref = [ref_model(torch.tensor([llm.engine.tokenizer.encode(t)])).last_hidden_state[0, -1] for t in texts]
     ref = torch.nn.functional.normalize(torch.stack(ref), dim=1).numpy()
-    assert abs(ours - ref).max() < 1e-5
+    # Unit vectors from two float32 implementations that differ only in summation order: n u per sum of n <= 64
+    # terms (u = 2^-24), for each of the 2 layers plus the embeddings, x4 for the RMS norms' rescaling.
+    assert abs(ours - ref).max() <= 4 * (2 + 1) * 64 * 2**-24

@@ -237,7 +237,7 @@ def test_plan_and_explicit_dtypes_conflict(zoo_plans, tmp_path):
 # ------------------------------------------------------------------ command line
 
 
-def test_cli_repair_then_embed_with_the_plan(tmp_path, capsys):
+def test_cli_repair_then_embed_with_the_plan(tmp_path, capsys, minilm_fp32):
     plan_file = tmp_path / "minilm.json"
     assert main(["-q", "repair", "minilm", "--output", str(plan_file)]) == 0
     shown = capsys.readouterr().out
@@ -252,7 +252,7 @@ def test_cli_repair_then_embed_with_the_plan(tmp_path, capsys):
 
     assert main(["-q", "embed", "--model", "minilm", "--precision-plan", str(plan_file), "hello world"]) == 0
     row = json.loads(capsys.readouterr().out.splitlines()[0])
-    reference = LLM("minilm", dtype="float32").embed(["hello world"])[0]
+    reference = minilm_fp32.embed(["hello world"])[0]
     cos = float(torch.nn.functional.cosine_similarity(torch.tensor(row["embedding"]), torch.tensor(reference), dim=0))
     assert cos >= 0.9999
 

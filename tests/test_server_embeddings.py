@@ -16,7 +16,6 @@ openai = pytest.importorskip("openai")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from hyprec import LLM  # noqa: E402
 from server_process import running_server  # noqa: E402
 from test_errors import assert_same_rows  # noqa: E402
 
@@ -37,8 +36,8 @@ def client(url):
 
 
 @pytest.fixture(scope="module")
-def offline():
-    return LLM("minilm")  # the same default policy the server resolves
+def offline(minilm_hybrid):
+    return minilm_hybrid  # the same default policy the server resolves
 
 
 @pytest.fixture(scope="module")
@@ -146,15 +145,9 @@ def test_auth_health_models_version_metrics(url, client):
     assert 'hyprec_requests_total{endpoint="/v1/embeddings",status="200"}' in metrics
 
 
-def _batch_stats(url: str) -> tuple[float, float]:
-    metrics = httpx.get(f"{url}/metrics").text
-    values = dict(line.rsplit(" ", 1) for line in metrics.splitlines() if line.startswith("hyprec_batch_requests_"))
-    return float(values["hyprec_batch_requests_sum"]), float(values["hyprec_batch_requests_count"])
-
-
-def test_concurrent_requests_share_batches_and_bad_ones_fail_alone(url, offline, texts):
-    before_sum, before_count = _batch_stats(url)
-
+def test_concurrent_requests_are_served_and_bad_ones_fail_alone(url, offline, texts):
+    # Whether these share engine calls depends on timing; that they do when they queue up is tested
+    # deterministically in test_server_engine_loop.py (the engine held on a gate).
     async def fire():
         async with httpx.AsyncClient(headers=AUTH, timeout=120) as http:
             bodies = [{"input": texts[i % 20 : i % 20 + 3], "encoding_format": "float"} for i in range(24)]
@@ -168,9 +161,6 @@ def test_concurrent_requests_share_batches_and_bad_ones_fail_alone(url, offline,
         got = np.array([d["embedding"] for d in r.json()["data"]], dtype=np.float32)
         assert_same_rows(got, offline.embed(texts[i % 20 : i % 20 + 3]))
     assert all(r.status_code == 400 for r in responses[24:])
-    after_sum, after_count = _batch_stats(url)
-    mean = (after_sum - before_sum) / (after_count - before_count)
-    assert mean > 1, f"requests per engine batch {mean}: concurrent requests were not batched together"
 
 
 JSON_VALUES = st.recursive(
