@@ -249,8 +249,8 @@ def test_a_waiting_prompt_that_does_not_fit_yet_waits_for_running_ones():
 
 
 def test_deterministic_chunks_end_at_fixed_positions_whatever_the_budget_left():
-    """Batch-invariant mode: a prompt's chunks end at multiples of the prefill chunk (512, under a larger budget)
-    or at the prompt's end, however much budget other sequences left; the default mode fills the budget."""
+    """Batch-invariant mode: a prompt's chunks end at multiples of the prefill chunk (half of this 600-token
+    budget) or at the prompt's end, however much budget other sequences left; the default mode fills the budget."""
     plans = {}
     for deterministic in (False, True):
         sched = _scheduler(num_blocks=400, budget=600, deterministic=deterministic)
@@ -266,17 +266,27 @@ def test_deterministic_chunks_end_at_fixed_positions_whatever_the_budget_left():
             _check_cache(sched)
         plans[deterministic] = steps
     assert plans[False][:2] == [[("a", 1), ("b", 599)], [("a", 1), ("b", 501)]]
-    assert plans[True][:3] == [[("a", 1), ("b", 512)], [("a", 1), ("b", 512)], [("a", 1), ("b", 76)]]
+    assert plans[True][:4] == [[("a", 1), ("b", 300)]] * 3 + [[("a", 1), ("b", 200)]]
 
 
 def test_deterministic_chunk_that_does_not_fit_waits_instead_of_being_cut():
     sched = _scheduler(num_blocks=400, budget=600, deterministic=True)
     sched.add(_seq(100, max_tokens=3, request_id="a"))
+    sched.add(_seq(250, max_tokens=3, request_id="c"))
     sched.add(_seq(1100, max_tokens=1, request_id="b"))
     out = sched.schedule()
-    assert _plan(out) == [("a", 100)]  # b's first chunk (512) does not fit the 500 left: it waits whole
+    assert _plan(out) == [("a", 100), ("c", 250)]  # b's first chunk (300) does not fit the 250 left: it waits whole
     _advance(sched, out)
-    assert _plan(sched.schedule()) == [("a", 1), ("b", 512)]
+    assert _plan(sched.schedule()) == [("a", 1), ("c", 1), ("b", 300)]
+
+
+def test_deterministic_chunks_never_wait_on_a_decoding_sequence():
+    """A budget of 32: the chunk is 16, so a long prompt is admitted beside a decoding sequence."""
+    sched = _scheduler(num_blocks=100, budget=32, deterministic=True)
+    sched.add(_seq(4, max_tokens=50, request_id="a"))
+    _advance(sched, sched.schedule())
+    sched.add(_seq(40, max_tokens=1, request_id="b"))
+    assert _plan(sched.schedule()) == [("a", 1), ("b", 16)]
 
 
 def test_deterministic_recompute_replays_generated_tokens_one_per_step():

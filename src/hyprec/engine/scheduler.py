@@ -43,7 +43,9 @@ class SchedulerOutput:
         return sum(s.num_new_tokens for s in self.scheduled)
 
 
-#: Prefill chunk of deterministic mode (capped by the token budget): prompts up to this length prefill in one step.
+#: Prefill chunk of deterministic mode: prompts up to this length prefill in one step. It is capped at half the
+#: token budget, so that a chunk always fits beside the decode tokens of up to half a budget's worth of sequences
+#: (a chunk as large as the budget would wait for as long as any other sequence is decoding).
 DETERMINISTIC_PREFILL_CHUNK = 512
 
 
@@ -59,7 +61,8 @@ class Scheduler:
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.prefill_chunk = min(DETERMINISTIC_PREFILL_CHUNK, max_num_batched_tokens) if deterministic else None
+        chunk = min(DETERMINISTIC_PREFILL_CHUNK, max(1, max_num_batched_tokens // 2))
+        self.prefill_chunk = chunk if deterministic else None
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
