@@ -25,7 +25,7 @@ import transformers
 from numpy.testing import assert_array_equal
 
 from hyprec import LLM, SamplingParams
-from hyprec.layers.linear import ROW_TILE, row_invariant_linear
+from hyprec.layers.linear import ROW_TILE, leading_decode_rows, row_invariant_linear
 from hyprec.precision.plan import LayerPrecision, PrecisionPlan, model_fingerprint
 
 POLICIES = {
@@ -98,6 +98,13 @@ def test_row_invariant_linear_matches_linear_and_ignores_neighbours():
             assert torch.equal(row_invariant_linear(x[rows], weight, bias), out[rows])
         transposed_layout = x.t().contiguous().t()  # same values, column-major: copied into aligned rows first
         assert torch.equal(row_invariant_linear(transposed_layout, weight, bias), out)
+        # Decode rows packed first go to their own tiles: each matches itself decoded in any other batch.
+        with leading_decode_rows(3):
+            mixed = row_invariant_linear(x[:40], weight, bias)
+        with leading_decode_rows(1):
+            assert torch.equal(row_invariant_linear(x[2:3], weight, bias)[0], mixed[2])
+        assert torch.equal(mixed[3:], row_invariant_linear(x[3:40], weight, bias))
+        torch.testing.assert_close(mixed.float(), ref[:40], rtol=4 * eps, atol=4 * eps * ref.abs().max().item())
 
 
 # ------------------------------------------------------------------ entry points

@@ -12,6 +12,7 @@ from hyprec.engine.scheduler import ScheduledSeq
 from hyprec.errors import NonFiniteOutputError
 from hyprec.layers.attention import AttentionMetadata, CacheGroupSlots, Packing
 from hyprec.layers.attention_backends import AttentionBackend
+from hyprec.layers.linear import leading_decode_rows
 from hyprec.models.base import DecoderModel
 from hyprec.sampling.sampler import Sampler, SamplerOutput, SequenceSamplingState
 
@@ -71,7 +72,23 @@ class ModelRunner:
         return self.model.compute_logits(hidden[last_rows[sampling]])
 
     def run(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Packed hidden states of the batch's new tokens, and the row of each sequence's last new token."""
+        """Packed hidden states of the batch's new tokens, and the row of each sequence's last new token (in the
+        order of ``batch``).
+
+        Batch-invariant runs pack decode rows (a generated token computed alone) first: linear layers compute
+        them in their own, smaller tiles (:func:`hyprec.layers.linear.leading_decode_rows`)."""
+        order = list(range(len(batch)))
+        if self.batch_invariant:
+            order.sort(key=lambda i: not _is_decode(batch[i]))
+        packed = [batch[i] for i in order]
+        hidden, last_rows = self._run_packed(packed, sum(_is_decode(item) for item in packed))
+        if order == sorted(order):
+            return hidden, last_rows
+        in_batch_order = torch.empty_like(last_rows)
+        in_batch_order[torch.tensor(order, device=last_rows.device)] = last_rows
+        return hidden, in_batch_order
+
+    def _run_packed(self, batch: list[ScheduledSeq], decode_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         ids, positions = [], []
         for item in batch:
             start = item.seq.num_computed_tokens
@@ -87,11 +104,12 @@ class ModelRunner:
             groups=self._group_slots(batch),
             batch_invariant=self.batch_invariant,
         )
-        hidden = self.model(
-            torch.tensor(ids, dtype=torch.long, device=self.device),
-            torch.tensor(positions, dtype=torch.long, device=self.device),
-            meta,
-        )
+        with leading_decode_rows(decode_rows if self.batch_invariant else 0):
+            hidden = self.model(
+                torch.tensor(ids, dtype=torch.long, device=self.device),
+                torch.tensor(positions, dtype=torch.long, device=self.device),
+                meta,
+            )
         return hidden, meta.queries.cu[1:].long() - 1
 
     def sample(self, logits: torch.Tensor, batch: list[ScheduledSeq]) -> SamplerOutput | None:
@@ -114,3 +132,8 @@ class ModelRunner:
             SequenceSamplingState(s.params, s.prompt_token_ids, s.output_token_ids, s.generator) for s in sampling
         ]
         return self.sampler.sample_each(logits, states, failed)
+
+
+def _is_decode(item: ScheduledSeq) -> bool:
+    """A generated token computed on its own (decoding, or replayed after a preemption): prompt tokens never are."""
+    return item.num_new_tokens == 1 and item.seq.num_computed_tokens >= len(item.seq.prompt_token_ids)

@@ -7,14 +7,18 @@ between M=1..15, M=64 and M=300 for a 1536x384 float32 weight; gemv at M=1 sums 
 Half-precision attention then rounds those last bits differently, and a text's embedding changes with its
 neighbours.
 
-The batch-invariant mode computes every GEMM on tiles of exactly :data:`ROW_TILE` rows (the last one zero-padded),
-so every call has the same shape and the same kernel, blocking and thread split; within one shape, rows are
-computed by the same code regardless of their position and of the other rows' data. Tiles start on 64-byte
-boundaries (MKL's reproducibility conditions include alignment): ``ROW_TILE * K * itemsize`` is a multiple of 64
-for any ``K`` once the input itself is aligned.
+The batch-invariant mode computes every GEMM on tiles of a fixed number of rows (the last one zero-padded), so
+every call has the same shape and the same kernel, blocking and thread split; within one shape, rows are computed
+by the same code regardless of their position and of the other rows' data. Prefill and encoder rows use tiles of
+:data:`ROW_TILE`; decode rows and output-head rows, one per sequence, use :data:`DECODE_ROW_TILE`. Operands are
+64-byte aligned (MKL's reproducibility conditions include alignment).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -23,31 +27,68 @@ from torch import nn
 #: Rows per GEMM call in batch-invariant mode: large enough that MKL/oneDNN run their blocked kernels at a fair
 #: share of full speed, small enough that a single short input wastes little on padding.
 ROW_TILE = 64
+#: Rows per GEMM call for decode rows (one generated token per sequence) and for output-head rows (one per
+#: sequence). A 64-row tile would turn a memory-bound matrix-vector product into a compute-bound GEMM (measured:
+#: Gemma's 262k x 640 head takes 24 ms at 1 row, 52 ms at 16 and 136 ms at 64); 16 rows cost about 2x of one and
+#: are exactly a decode batch of 16.
+DECODE_ROW_TILE = 16
 _ALIGN = 64
 
+# How many leading rows of the packed batch are decode rows, for the forward pass being run (set by the model
+# runner, which packs decode rows first). Whether a row is a decode row depends on its token alone (a generated
+# token is always computed one per step in deterministic mode), so its tile size does too.
+_decode_rows: ContextVar[int] = ContextVar("hyprec_decode_rows", default=0)
 
-def row_invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+
+@contextmanager
+def leading_decode_rows(count: int) -> Iterator[None]:
+    """Within this block, the first ``count`` rows given to a batch-invariant linear layer are decode rows."""
+    token = _decode_rows.set(count)
+    try:
+        yield
+    finally:
+        _decode_rows.reset(token)
+
+
+def row_invariant_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, tile: int | None = None
+) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` with every output row independent of the other rows of ``x``.
 
-    ``x`` is ``[..., in_features]``; the leading dimensions are flattened into rows and computed in tiles of
-    :data:`ROW_TILE` rows. Full tiles are read in place; only the last, partial tile is copied into a zero-padded
-    buffer.
+    ``x`` is ``[..., in_features]``; the leading dimensions are flattened into rows. Rows are computed in tiles of
+    ``tile`` rows when given, else the leading decode rows (:func:`leading_decode_rows`) in tiles of
+    :data:`DECODE_ROW_TILE` and the rest in tiles of :data:`ROW_TILE`. Full tiles are read and written in place;
+    only a partial last tile goes through a zero-padded buffer.
     """
     lead = x.shape[:-1]
     rows = x.reshape(-1, x.shape[-1])
+    n = rows.shape[0]
+    out = rows.new_empty(n, weight.shape[0])
+    weight_t = weight.t()
+    decode = 0 if tile is not None else min(_decode_rows.get(), n)
+    if decode:
+        _tiles(rows[:decode], weight_t, bias, out[:decode], DECODE_ROW_TILE)
+    _tiles(rows[decode:], weight_t, bias, out[decode:], tile or ROW_TILE)
+    return out.reshape(*lead, weight.shape[0])
+
+
+def _tiles(rows: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, tile: int) -> None:
+    """``out = rows @ weight_t + bias`` in calls of exactly ``tile`` rows, on 64-byte aligned operands (MKL's
+    reproducibility conditions include alignment)."""
     if not rows.is_contiguous() or rows.data_ptr() % _ALIGN:
         rows = rows.clone(memory_format=torch.contiguous_format)
     n = rows.shape[0]
-    full = n - n % ROW_TILE
-    out = rows.new_empty(full + (ROW_TILE if full < n else 0), weight.shape[0])
-    weight_t = weight.t()
-    for start in range(0, full, ROW_TILE):
-        _tile_mm(rows[start : start + ROW_TILE], weight_t, bias, out[start : start + ROW_TILE])
-    if full < n:
-        tail = rows.new_zeros(ROW_TILE, rows.shape[1])
-        tail[: n - full] = rows[full:]
-        _tile_mm(tail, weight_t, bias, out[full:])
-    return out[:n].reshape(*lead, weight.shape[0])
+    for start in range(0, n, tile):
+        chunk = rows[start : start + tile]
+        target = out[start : start + tile]
+        if chunk.shape[0] == tile and chunk.data_ptr() % _ALIGN == 0 and target.data_ptr() % _ALIGN == 0:
+            _tile_mm(chunk, weight_t, bias, target)
+            continue
+        padded = rows.new_zeros(tile, rows.shape[1])
+        padded[: chunk.shape[0]] = chunk
+        result = out.new_empty(tile, out.shape[1])
+        _tile_mm(padded, weight_t, bias, result)
+        target.copy_(result[: chunk.shape[0]])
 
 
 def _tile_mm(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
@@ -68,9 +109,9 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, invariant: bool) -> torch.Tensor:
-    """Functional form for weights that live outside a :class:`Linear` (a tied output head)."""
-    return row_invariant_linear(x, weight, bias) if invariant else F.linear(x, weight, bias)
+def head_linear(x: torch.Tensor, weight: torch.Tensor, *, invariant: bool) -> torch.Tensor:
+    """An output head (one row per sequence): batch-invariant in tiles of :data:`DECODE_ROW_TILE` rows."""
+    return row_invariant_linear(x, weight, tile=DECODE_ROW_TILE) if invariant else F.linear(x, weight)
 
 
 def set_batch_invariant(module: nn.Module, enabled: bool) -> None:

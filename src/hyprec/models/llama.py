@@ -16,7 +16,7 @@ from torch import nn
 from hyprec.config import ModelConfig
 from hyprec.layers.activation import get_activation
 from hyprec.layers.attention import Attention, AttentionMetadata
-from hyprec.layers.linear import Linear, linear
+from hyprec.layers.linear import Linear, head_linear
 from hyprec.layers.norm import RMSNorm
 from hyprec.layers.rotary import RotaryEmbedding
 from hyprec.models.base import AttentionInputs, DecoderModel, ResidualStream
@@ -153,7 +153,7 @@ class LlamaForCausalLM(DecoderModel):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.model.embed_tokens.weight if self.tied else self.lm_head.weight
         # A precision plan may keep the head in another dtype than the last layer.
-        return linear(hidden.to(weight.dtype), weight, invariant=self.batch_invariant).float()
+        return head_linear(hidden.to(weight.dtype), weight, invariant=self.batch_invariant).float()
 
     def edge_modules(self) -> list[nn.Module]:
         return [self.model.embed_tokens] + ([] if self.tied else [self.lm_head])
