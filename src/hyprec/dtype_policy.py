@@ -25,6 +25,7 @@ import torch
 from hyprec.errors import ConfigError
 
 if TYPE_CHECKING:
+    from hyprec.hardware import KernelProfile
     from hyprec.precision.plan import PrecisionPlan
 
 DTYPES = ("auto", "float32", "float16", "bfloat16", "hybrid")
@@ -35,6 +36,9 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 _ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}
 _SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+#: A less accurate attention format is chosen by ``auto`` only when its measured kernel is at least this many times
+#: faster than the more accurate one (the run-time guard and timing noise eat smaller gains).
+SPEED_MARGIN = 1.1
 
 
 def _canonical(value: object, field: str, valid: tuple[str, ...]) -> str:
@@ -114,19 +118,24 @@ def resolve_policy(
     checkpoint_dtype: torch.dtype = torch.float32,
     checkpoint_storage: str | None = None,
     fp16_attention_safe: Callable[[], tuple[bool, str]] | None = None,
+    kernel_speeds: Callable[[], KernelProfile] | None = None,
 ) -> DtypePolicy:
     """Validate the user's dtype names and resolve every ``auto``.
 
     Args:
         dtype: ``auto`` | ``float32`` | ``float16`` | ``bfloat16`` | ``hybrid``. ``auto`` takes the checkpoint's
-            dtype, except that a float32 checkpoint resolves to ``hybrid`` (float32 everywhere but attention).
-        attn_dtype: ``auto`` | ``float32`` | ``float16`` | ``bfloat16``. In hybrid mode ``auto`` picks float16 when
-            ``fp16_attention_safe`` certifies it, otherwise bfloat16 (float32's range, coarser mantissa).
+            dtype, except that a float32 checkpoint resolves to ``hybrid`` (float32 everywhere but attention), or to
+            ``float32`` where no half-precision attention is faster on this device.
+        attn_dtype: ``auto`` | ``float32`` | ``float16`` | ``bfloat16``. In hybrid mode ``auto`` picks the fastest
+            half format on this device (``kernel_speeds``), float16 only when ``fp16_attention_safe`` certifies it;
+            a less accurate format must be :data:`SPEED_MARGIN` times faster to be chosen. Without
+            ``kernel_speeds``: float16 when certified, else bfloat16.
         kv_cache_dtype: ``auto`` follows ``attn_dtype``.
         checkpoint_dtype: dtype the weights were stored in (a quantized file: the dtype it dequantizes to).
         checkpoint_storage: how the weights were stored, when ``checkpoint_dtype`` alone would mislead (``GGUF
             Q4_K_M checkpoint (dequantised to float32)``); named in the reason.
         fp16_attention_safe: lazily evaluated check returning ``(safe, evidence)``; only called when needed.
+        kernel_speeds: lazily evaluated kernel timings of the device (:func:`hyprec.hardware.kernel_profile`).
 
     Raises:
         ConfigError: for unknown names or combinations that make no sense (listed in the message).
@@ -139,7 +148,13 @@ def resolve_policy(
     if mode == "auto":
         stored = str(checkpoint_dtype).removeprefix("torch.")
         mode = "hybrid" if checkpoint_dtype == torch.float32 else stored
-        reasons.append(f"{checkpoint_storage or f'{stored} checkpoint'} -> {mode}")
+        reason = f"{checkpoint_storage or f'{stored} checkpoint'} -> {{}}"
+        if mode == "hybrid" and attn == "auto":
+            attn, why = _fastest_attention(("float32", "float16", "bfloat16"), fp16_attention_safe, kernel_speeds)
+            mode = "float32" if attn == "float32" else "hybrid"
+            reasons += [reason.format(mode), f"attention {attn}: {why}"]
+        else:
+            reasons.append(reason.format(mode))
     elif checkpoint_storage:
         reasons.append(f"{mode} as requested, from a {checkpoint_storage}")
 
@@ -151,9 +166,8 @@ def resolve_policy(
                 "or attn_dtype in (auto, float16, bfloat16)"
             )
         if attn == "auto":
-            safe, evidence = fp16_attention_safe() if fp16_attention_safe else (True, "no check available")
-            attn = "float16" if safe else "bfloat16"
-            reasons.append(f"attention {attn}: {evidence}")
+            attn, why = _fastest_attention(("float16", "bfloat16"), fp16_attention_safe, kernel_speeds)
+            reasons.append(f"attention {attn}: {why}")
     else:
         compute = TORCH_DTYPES[mode]
         if attn not in ("auto", mode):
@@ -178,6 +192,43 @@ def resolve_policy(
         kv_cache_dtype=TORCH_DTYPES[kv],
         reason="; ".join(reasons) or "as requested",
     )
+
+
+def _fastest_attention(
+    candidates: tuple[str, ...],
+    fp16_attention_safe: Callable[[], tuple[bool, str]] | None,
+    kernel_speeds: Callable[[], KernelProfile] | None,
+) -> tuple[str, str]:
+    """The attention format ``auto`` picks among ``candidates`` (most accurate first), and why.
+
+    Walking from the most accurate format, a less accurate one replaces the current pick only when its measured
+    attention kernel is :data:`SPEED_MARGIN` times faster; float16 only when its inputs are certified not to
+    overflow. Without speeds, the most accurate certified half format."""
+    certificate: list[tuple[bool, str]] = []
+
+    def fp16_ok() -> bool:
+        if not certificate:
+            certificate.append(fp16_attention_safe() if fp16_attention_safe else (True, "no check available"))
+        return certificate[0][0]
+
+    if kernel_speeds is None:
+        pick = next(c for c in candidates if c != "float32" and (c != "float16" or fp16_ok()))
+        return pick, certificate[0][1]  # float16 is always a candidate, so the certificate was read
+    profile = kernel_speeds()
+    times = profile.attention_ms
+    pick: str | None = None
+    for name in candidates:
+        if pick is not None and times[name] * SPEED_MARGIN >= times[pick]:
+            continue
+        if name == "float16" and not fp16_ok():
+            continue
+        pick = name
+    assert pick is not None  # bfloat16 is always a candidate and never needs a certificate
+    verdict = "fastest" if pick != "float32" else "no half format is faster"
+    fp16 = ""
+    if certificate:
+        fp16 = f"; float16 {'certified' if certificate[0][0] else 'not certified'}: {certificate[0][1]}"
+    return pick, f"{verdict} on this {profile.device} ({profile.describe('attention')}: {profile.source}){fp16}"
 
 
 def plan_policy(

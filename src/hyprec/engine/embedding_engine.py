@@ -19,6 +19,7 @@ from hyprec.engine.batching import BatchStats, plan_batches
 from hyprec.engine.guarded import GuardedEngine
 from hyprec.engine.model_loading import model_summary
 from hyprec.errors import InputTypeError, InvalidInputError, ModelLoadError, NonFiniteOutputError
+from hyprec.hardware import hardware_summary
 from hyprec.layers.attention import AttentionMetadata
 from hyprec.layers.attention_backends import select_backend
 from hyprec.layers.linear import set_batch_invariant
@@ -278,6 +279,7 @@ class EmbeddingEngine(GuardedEngine):
             "pipeline": self.pipeline.describe(),
             "prompts": sorted(self.pipeline.prompts),
             "device": str(self.device),
+            **hardware_summary(self.device),
             "attention_backend": self.backend.name,
             "deterministic": self.engine_config.deterministic,
             "policy": self.policy.as_dict(),

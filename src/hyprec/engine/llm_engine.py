@@ -24,6 +24,7 @@ from hyprec.engine.model_runner import ModelRunner
 from hyprec.engine.scheduler import ScheduledSeq, Scheduler
 from hyprec.engine.sequence import Sequence
 from hyprec.errors import ConfigError, InvalidInputError, NonFiniteOutputError
+from hyprec.hardware import hardware_summary
 from hyprec.layers.attention_backends import select_backend
 from hyprec.layers.linear import set_batch_invariant
 from hyprec.loading.generation_tokenizer import GenerationTokenizer
@@ -378,6 +379,7 @@ class LLMEngine(GuardedEngine):
             "kv_cache_bytes": self.kv_cache.nbytes,
             "kv_cache_bytes_per_token": self.kv_cache.bytes_per_token(),
             "device": str(self.device),
+            **hardware_summary(self.device),
             "attention_backend": self.backend.name,
             "deterministic": self.engine_config.deterministic,
             "policy": self.policy.as_dict(),

@@ -10,6 +10,7 @@ from torch import nn
 
 from hyprec.config import ModelConfig
 from hyprec.dtype_policy import DtypePolicy, plan_policy, resolve_policy
+from hyprec.hardware import kernel_profile
 from hyprec.loading.weights import WeightSource, load_weights
 from hyprec.precision.attention_bounds import fp16_attention_check
 from hyprec.precision.plan import PrecisionPlan
@@ -29,8 +30,9 @@ def load_model(
 ) -> tuple[nn.Module, DtypePolicy]:
     """Resolve the dtype policy and load the model in its compute dtype.
 
-    ``attn_dtype='auto'`` in hybrid mode needs the weights (a weight-only bound decides float16 vs bfloat16), so the
-    float32 model is built lazily for that check and reused when hybrid is the answer. A precision ``plan`` is
+    ``attn_dtype='auto'`` in hybrid mode needs the weights (a weight-only bound decides whether float16 is safe) and
+    the device's measured kernel speeds (which format is fast), so the float32 model is built lazily for that check
+    and reused when hybrid is the answer. A precision ``plan`` is
     applied to the float32 build (it checks that it was made for these weights).
     """
 
@@ -58,6 +60,7 @@ def load_model(
         checkpoint_dtype=checkpoint_dtype,
         checkpoint_storage=checkpoint.storage(),
         fp16_attention_safe=lambda: fp16_attention_check(build(torch.float32)),
+        kernel_speeds=lambda: kernel_profile(device.type),
     )
     return build(policy.compute_dtype), policy
 

@@ -1,0 +1,248 @@
+"""What this device computes fast: its half-precision capabilities, read from the hardware and confirmed by timing.
+
+Half precision is only a speed-up where the hardware has a path for it. On a CPU with AMX-BF16 a bfloat16 GEMM runs
+~6x float32 and float16 runs at float32 speed; on an AMD Zen 4 (AVX512-BF16 only) bfloat16 runs 2.6x and float16
+0.23x float32, because PyTorch converts float16 element by element. Nothing here is hard-coded per vendor: the
+capability flags say what could be fast, and a micro-benchmark of the two kernels the engine's precision choices
+affect (a linear layer, and scaled-dot-product attention including its casts) says what is. The measurement is
+cached per machine, torch version and thread count under the cache directory, so it costs well under a second
+once per machine and nothing afterwards.
+
+``HYPREC_KERNEL_PROFILE`` may name a JSON file of the same shape as the cache file, to pin the measured speeds
+(reproducible policy choices in tests and CI, or a profile measured under production load).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from functools import cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("hyprec")
+
+#: CPU flags that decide which half-precision kernels exist (bfloat16/float16 dot products, AMX tiles).
+HALF_PRECISION_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16", "amx_tile")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_PROFILE_VERSION = 1
+
+# Probe shapes: a BERT-base projection on 256 packed tokens, and attention over 2 sequences of 256 tokens with
+# 12 heads of 64 (query/key/value arrive in float32 and are cast, as the attention seam does). Shorter sequences
+# shrink half precision's gain (the casts weigh more); longer ones grow it.
+_LINEAR_SHAPE = (256, 768, 768)
+_ATTENTION_SHAPE = (2, 12, 256, 64)
+_REPEATS = 9
+
+
+def _cpuinfo() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+
+
+def _cpuinfo_field(name: str) -> str:
+    for line in _cpuinfo():
+        if line.split(":", 1)[0].strip() == name:
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or what ``platform`` knows."""
+    return _cpuinfo_field("model name") or platform.processor() or "unknown CPU"
+
+
+def cpu_flags() -> frozenset[str]:
+    """Every flag the CPU reports (empty where ``/proc/cpuinfo`` is unavailable)."""
+    return frozenset(_cpuinfo_field("flags").split())
+
+
+def describe_flags(flags: frozenset[str] | None = None) -> str:
+    """The half-precision flags, e.g. ``avx2 avx512f avx512_bf16 -avx512_fp16 -amx_bf16`` (``-``: lacking)."""
+    flags = cpu_flags() if flags is None else flags
+    return " ".join(f if f in flags else f"-{f}" for f in HALF_PRECISION_FLAGS)
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int] | None:
+    """The CUDA compute capability of ``device`` (bfloat16 tensor cores from 8.0), or None off CUDA."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
+@dataclass
+class KernelProfile:
+    """Measured milliseconds of the probe kernels per dtype on one device, and what the hardware reports.
+
+    Attributes:
+        device: ``cpu`` or ``cuda``.
+        hardware: CPU model and half-precision flags, or the GPU name and compute capability.
+        threads: intra-op threads the probe ran with (CPU).
+        linear_ms / attention_ms: dtype name -> median milliseconds of the probe kernel.
+        source: where the numbers came from (measured now, the cache file, or ``HYPREC_KERNEL_PROFILE``).
+    """
+
+    device: str
+    hardware: str
+    threads: int
+    torch_version: str
+    linear_ms: dict[str, float]
+    attention_ms: dict[str, float]
+    source: str = field(default="measured", compare=False)
+
+    def speedup(self, kernel: str, dtype: torch.dtype) -> float:
+        """How many times faster than float32 ``kernel`` (``linear`` or ``attention``) runs in ``dtype``."""
+        times = self.linear_ms if kernel == "linear" else self.attention_ms
+        return times["float32"] / times[_name(dtype)]
+
+    def describe(self, kernel: str) -> str:
+        """E.g. ``attention fp32 3.1 ms, fp16 2.9 ms, bf16 1.2 ms``."""
+        times = self.linear_ms if kernel == "linear" else self.attention_ms
+        short = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+        return f"{kernel} " + ", ".join(f"{short[k]} {v:.2f} ms" for k, v in times.items())
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out.pop("source")
+        return {"version": _PROFILE_VERSION, **out}
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _hardware(device: torch.device) -> str:
+    cap = cuda_capability(device)
+    if cap is not None:
+        return f"{torch.cuda.get_device_name(device)} (compute capability {cap[0]}.{cap[1]})"
+    return f"{cpu_model()} [{describe_flags()}]"
+
+
+def _median_ms(fn: Callable[[], object], device: torch.device, repeats: int = _REPEATS) -> float:
+    fn()  # warm-up: first calls allocate and JIT (oneDNN)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def measure(device: torch.device) -> KernelProfile:
+    """Time the probe kernels in float32, float16 and bfloat16 on ``device`` (~0.1 s on a CPU with half-precision
+    hardware, ~0.3 s without)."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    rows, k, n = _LINEAR_SHAPE
+    x = torch.randn(rows, k, generator=gen).to(device)
+    w = (torch.randn(n, k, generator=gen) * k**-0.5).to(device)
+    q, kk, v = (torch.randn(*_ATTENTION_SHAPE, generator=gen).to(device) for _ in range(3))
+    linear_ms, attention_ms = {}, {}
+    for name, dtype in _DTYPES.items():
+        xd, wd = x.to(dtype), w.to(dtype)
+        linear_ms[name] = _median_ms(lambda xd=xd, wd=wd: F.linear(xd, wd), device)
+
+        def attention(dtype: torch.dtype = dtype) -> torch.Tensor:
+            return F.scaled_dot_product_attention(q.to(dtype), kk.to(dtype), v.to(dtype)).float()
+
+        attention_ms[name] = _median_ms(attention, device)
+    return KernelProfile(
+        device=device.type,
+        hardware=_hardware(device),
+        threads=torch.get_num_threads(),
+        torch_version=torch.__version__,
+        linear_ms=linear_ms,
+        attention_ms=attention_ms,
+    )
+
+
+def _cache_file(device: torch.device) -> Path:
+    from hyprec.model_sources import cache_dir
+
+    key = f"{_hardware(device)}|{torch.__version__}|{torch.get_num_threads()}|{_PROFILE_VERSION}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return cache_dir() / "kernel-profiles" / f"{device.type}-{digest}.json"
+
+
+def _read(path: Path, source: str) -> KernelProfile | None:
+    try:
+        raw = json.loads(path.read_text())
+        raw.pop("note", None)  # a pinned profile may say why it exists
+        if raw.pop("version", None) != _PROFILE_VERSION:
+            return None
+        profile = KernelProfile(**raw, source=source)
+        for times in (profile.linear_ms, profile.attention_ms):
+            if set(times) != set(_DTYPES) or not all(isinstance(t, (int, float)) and t > 0 for t in times.values()):
+                return None
+        return profile
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def kernel_profile(device_name: str = "cpu") -> KernelProfile:
+    """The kernel speeds of ``device_name``: from ``HYPREC_KERNEL_PROFILE``, else the per-machine cache, else
+    measured now and cached. Memoised per process (and per pinned file and cache file)."""
+    device = torch.device(device_name)
+    return _kernel_profile(device, os.environ.get("HYPREC_KERNEL_PROFILE") or None, _cache_file(device))
+
+
+@cache
+def _kernel_profile(device: torch.device, pinned: str | None, path: Path) -> KernelProfile:
+    if pinned:
+        profile = _read(Path(pinned), f"HYPREC_KERNEL_PROFILE={pinned}")
+        if profile is None:
+            from hyprec.errors import ConfigError
+
+            raise ConfigError(
+                f"HYPREC_KERNEL_PROFILE={pinned}: expected a readable kernel-profile JSON file "
+                f"(version {_PROFILE_VERSION}, linear_ms and attention_ms for float32, float16 and bfloat16)"
+            )
+        return profile
+    profile = _read(path, f"cached in {path}")
+    if profile is not None:
+        return profile
+    start = time.perf_counter()
+    profile = measure(device)
+    profile.source = f"measured in {time.perf_counter() - start:.2f} s, cached in {path}"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(profile.to_json(), indent=1))
+        tmp.replace(path)
+    except OSError as exc:  # a read-only cache costs a re-measurement per process, nothing else
+        log.warning("hyprec: could not cache the kernel profile in %s: %s", path, exc)
+    return profile
+
+
+def hardware_summary(device: torch.device | str = "cpu") -> dict[str, str]:
+    """What ``info`` shows about the device: the hardware, threads, and the measured kernel speeds per dtype."""
+    profile = kernel_profile(torch.device(device).type)
+    return {
+        "hardware": profile.hardware,
+        "threads": str(profile.threads),
+        "kernel_speeds": f"{profile.describe('linear')}; {profile.describe('attention')} ({profile.source})",
+    }
+
+
+#: A half format whose linear layers run below this fraction of float32's speed has no hardware path worth using.
+NATIVE_SPEEDUP = 0.8
+
+
+def native_half(dtype: torch.dtype, device: torch.device | str = "cpu") -> bool:
+    """Whether ``dtype`` arithmetic has a hardware path on ``device`` (its measured linear layers run at least
+    :data:`NATIVE_SPEEDUP` times float32's speed). Where it has none, tools emulate half precision (round to it,
+    compute in float32) instead of running it: a float16 GEMM on a CPU without AVX512-FP16 runs at ~0.2x."""
+    return kernel_profile(torch.device(device).type).speedup("linear", dtype) >= NATIVE_SPEEDUP
