@@ -367,6 +367,8 @@ HYBRID_HALF_OK = (
     "aten.new_zeros",
     "aten.zeros",
     "aten.index_put_",
+    "aten.index_copy_",  # packed rows into the padded buffer (attention_backends._pad)
+    "aten.index_select",  # and back (_unpad)
     "aten.index",
     "aten.transpose",
     "aten.view",

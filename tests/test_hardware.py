@@ -103,8 +103,9 @@ def real_device(monkeypatch, tmp_path):
 def test_probe_measures_once_then_reads_the_cache(real_device, monkeypatch):
     first = hardware.kernel_profile("cpu")
     assert first.source.startswith("measured")
-    for times in (first.linear_ms, first.attention_ms):
-        assert set(times) == {"float32", "float16", "bfloat16"} and all(t > 0 for t in times.values())
+    assert set(first.attention_ms) == {"float32", "float16", "bfloat16"}
+    assert set(first.linear_ms) - {hardware.BF16X3} == {"float32", "float16", "bfloat16"}
+    assert all(t > 0 for t in [*first.linear_ms.values(), *first.attention_ms.values()])
     assert first.threads == torch.get_num_threads() and first.torch_version == torch.__version__
     [cached] = (real_device / "kernel-profiles").glob("cpu-*.json")
     assert json.loads(cached.read_text())["attention_ms"] == first.attention_ms

@@ -9,10 +9,14 @@ from typing import Any
 
 import torch
 
-from hyprec.dtype_policy import TORCH_DTYPES
+from hyprec.dtype_policy import MATMUL_PRECISIONS, TORCH_DTYPES
 from hyprec.errors import ConfigError, ModelLoadError
 
 _MISSING = object()
+#: How half-precision arithmetic runs (hyprec.precision.emulation): on the device's half kernels, emulated in float32
+#: (rounded to the half format wherever the native model holds it), or emulated only where the device has no half
+#: hardware path (hyprec.hardware.native_half).
+HALF_ARITHMETIC = ("native", "emulated", "auto")
 # Types of required fields, checked on access (fields with a default are checked against the default's type).
 _FIELD_TYPES: dict[str, type] = {
     name: int
@@ -112,6 +116,12 @@ class EngineConfig:
     # Batch invariance: an input's result is bit-identical whatever it is batched with (fixed-size GEMM row tiles,
     # attention per group of equal-length sequences, position-aligned prefill chunks). Costs speed; see README.
     deterministic: bool = False
+    # native | emulated | auto (HALF_ARITHMETIC). Serving runs the real half kernels (native, the default: emulation
+    # keeps float32 weights, twice a float16 model's memory); compare/repair use auto, fast on any hardware.
+    half_arithmetic: str = "native"
+    # How float32 linear layers multiply (hyprec.dtype_policy.resolve_matmul): auto | highest (float32 GEMMs) | high
+    # (three bfloat16 products, float32-grade) | medium (one bfloat16 product).
+    matmul_precision: str = "auto"
 
     def __post_init__(self) -> None:
         self.device = resolve_device(self.device)
@@ -121,6 +131,12 @@ class EngineConfig:
             raise ConfigError(f"deterministic={self.deterministic!r}: expected True or False")
         if self.on_nonfinite not in ("fallback", "raise", "ignore"):
             raise ConfigError(f"on_nonfinite={self.on_nonfinite!r}: expected one of fallback, raise, ignore")
+        if self.matmul_precision not in MATMUL_PRECISIONS:
+            raise ConfigError(
+                f"matmul_precision={self.matmul_precision!r}: expected one of {', '.join(MATMUL_PRECISIONS)}"
+            )
+        if self.half_arithmetic not in HALF_ARITHMETIC:
+            raise ConfigError(f"half_arithmetic={self.half_arithmetic!r}: expected one of {', '.join(HALF_ARITHMETIC)}")
         for name in ("max_model_len", "num_kv_blocks"):
             if getattr(self, name) is not None:
                 _check_positive(name, getattr(self, name))

@@ -17,12 +17,14 @@ then carries it, and :meth:`DtypePolicy.layer_dtypes` answers per layer.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from hyprec.errors import ConfigError
+from hyprec.hardware import BF16X3
+from hyprec.layers.compensated import bf16_gemm_available
 
 if TYPE_CHECKING:
     from hyprec.hardware import KernelProfile
@@ -39,6 +41,8 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 #: A less accurate attention format is chosen by ``auto`` only when its measured kernel is at least this many times
 #: faster than the more accurate one (the run-time guard and timing noise eat smaller gains).
 SPEED_MARGIN = 1.1
+MATMUL_PRECISIONS = ("auto", "highest", "high", "medium")
+_MATMUL_SUFFIX = {"highest": "", "high": "+bf16x3", "medium": "+bf16mm"}
 
 
 def _canonical(value: object, field: str, valid: tuple[str, ...]) -> str:
@@ -75,13 +79,18 @@ class DtypePolicy:
     kv_cache_dtype: torch.dtype
     reason: str  # why auto choices were made; shown by `hyprec info`
     plan: PrecisionPlan | None = None
+    # How float32 linear layers multiply: "highest" (float32 GEMMs), "high" (three bfloat16 products, float32-grade)
+    # or "medium" (one bfloat16 product); see hyprec.layers.compensated. Half-precision layers ignore it.
+    matmul: str = "highest"
 
     @property
     def name(self) -> str:
-        """A label such as ``hybrid-fp16``, ``float32`` or ``plan-fp16``."""
+        """A label such as ``hybrid-fp16``, ``float32``, ``plan-fp16`` or ``float32+bf16x3``."""
         if self.plan is not None:
-            return self.plan.name
-        return f"hybrid-{dtype_name(self.attn_dtype)}" if self.mode == "hybrid" else self.mode
+            base = self.plan.name
+        else:
+            base = f"hybrid-{dtype_name(self.attn_dtype)}" if self.mode == "hybrid" else self.mode
+        return base + _MATMUL_SUFFIX[self.matmul]
 
     def layer_dtypes(self, num_layers: int) -> list[LayerDtypes]:
         """Per transformer layer: compute, attention and KV cache dtypes."""
@@ -96,6 +105,7 @@ class DtypePolicy:
             "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
             "attn_dtype": str(self.attn_dtype).removeprefix("torch."),
             "kv_cache_dtype": str(self.kv_cache_dtype).removeprefix("torch."),
+            "matmul_precision": self.matmul,
             "reason": self.reason,
         }
         if self.plan is not None:
@@ -229,6 +239,52 @@ def _fastest_attention(
     if certificate:
         fp16 = f"; float16 {'certified' if certificate[0][0] else 'not certified'}: {certificate[0][1]}"
     return pick, f"{verdict} on this {profile.device} ({profile.describe('attention')}: {profile.source}){fp16}"
+
+
+def resolve_matmul(
+    policy: DtypePolicy,
+    requested: str = "auto",
+    *,
+    device: torch.device | str = "cpu",
+    generative: bool = False,
+    kernel_speeds: Callable[[], KernelProfile] | None = None,
+) -> DtypePolicy:
+    """``policy`` with its float32 matmul precision resolved (see :attr:`DtypePolicy.matmul`).
+
+    ``auto`` picks ``high`` (compensated bf16x3, float32-grade) for encoders on a CPU where the kernel probe measured
+    it :data:`SPEED_MARGIN` times faster than float32 GEMMs, else ``highest``. Generation keeps ``highest`` under
+    ``auto``: decoding one token reads every weight once, and the bfloat16 head and tail weigh as much as float32.
+    ``medium`` is never automatic (one bfloat16 product: min cosine ~0.99994 on MiniLM, below float32 grade).
+    """
+    requested = _canonical(requested, "matmul_precision", MATMUL_PRECISIONS)
+    if requested == "highest":
+        return policy
+    uses_float32 = policy.compute_dtype == torch.float32 or policy.plan is not None
+    on_cpu = torch.device(device).type == "cpu"
+    if requested != "auto":
+        if not uses_float32:
+            raise ConfigError(
+                f"matmul_precision={requested!r} applies to float32 weights, but dtype={policy.mode!r} holds them in "
+                f"{policy.mode}; use dtype='float32' or 'hybrid', or matmul_precision='auto'"
+            )
+        if not on_cpu or not bf16_gemm_available():
+            raise ConfigError(
+                f"matmul_precision={requested!r} needs a bfloat16 x bfloat16 -> float32 GEMM, which this PyTorch "
+                f"build has {'only on the CPU' if not on_cpu else 'not'}; use matmul_precision='highest'"
+            )
+        why = "as requested"
+    elif not uses_float32 or policy.plan is not None or not on_cpu or generative or kernel_speeds is None:
+        return policy
+    elif not bf16_gemm_available():
+        return replace(policy, reason=f"{policy.reason}; float32 GEMMs: no bfloat16 -> float32 GEMM in this build")
+    else:
+        profile = kernel_speeds()
+        times = profile.linear_ms
+        fast = BF16X3 in times and times[BF16X3] * SPEED_MARGIN < times["float32"]
+        requested = "high" if fast else "highest"
+        why = f"{'faster' if fast else 'not faster'} on this {profile.device} ({profile.describe('linear')})"
+    label = {"highest": "float32 GEMMs", "high": "compensated bf16x3 GEMMs", "medium": "bfloat16 GEMMs"}[requested]
+    return replace(policy, matmul=requested, reason=f"{policy.reason}; {label}: {why}")
 
 
 def plan_policy(

@@ -29,12 +29,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from hyprec.layers.compensated import SplitWeight, bf16_gemm_available, split_linear
+
 log = logging.getLogger("hyprec")
 
 #: CPU flags that decide which half-precision kernels exist (bfloat16/float16 dot products, AMX tiles).
 HALF_PRECISION_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16", "amx_tile")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_PROFILE_VERSION = 1
+_PROFILE_VERSION = 2
+#: The compensated float32 linear layer (three bfloat16 products, :mod:`hyprec.layers.compensated`), timed where
+#: this PyTorch build has the GEMM it needs.
+BF16X3 = "bfloat16x3"
 
 # Probe shapes: a BERT-base projection on 256 packed tokens, and attention over 2 sequences of 256 tokens with
 # 12 heads of 64 (query/key/value arrive in float32 and are cast, as the attention seam does). Shorter sequences
@@ -89,7 +94,8 @@ class KernelProfile:
         device: ``cpu`` or ``cuda``.
         hardware: CPU model and half-precision flags, or the GPU name and compute capability.
         threads: intra-op threads the probe ran with (CPU).
-        linear_ms / attention_ms: dtype name -> median milliseconds of the probe kernel.
+        linear_ms / attention_ms: dtype name -> median milliseconds of the probe kernel (``linear_ms`` also has
+            :data:`BF16X3` where that kernel exists).
         source: where the numbers came from (measured now, the cache file, or ``HYPREC_KERNEL_PROFILE``).
     """
 
@@ -109,7 +115,7 @@ class KernelProfile:
     def describe(self, kernel: str) -> str:
         """E.g. ``attention fp32 3.1 ms, fp16 2.9 ms, bf16 1.2 ms``."""
         times = self.linear_ms if kernel == "linear" else self.attention_ms
-        short = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+        short = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", BF16X3: "bf16x3"}
         return f"{kernel} " + ", ".join(f"{short[k]} {v:.2f} ms" for k, v in times.items())
 
     def to_json(self) -> dict:
@@ -159,6 +165,9 @@ def measure(device: torch.device) -> KernelProfile:
             return F.scaled_dot_product_attention(q.to(dtype), kk.to(dtype), v.to(dtype)).float()
 
         attention_ms[name] = _median_ms(attention, device)
+    if device.type == "cpu" and bf16_gemm_available():
+        split = SplitWeight.of(w, "high")
+        linear_ms[BF16X3] = _median_ms(lambda: split_linear(x, split, None), device)
     return KernelProfile(
         device=device.type,
         hardware=_hardware(device),
@@ -184,8 +193,10 @@ def _read(path: Path, source: str) -> KernelProfile | None:
         if raw.pop("version", None) != _PROFILE_VERSION:
             return None
         profile = KernelProfile(**raw, source=source)
-        for times in (profile.linear_ms, profile.attention_ms):
-            if set(times) != set(_DTYPES) or not all(isinstance(t, (int, float)) and t > 0 for t in times.values()):
+        for times, optional in ((profile.linear_ms, {BF16X3}), (profile.attention_ms, set())):
+            if not set(_DTYPES) <= set(times) <= set(_DTYPES) | optional:
+                return None
+            if not all(isinstance(t, (int, float)) and t > 0 for t in times.values()):
                 return None
         return profile
     except (OSError, ValueError, TypeError):
@@ -208,7 +219,8 @@ def _kernel_profile(device: torch.device, pinned: str | None, path: Path) -> Ker
 
             raise ConfigError(
                 f"HYPREC_KERNEL_PROFILE={pinned}: expected a readable kernel-profile JSON file "
-                f"(version {_PROFILE_VERSION}, linear_ms and attention_ms for float32, float16 and bfloat16)"
+                f"(version {_PROFILE_VERSION}, linear_ms and attention_ms for float32, float16 and bfloat16; "
+                f"linear_ms may add {BF16X3})"
             )
         return profile
     profile = _read(path, f"cached in {path}")

@@ -22,11 +22,12 @@ from hyprec.errors import InputTypeError, InvalidInputError, ModelLoadError, Non
 from hyprec.hardware import hardware_summary
 from hyprec.layers.attention import AttentionMetadata
 from hyprec.layers.attention_backends import select_backend
-from hyprec.layers.linear import set_batch_invariant
+from hyprec.layers.linear import set_batch_invariant, set_matmul_precision
 from hyprec.loading.st_pipeline import read_pipeline
 from hyprec.loading.tokenizer import TextTokenizer
 from hyprec.loading.weights import Checkpoint
 from hyprec.pooling import EmbeddingHead
+from hyprec.precision.emulation import arithmetic, kernel_dtype
 from hyprec.precision.guard import GuardEvent, PrecisionGuard
 from hyprec.precision.plan import load_plan
 
@@ -85,6 +86,7 @@ class EmbeddingEngine(GuardedEngine):
         self._set_policy(dtype, attn_dtype, kv_cache_dtype)
         self.head = EmbeddingHead(self.pipeline).to(self.device).eval()
         set_batch_invariant(self.head, self.engine_config.deterministic)
+        set_matmul_precision(self.head, self.policy.matmul)
         self.max_seq_length = self._max_seq_length()
         self.dimension = self._output_dimension()
         self.last_stats = BatchStats()
@@ -95,7 +97,10 @@ class EmbeddingEngine(GuardedEngine):
         set_batch_invariant(model, self.engine_config.deterministic)
         needs_bias = type(model).uses_attention_bias
         self.backend = select_backend(
-            self.device, policy.attn_dtype, needs_bias=needs_bias, batch_invariant=self.engine_config.deterministic
+            self.device,
+            kernel_dtype(model, policy),
+            needs_bias=needs_bias,
+            batch_invariant=self.engine_config.deterministic,
         )
         self.guard = self._make_guard()
         log.info("hyprec: %s: policy %s, attention backend %s", self.model_dir.name, self.policy, self.backend.name)
@@ -282,5 +287,6 @@ class EmbeddingEngine(GuardedEngine):
             **hardware_summary(self.device),
             "attention_backend": self.backend.name,
             "deterministic": self.engine_config.deterministic,
+            "half_arithmetic": arithmetic(self.model),
             "policy": self.policy.as_dict(),
         }

@@ -33,6 +33,8 @@ class GuardedEngine:
     guard: PrecisionGuard | None
     guard_events: list[GuardEvent]
     policy: DtypePolicy
+    #: decoders: generation reads every weight per token, which ``auto`` matmul precision takes into account
+    generative: bool = False
 
     def install(self, model: nn.Module, policy: DtypePolicy) -> None:
         """Run the engine on ``model`` under ``policy`` from now on (rebuilding whatever depends on them)."""
@@ -55,6 +57,9 @@ class GuardedEngine:
             device=self.device,
             checkpoint_dtype=self.checkpoint_dtype,
             plan=self.plan,
+            half_arithmetic=self.engine_config.half_arithmetic,
+            matmul_precision=self.engine_config.matmul_precision,
+            generative=self.generative,
         )
         self.install(model, policy)
 

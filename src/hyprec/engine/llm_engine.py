@@ -31,6 +31,7 @@ from hyprec.loading.generation_tokenizer import GenerationTokenizer
 from hyprec.loading.weights import WeightSource
 from hyprec.models.base import DecoderModel
 from hyprec.outputs import CompletionOutput, RequestOutput
+from hyprec.precision.emulation import arithmetic, kernel_dtype
 from hyprec.precision.guard import GuardEvent, PrecisionGuard
 from hyprec.precision.plan import load_plan
 from hyprec.sampling.sampler import make_generator
@@ -51,6 +52,8 @@ class Request:
 
 class LLMEngine(GuardedEngine):
     """Owns one decoder model, its KV cache and scheduler."""
+
+    generative = True
 
     def __init__(
         self,
@@ -101,7 +104,7 @@ class LLMEngine(GuardedEngine):
         self.kv_cache = KVCache(layers, groups, ec.block_size, kv_dtypes, self.device)
         self.blocks = BlockManager(groups, ec.block_size)
         self.scheduler.restart(self.blocks)
-        self.backend = select_backend(self.device, self.policy.attn_dtype, batch_invariant=ec.deterministic)
+        self.backend = select_backend(self.device, kernel_dtype(model, policy), batch_invariant=ec.deterministic)
         self.runner = ModelRunner(
             self.model, self.kv_cache, self.blocks, self.backend, self.policy, self.device, ec.deterministic
         )
@@ -382,5 +385,6 @@ class LLMEngine(GuardedEngine):
             **hardware_summary(self.device),
             "attention_backend": self.backend.name,
             "deterministic": self.engine_config.deterministic,
+            "half_arithmetic": arithmetic(self.model),
             "policy": self.policy.as_dict(),
         }

@@ -9,10 +9,12 @@ import torch
 from torch import nn
 
 from hyprec.config import ModelConfig
-from hyprec.dtype_policy import DtypePolicy, plan_policy, resolve_policy
+from hyprec.dtype_policy import DtypePolicy, plan_policy, resolve_matmul, resolve_policy
 from hyprec.hardware import kernel_profile
+from hyprec.layers.linear import set_matmul_precision
 from hyprec.loading.weights import WeightSource, load_weights
 from hyprec.precision.attention_bounds import fp16_attention_check
+from hyprec.precision.emulation import emulate, emulated_formats
 from hyprec.precision.plan import PrecisionPlan
 
 
@@ -27,13 +29,19 @@ def load_model(
     device: torch.device,
     checkpoint_dtype: torch.dtype,
     plan: PrecisionPlan | None = None,
+    half_arithmetic: str = "native",
+    matmul_precision: str = "auto",
+    generative: bool = False,
 ) -> tuple[nn.Module, DtypePolicy]:
     """Resolve the dtype policy and load the model in its compute dtype.
 
     ``attn_dtype='auto'`` in hybrid mode needs the weights (a weight-only bound decides whether float16 is safe) and
     the device's measured kernel speeds (which format is fast), so the float32 model is built lazily for that check
     and reused when hybrid is the answer. A precision ``plan`` is
-    applied to the float32 build (it checks that it was made for these weights).
+    applied to the float32 build (it checks that it was made for these weights). Half formats that
+    ``half_arithmetic`` (:data:`hyprec.config.HALF_ARITHMETIC`) emulates stay float32 and are rounded to instead
+    (:mod:`hyprec.precision.emulation`). Float32 linear layers then multiply at
+    ``matmul_precision`` (:func:`hyprec.dtype_policy.resolve_matmul`; emulation keeps float32 GEMMs).
     """
 
     @functools.cache
@@ -52,7 +60,10 @@ def load_model(
 
     if plan is not None:
         policy = plan_policy(plan, dtype, attn_dtype, kv_cache_dtype)
-        return plan.apply(build(torch.float32)), policy
+        emulated = emulated_formats(half_arithmetic, policy, device)
+        if emulated:
+            return plan.apply(build(torch.float32), emulated=emulated), policy
+        return _with_matmul(plan.apply(build(torch.float32)), policy, matmul_precision, device, generative)
     policy = resolve_policy(
         dtype,
         attn_dtype,
@@ -62,7 +73,19 @@ def load_model(
         fp16_attention_safe=lambda: fp16_attention_check(build(torch.float32)),
         kernel_speeds=lambda: kernel_profile(device.type),
     )
-    return build(policy.compute_dtype), policy
+    if emulated_formats(half_arithmetic, policy, device):  # a policy without a plan has one half format
+        return emulate(build(torch.float32), policy), policy
+    return _with_matmul(build(policy.compute_dtype), policy, matmul_precision, device, generative)
+
+
+def _with_matmul(
+    model: nn.Module, policy: DtypePolicy, requested: str, device: torch.device, generative: bool
+) -> tuple[nn.Module, DtypePolicy]:
+    policy = resolve_matmul(
+        policy, requested, device=device, generative=generative, kernel_speeds=lambda: kernel_profile(device.type)
+    )
+    set_matmul_precision(model, policy.matmul)
+    return model, policy
 
 
 def model_summary(name: str, config: ModelConfig, model: nn.Module, checkpoint_dtype: torch.dtype) -> dict[str, Any]:

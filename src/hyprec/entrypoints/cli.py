@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hyprec.dtype_policy import ATTN_DTYPES, DTYPES, KV_CACHE_DTYPES
+from hyprec.config import HALF_ARITHMETIC
+from hyprec.dtype_policy import ATTN_DTYPES, DTYPES, KV_CACHE_DTYPES, MATMUL_PRECISIONS
 from hyprec.errors import HyprecError, InvalidInputError
 from hyprec.output_files import check_output_file, write_output
 
@@ -114,6 +115,12 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help=f"one of {', '.join(DTYPES)}")
     p.add_argument("--attn-dtype", default="auto", help=f"one of {', '.join(ATTN_DTYPES)}")
     p.add_argument("--kv-cache-dtype", default="auto", help=f"one of {', '.join(KV_CACHE_DTYPES)}")
+    p.add_argument(
+        "--matmul-precision",
+        default="auto",
+        help=f"one of {', '.join(MATMUL_PRECISIONS)}: how float32 linear layers multiply (highest: float32 GEMMs; "
+        "high: three bfloat16 products, float32-grade; medium: one); auto picks high where it was measured faster",
+    )
     _add_device_option(p)
     p.add_argument("--precision-plan", type=Path, help="a plan written by `hyprec repair` (sets every dtype)")
     p.add_argument(
@@ -125,6 +132,15 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 def _add_device_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+
+
+def _add_half_arithmetic_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--half-arithmetic",
+        default="auto",
+        help=f"one of {', '.join(HALF_ARITHMETIC)}: auto emulates float16/bfloat16 in float32 (rounding to the "
+        "format) where this device has no hardware path for it, which gives the same numbers at float32 speed",
+    )
 
 
 def _add_model_argument(p: argparse.ArgumentParser) -> None:
@@ -229,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
     comp.add_argument("--precision-plan", type=Path, help="also run this plan (from `hyprec repair`)")
     _add_device_option(comp)
+    _add_half_arithmetic_option(comp)
 
     rep = sub.add_parser("repair", help="search a precision plan: as much as possible in float16/bfloat16")
     _add_model_argument(rep)
@@ -248,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--output", type=Path, default=Path("precision-plan.json"), help="plan file (.json)")
     rep.add_argument("--json", action="store_true", help="print the plan as JSON")
     _add_device_option(rep)
+    _add_half_arithmetic_option(rep)
 
     from hyprec.serving.settings import API_KEY_ENV, COUNT, PORT, SECONDS, ServerSettings
 
@@ -327,6 +345,7 @@ def _llm_options(args: argparse.Namespace) -> dict[str, object]:
         "dtype": args.dtype,
         "attn_dtype": args.attn_dtype,
         "kv_cache_dtype": args.kv_cache_dtype,
+        "matmul_precision": args.matmul_precision,
         "device": args.device,
     }
     if getattr(args, "deterministic", False):
@@ -444,6 +463,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
         texts=texts,
         device=args.device,
         precision_plan=args.precision_plan,
+        half_arithmetic=args.half_arithmetic,
     )
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.markdown())
 
@@ -464,6 +484,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         device=args.device,
         show_progress=not args.quiet,
+        half_arithmetic=args.half_arithmetic,
     )
     print(json.dumps(plan.as_dict(), indent=2) if args.json else render(plan), flush=True)
     write_output(args.output, plan.save, "the plan")

@@ -31,16 +31,20 @@ class LLM:
     Args:
         model: a local model directory (sentence-transformers or Hugging Face layout), a ``.gguf`` file, or an alias
             (``minilm``, ``mpnet``, ``gemma``). ``None`` loads the embedded default, all-MiniLM-L6-v2.
-        dtype: ``auto`` (float32 checkpoints run ``hybrid``), ``float32``, ``float16``, ``bfloat16`` or
-            ``hybrid`` (float32 weights and activations, attention in ``attn_dtype``).
-        attn_dtype: ``auto`` (float16 when the weights certify q/k/v cannot overflow it, else bfloat16),
-            ``float32``, ``float16`` or ``bfloat16``.
+        dtype: ``auto`` (float32 checkpoints run ``hybrid``, or ``float32`` where no half-precision attention is
+            faster on this device), ``float32``, ``float16``, ``bfloat16`` or ``hybrid`` (float32 weights and
+            activations, attention in ``attn_dtype``).
+        attn_dtype: ``auto`` (the fastest half format on this device, measured once per machine; float16 only when
+            the weights certify q/k/v cannot overflow it), ``float32``, ``float16`` or ``bfloat16``.
         kv_cache_dtype: ``auto`` (follows ``attn_dtype``) or a dtype name (decoders).
         device: ``cpu`` or ``cuda[:N]``.
         max_num_batched_tokens: token budget of one forward pass.
         max_num_seqs: most sequences in one forward pass.
         **engine_options: further :class:`~hyprec.config.EngineConfig` fields (``max_model_len``, ``num_kv_blocks``,
-            ``block_size``, ``kv_cache_memory``).
+            ``block_size``, ``kv_cache_memory``, ``deterministic``, ``matmul_precision``: ``auto`` (default),
+            ``highest`` (float32 GEMMs), ``high`` (three bfloat16 products, float32-grade) or ``medium`` (one),
+            ``half_arithmetic``: ``native`` (default), ``emulated`` (float16/bfloat16 rounded, computed in
+            float32) or ``auto`` (emulated where the device has no half-precision hardware)).
 
     Example:
         >>> llm = LLM()  # all-MiniLM-L6-v2, hybrid precision

@@ -41,10 +41,34 @@ class AttentionBackend(Protocol):
         ...
 
 
-def _pad(x: torch.Tensor, packing: Packing) -> torch.Tensor:
-    padded = x.new_zeros(len(packing.lens), packing.max_len, *x.shape[1:])
-    padded[packing.batch_index, packing.position] = x
-    return padded.transpose(1, 2)  # [B, H, T, D]
+def _flat_rows(packing: Packing, meta: AttentionMetadata) -> torch.Tensor:
+    """Row of each packed token in the padded ``[batch * max_len]`` layout (computed once per batch)."""
+    key = ("flat-rows", id(packing))
+    if key not in meta.derived:
+        meta.derived[key] = packing.batch_index * packing.max_len + packing.position
+    return meta.derived[key]
+
+
+def _pad(x: torch.Tensor, packing: Packing, meta: AttentionMetadata, role: str) -> torch.Tensor:
+    """Packed ``[N, H, D]`` -> padded ``[B, H, T, D]`` (a strided view of ``[B, T, H, D]``, the layout the fused CPU
+    kernel reads). Equal lengths need no copy. Ragged batches are copied into a zeroed buffer kept for the whole
+    forward pass: every layer writes the same real rows, so the padding rows stay zero (finite: a masked key's
+    zero probability times its value must not be NaN) without being cleared again."""
+    batch, length = len(packing.lens), packing.max_len
+    if not packing.ragged:
+        return x.reshape(batch, length, *x.shape[1:]).transpose(1, 2)
+    key = ("pad-buffer", role, id(packing), tuple(x.shape[1:]), x.dtype)
+    if key not in meta.derived:
+        meta.derived[key] = x.new_zeros(batch * length, *x.shape[1:])
+    buffer = meta.derived[key]
+    buffer.index_copy_(0, _flat_rows(packing, meta), x)
+    return buffer.view(batch, length, *x.shape[1:]).transpose(1, 2)
+
+
+def _unpad(out: torch.Tensor, packing: Packing, meta: AttentionMetadata) -> torch.Tensor:
+    """Padded ``[B, H, T, D]`` kernel output -> packed ``[N, H, D]``."""
+    rows = out.transpose(1, 2).reshape(-1, out.shape[1], out.shape[3])  # a view: the kernel writes [B, T, H, D]
+    return rows if not packing.ragged else rows.index_select(0, _flat_rows(packing, meta))
 
 
 def _lens(packing: Packing, device: torch.device) -> torch.Tensor:
@@ -117,14 +141,14 @@ class SDPABackend:
         mask = meta.derived[key]
         kp = meta.queries if slots is None else slots.keys
         out = F.scaled_dot_product_attention(
-            _pad(q, meta.queries),
-            _pad(k, kp),
-            _pad(v, kp),
+            _pad(q, meta.queries, meta, "q"),
+            _pad(k, kp, meta, "k"),
+            _pad(v, kp, meta, "v"),
             attn_mask=mask,
             scale=scale,
             enable_gqa=q.shape[1] != k.shape[1],
         )
-        return out.transpose(1, 2)[meta.queries.batch_index, meta.queries.position]
+        return _unpad(out, meta.queries, meta)
 
     def _forward_grouped(
         self,

@@ -16,13 +16,15 @@ by the same code regardless of their position and of the other rows' data. Prefi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from hyprec.layers.compensated import SplitWeight, split_linear
 
 #: Rows per GEMM call in batch-invariant mode: large enough that MKL/oneDNN run their blocked kernels at a fair
 #: share of full speed, small enough that a single short input wastes little on padding.
@@ -51,30 +53,47 @@ def leading_decode_rows(count: int) -> Iterator[None]:
 
 
 def row_invariant_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, tile: int | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    tile: int | None = None,
+    split: SplitWeight | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` with every output row independent of the other rows of ``x``.
 
     ``x`` is ``[..., in_features]``; the leading dimensions are flattened into rows. Rows are computed in tiles of
     ``tile`` rows when given, else the leading decode rows (:func:`leading_decode_rows`) in tiles of
     :data:`DECODE_ROW_TILE` and the rest in tiles of :data:`ROW_TILE`. Full tiles are read and written in place;
-    only a partial last tile goes through a zero-padded buffer.
+    only a partial last tile goes through a zero-padded buffer. With ``split``, every tile is computed from the
+    weight's bfloat16 parts (:func:`~hyprec.layers.compensated.split_linear`).
     """
     lead = x.shape[:-1]
     rows = x.reshape(-1, x.shape[-1])
     n = rows.shape[0]
     out = rows.new_empty(n, weight.shape[0])
     weight_t = weight.t()
+
+    def tile_mm(x: torch.Tensor, target: torch.Tensor) -> None:
+        if split is not None:
+            split_linear(x, split, bias, out=target)
+        elif bias is None:
+            torch.mm(x, weight_t, out=target)
+        else:
+            torch.addmm(bias, x, weight_t, out=target)
+
     decode = 0 if tile is not None else min(_decode_rows.get(), n)
     if decode:
-        _tiles(rows[:decode], weight_t, bias, out[:decode], DECODE_ROW_TILE)
-    _tiles(rows[decode:], weight_t, bias, out[decode:], tile or ROW_TILE)
+        _tiles(rows[:decode], tile_mm, out[:decode], DECODE_ROW_TILE)
+    _tiles(rows[decode:], tile_mm, out[decode:], tile or ROW_TILE)
     return out.reshape(*lead, weight.shape[0])
 
 
-def _tiles(rows: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, tile: int) -> None:
-    """``out = rows @ weight_t + bias`` in calls of exactly ``tile`` rows, on 64-byte aligned operands (MKL's
-    reproducibility conditions include alignment)."""
+def _tiles(
+    rows: torch.Tensor, tile_mm: Callable[[torch.Tensor, torch.Tensor], None], out: torch.Tensor, tile: int
+) -> None:
+    """``tile_mm(rows, out)`` in calls of exactly ``tile`` rows, on 64-byte aligned operands (MKL's reproducibility
+    conditions include alignment)."""
     if not rows.is_contiguous() or rows.data_ptr() % _ALIGN:
         rows = rows.clone(memory_format=torch.contiguous_format)
     n = rows.shape[0]
@@ -82,36 +101,44 @@ def _tiles(rows: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None
         chunk = rows[start : start + tile]
         target = out[start : start + tile]
         if chunk.shape[0] == tile and chunk.data_ptr() % _ALIGN == 0 and target.data_ptr() % _ALIGN == 0:
-            _tile_mm(chunk, weight_t, bias, target)
+            tile_mm(chunk, target)
             continue
         padded = rows.new_zeros(tile, rows.shape[1])
         padded[: chunk.shape[0]] = chunk
         result = out.new_empty(tile, out.shape[1])
-        _tile_mm(padded, weight_t, bias, result)
+        tile_mm(padded, result)
         target.copy_(result[: chunk.shape[0]])
 
 
-def _tile_mm(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
-    if bias is None:
-        torch.mm(x, weight_t, out=out)
-    else:
-        torch.addmm(bias, x, weight_t, out=out)
-
-
 class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters and weight names) that can run batch-invariant (:func:`set_batch_invariant`)."""
+    """``nn.Linear`` (same parameters and weight names) that can run batch-invariant (:func:`set_batch_invariant`)
+    and, in float32, from bfloat16 products (:func:`set_matmul_precision`)."""
 
     batch_invariant: bool = False
+    #: The weight's bfloat16 parts under ``high``/``medium`` matmul precision; None computes in the weight's dtype.
+    split: SplitWeight | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.batch_invariant:
-            return row_invariant_linear(x, self.weight, self.bias)
+            return row_invariant_linear(x, self.weight, self.bias, split=self.split)
+        if self.split is not None:
+            return split_linear(x, self.split, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
 def head_linear(x: torch.Tensor, weight: torch.Tensor, *, invariant: bool) -> torch.Tensor:
     """An output head (one row per sequence): batch-invariant in tiles of :data:`DECODE_ROW_TILE` rows."""
     return row_invariant_linear(x, weight, tile=DECODE_ROW_TILE) if invariant else F.linear(x, weight)
+
+
+def set_matmul_precision(module: nn.Module, precision: str) -> None:
+    """Compute every float32 :class:`Linear` under ``module`` at ``precision`` (``highest``: float32 GEMMs; ``high``:
+    three bfloat16 products; ``medium``: one; see :mod:`hyprec.layers.compensated`). Layers held in half precision
+    keep their own arithmetic."""
+    for m in module.modules():
+        if isinstance(m, Linear):
+            use_split = precision != "highest" and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"
+            m.split = SplitWeight.of(m.weight, precision) if use_split else None
 
 
 def set_batch_invariant(module: nn.Module, enabled: bool) -> None:

@@ -5,7 +5,10 @@ sentence-transformers float32 or hyprec float32. Generative models: teacher-forc
 divergence, perplexity ratio, non-finite logits, greedy identical-prefix lengths and vLLM-style top-5 logprob
 closeness against transformers float32 or hyprec float32. Throughput (texts/s or tokens/s) per policy.
 
-Policies run with the precision guard off: the point is to see what each format does on its own.
+Policies run with the precision guard off: the point is to see what each format does on its own. Half precision
+is emulated in float32 where the device has no hardware path for it (``half_arithmetic="auto"``,
+:mod:`hyprec.precision.emulation`: the same numbers to within a few units of roundoff, at float32 speed); each row
+says which arithmetic it ran (``arithmetic``: native or emulated), and its speed is that arithmetic's.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 import torch
 
 from hyprec.errors import InvalidInputError
+from hyprec.precision.emulation import arithmetic
 
 POLICY_ARGS: dict[str, dict[str, str]] = {
     "float32": {"dtype": "float32"},
@@ -75,15 +79,21 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _load(model: Any, policy: str, device: str, plan: Any = None):
+def _load(model: Any, policy: str, device: str, plan: Any = None, half_arithmetic: str = "auto"):
     """The model under a named policy, or under ``plan`` (a precision plan file) when ``policy`` is ``plan``."""
     from hyprec.entrypoints.llm import LLM
 
+    options = {"device": device, "precision_guard": False, "half_arithmetic": half_arithmetic}
     if policy == "plan":
-        return LLM(model, device=device, precision_guard=False, precision_plan=plan)
+        return LLM(model, precision_plan=plan, **options)
     if policy not in POLICY_ARGS:
         raise InvalidInputError(f"policy {policy!r}: expected one of {', '.join(POLICY_ARGS)}")
-    return LLM(model, device=device, precision_guard=False, **POLICY_ARGS[policy])
+    return LLM(model, **options, **POLICY_ARGS[policy])
+
+
+def _row_start(llm: Any) -> dict[str, Any]:
+    """The first columns of a policy's row: its name and the arithmetic it ran in."""
+    return {"policy": llm.policy.name, "arithmetic": arithmetic(llm.engine.model)}
 
 
 # ------------------------------------------------------------------ embeddings
@@ -136,7 +146,7 @@ def _compare_embeddings(
         except Exception:  # non-finite results are refused; measure them anyway for the report
             ours = _raw_embeddings(llm, texts)
         seconds = time.perf_counter() - start
-        rows.append({"policy": llm.policy.name, **embedding_metrics(ours, ref), "texts_per_s": len(texts) / seconds})
+        rows.append({**_row_start(llm), **embedding_metrics(ours, ref), "texts_per_s": len(texts) / seconds})
     return rows
 
 
@@ -247,7 +257,7 @@ def _compare_generation(llm_ref_obj, load: Callable, policies, texts_ids, prompt
         ppl = math.exp(nll / finite_total) if finite_total else float("nan")
         rows.append(
             {
-                "policy": llm.policy.name,
+                **_row_start(llm),
                 "top1_agreement": agree / total,
                 "mean_kl": kl / finite_total if finite_total else float("nan"),
                 "perplexity": ppl,
@@ -273,10 +283,12 @@ def compare(
     prompts: list[str] | None = None,
     device: str = "cpu",
     precision_plan: Any = None,
+    half_arithmetic: str = "auto",
 ) -> CompareReport:
     """Run ``policies`` against ``reference`` on real texts (built-in defaults) and return the report.
 
-    ``precision_plan`` (a plan file from ``hyprec repair``) adds a row for the plan."""
+    ``precision_plan`` (a plan file from ``hyprec repair``) adds a row for the plan. ``half_arithmetic``: ``auto``
+    (emulate half formats the device has no hardware path for), ``native`` or ``emulated``."""
     from hyprec.model_sources import resolve_model
     from hyprec.texts import evaluation_texts, pydoc_topics
 
@@ -284,7 +296,7 @@ def compare(
     if reference not in REFERENCES:
         raise InvalidInputError(f"reference {reference!r}: expected one of {', '.join(REFERENCES)}")
     path = resolve_model(model)
-    load = functools.partial(_load, path, device=device, plan=precision_plan)
+    load = functools.partial(_load, path, device=device, plan=precision_plan, half_arithmetic=half_arithmetic)
     llm_ref = load("float32")
     if not llm_ref.is_generative:
         if reference == "transformers":

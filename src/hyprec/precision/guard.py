@@ -103,7 +103,8 @@ class PrecisionGuard:
                 self._handles.append(block.register_forward_hook(self._residual_hook(i)))
             if dts.attn != torch.float32:
                 attn = next(m for m in block.modules() if isinstance(m, Attention))
-                self._handles.append(attn.register_forward_pre_hook(self._qkv_hook(i)))
+                # First: under emulated half precision (hyprec.precision.emulation) it sees q/k/v before rounding.
+                self._handles.append(attn.register_forward_pre_hook(self._qkv_hook(i), prepend=True))
 
     def _fold(self, i: int, col: int, x: torch.Tensor) -> None:
         # amax of |x| in float32, on device; NaN propagates through torch.maximum, so it is seen too.

@@ -28,10 +28,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from hyprec.dtype_policy import TORCH_DTYPES, dtype_name
+from hyprec.dtype_policy import TORCH_DTYPES, dtype_name, plan_policy
 from hyprec.errors import ConfigError
 from hyprec.layers.attention import Attention
 from hyprec.layers.norm import Float32Params
+from hyprec.precision.emulation import emulate
 from hyprec.precision.rescale import rescale_ffn, rescale_residual
 
 PLAN_FORMAT = "hyprec-precision-plan"
@@ -85,6 +86,7 @@ _RECORDS: dict[str, dict[str, str]] = {
         "validations": "count",
         "seconds": "seconds",
         "kept_out": "names",
+        "arithmetic": "text",
         "safe_layers": "text",
         "peak_residual_float32": "number",
         "trials": "trial[]",
@@ -286,22 +288,27 @@ class PrecisionPlan:
         if len(self.layers) != len(model.blocks()):
             raise ConfigError(f"{where} has {len(self.layers)} layers; the model has {len(model.blocks())}")
 
-    def apply(self, model: nn.Module) -> nn.Module:
-        """Rescale and cast a freshly built float32 ``model`` in place according to the plan; returns it."""
+    def apply(self, model: nn.Module, *, emulated: frozenset[torch.dtype] = frozenset()) -> nn.Module:
+        """Rescale and cast a freshly built float32 ``model`` in place according to the plan; returns it. The half
+        formats in ``emulated`` stay float32 and are rounded to instead (:mod:`hyprec.precision.emulation`)."""
         self.check_model(model)
         rescale_residual(model, self.residual_scale_log2)
         for i, k in enumerate(self.ffn_scale_log2):
             rescale_ffn(model, i, k)
+
+        def native(name: str) -> torch.dtype:
+            return torch.float32 if TORCH_DTYPES[name] in emulated else TORCH_DTYPES[name]
+
         for module in model.edge_modules():
-            _cast_weights(module, TORCH_DTYPES[self.edges])
+            _cast_weights(module, native(self.edges))
         for block, layer in zip(model.blocks(), self.layers, strict=True):
-            linear, attention = layer.dtypes
+            linear, attention = native(layer.linear), native(layer.attention)
             _cast_weights(block, linear)
             block.register_forward_pre_hook(_cast_input(linear))
             for attn in block.modules():
                 if isinstance(attn, Attention):
                     attn.attn_dtype = attention
-        return model
+        return emulate(model, plan_policy(self), emulated) if emulated else model
 
 
 def load_plan(plan: str | os.PathLike | PrecisionPlan | None) -> PrecisionPlan | None:

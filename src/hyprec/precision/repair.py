@@ -14,6 +14,10 @@ staying within a tolerance against float32 on real text.
    validations.
 4. **Held-out check.** The final plan is measured on validation text the search never saw; the plan records
    both measurements and whether both meet the tolerance.
+
+Candidates run the target format's arithmetic natively where the device has a hardware path for it, else emulated
+in float32 (``half_arithmetic="auto"``, :mod:`hyprec.precision.emulation`): the same verdicts at float32 speed
+instead of a float16 GEMM at ~0.2x of it. The plan records which (``search.arithmetic``: ``float16 emulated``).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from hyprec.errors import InvalidInputError, NonFiniteOutputError
 from hyprec.precision.attention_bounds import fp16_attention_check
 from hyprec.precision.check import FP16_MAX, RISK_MARGIN, default_calibration_texts, record_activity
 from hyprec.precision.compare import row_cosines
+from hyprec.precision.emulation import describe_arithmetic, emulated_formats
 from hyprec.precision.plan import LayerPrecision, PrecisionPlan, model_fingerprint
 
 log = logging.getLogger("hyprec")
@@ -166,6 +171,7 @@ class _Search:
         self.llm, self.master, self.base = llm, master, base
         self.tolerance, self.metric, self.margin = tolerance, metric, margin
         self.trials: list[_Trial] = []
+        self.arithmetic: set[str] = set()  # how candidates ran each half format: "float16 emulated", ...
 
     def plan(self, fast: set[str]) -> PrecisionPlan:
         b = self.base
@@ -185,8 +191,10 @@ class _Search:
         )
 
     def install(self, plan: PrecisionPlan) -> None:
-        candidate = plan.apply(copy.deepcopy(self.master))
-        self.llm.engine.install(candidate, plan_policy(plan))
+        engine, policy = self.llm.engine, plan_policy(plan)
+        emulated = emulated_formats(engine.engine_config.half_arithmetic, policy, engine.device)
+        self.arithmetic.update(describe_arithmetic(policy, emulated))
+        engine.install(plan.apply(copy.deepcopy(self.master), emulated=emulated), policy)
 
     def passes(self, metrics: dict[str, float], margin: float = 0.0) -> bool:
         value = metrics[self.metric]
@@ -238,6 +246,7 @@ def repair(
     search_margin: float | None = None,
     device: str = "cpu",
     show_progress: bool = False,
+    half_arithmetic: str = "auto",
 ) -> PrecisionPlan:
     """Search a precision plan for ``model`` (a name/path as :class:`hyprec.LLM` takes).
 
@@ -252,20 +261,26 @@ def repair(
         search_margin: the search accepts a candidate only at ``tolerance + search_margin`` (default: one standard
             error of the top-1 rate over the search text for decoders, 0 for encoders); the final plan is judged
             against ``tolerance`` itself, on the search text and on held-out text.
+        half_arithmetic: how candidates compute in half precision: ``auto`` (emulated in float32 where the device
+            has no hardware path for a format, else native), ``native`` or ``emulated``.
     """
     from hyprec.entrypoints.llm import LLM
 
     if target not in TARGETS:
         raise InvalidInputError(f"target={target!r}: expected one of {', '.join(TARGETS)}")
     start_time = time.perf_counter()
-    # Just enough KV cache for one calibration text: candidates rebuild it at every validation.
+    # Just enough KV cache for one calibration text: candidates rebuild it at every validation. Float32 GEMMs: the
+    # reference is float32 itself, and candidates (deep copies of this model) must compute from their own weights,
+    # not from bfloat16 parts of the float32 ones.
     llm = LLM(
         model,
         dtype="float32",
+        matmul_precision="highest",
         device=device,
         precision_guard=False,
         max_model_len=max_tokens,
         num_kv_blocks=-(-max_tokens // 16) + 1,
+        half_arithmetic=half_arithmetic,
     )
     kind = "generation" if llm.is_generative else "embedding"
     metric = METRIC[kind]
@@ -330,6 +345,7 @@ def repair(
         "kept_out": [u for u in units if u not in fast],
         "safe_layers": f"float32 weights, {base['safe_attention']} attention ({why})",
         "peak_residual_float32": max(r.residual for r in rows),
+        "arithmetic": ", ".join(sorted(search.arithmetic)) or "float32 only",
         "trials": [
             {"units": _label(t.units), "accepted": t.accepted, metric: t.metrics[metric]} for t in search.trials
         ],
@@ -369,7 +385,8 @@ def render(plan: PrecisionPlan) -> str:
         f"plan         {plan.summary()}",
         f"tolerance    {metric} >= {plan.tolerance['min']} (search: + {plan.tolerance.get('search_margin', 0):.4g})",
         f"kept out     {', '.join(plan.search['kept_out']) or 'nothing'} ({plan.search['safe_layers']})",
-        f"search       {plan.search['validations']} validations in {plan.search['seconds']} s",
+        f"search       {plan.search['validations']} validations in {plan.search['seconds']} s"
+        + (f" (half precision: {plan.search['arithmetic']})" if "arithmetic" in plan.search else ""),
     ]
     for trial in plan.search["trials"]:
         lines.append(f"  {'accept' if trial['accepted'] else 'reject'}  {trial['units']:<36} {trial[metric]:.5f}")
