@@ -355,7 +355,9 @@ def test_mlm_checkpoint_has_prefixed_names(built):
 # ---------------------------------------------------------------------------------------------------------------
 
 FUSED_SDPA = "aten._scaled_dot_product_flash_attention_for_cpu"
-MATMUL_OPS = ("aten.addmm", "aten.mm", "aten.bmm", "aten.linear", "aten.matmul", "aten.baddbmm")
+# Linear layers: F.linear's addmm, or oneDNN's GEMM where the engine chose it for float32 (layers/onednn.py).
+LINEAR_OPS = ("aten.addmm", "mkldnn._linear_pointwise")
+MATMUL_OPS = (*LINEAR_OPS, "aten.mm", "aten.bmm", "aten.linear", "aten.matmul", "aten.baddbmm")
 # Ops that may see half-precision tensors in hybrid mode: the attention call itself and moving/casting
 # q/k/v/mask into and out of the padded [B, H, T, D] layout. Anything else means half precision leaked.
 HYBRID_HALF_OK = (
@@ -509,7 +511,7 @@ def test_hybrid_keeps_everything_but_attention_in_float32(dispatch_models, model
     rec = record(_engine(path, "hybrid", attn), seqs)
 
     matmuls = rec.named(*MATMUL_OPS)
-    assert len(rec.named("aten.addmm")) >= 6 * layers  # q, k, v, attention out, FFN in, FFN out
+    assert len(rec.named(*LINEAR_OPS)) >= 6 * layers  # q, k, v, attention out, FFN in, FFN out
     bad = [(c.op, c.float_dtypes()) for c in matmuls if c.float_dtypes() != {torch.float32}]
     assert not bad, f"matmuls outside float32 in hybrid mode: {bad[:5]}"
     for c in rec.named("aten.native_layer_norm", "aten.gelu", "aten.relu", "aten.embedding", "aten.add"):

@@ -1,4 +1,5 @@
-"""Float32 linear layers from bfloat16 products (``matmul_precision``): accuracy bounds, policy choice, invariance."""
+"""Float32 linear layers from bfloat16 products (``matmul_precision``) and on oneDNN (``float32_gemm``): accuracy
+bounds, policy choice, invariance."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import torch
 
 from hyprec.dtype_policy import resolve_matmul, resolve_policy
 from hyprec.errors import ConfigError
-from hyprec.hardware import BF16X3, KernelProfile
+from hyprec.hardware import BF16X3, FLOAT32_ONEDNN, KernelProfile
+from hyprec.layers import onednn
 from hyprec.layers.compensated import SplitWeight, bf16_gemm_available, split_linear
+from hyprec.layers.linear import Linear
 
 needs_gemm = pytest.mark.skipif(not bf16_gemm_available(), reason="this PyTorch build has no bf16 -> f32 GEMM")
 
@@ -106,4 +109,113 @@ def test_high_precision_is_batch_invariant_in_deterministic_mode(eval_texts):
     texts = eval_texts[:24]
     together = llm.embed(texts)
     alone = np.stack([llm.embed([t])[0] for t in texts[:6]])
+    np.testing.assert_array_equal(together[:6], alone)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Float32 GEMMs on oneDNN (float32_gemm): prepacked weights, fused activations
+# ---------------------------------------------------------------------------------------------------------------
+
+needs_onednn = pytest.mark.skipif(not onednn.available(), reason="this PyTorch build has no oneDNN linear operators")
+
+
+def gemm_profile(onednn_ms: float) -> KernelProfile:
+    p = profile(2.0)
+    p.linear_ms[FLOAT32_ONEDNN] = onednn_ms
+    return p
+
+
+def _linear(activation: str | None, bias: bool = True, seed: int = 0) -> Linear:
+    torch.manual_seed(seed)
+    layer = Linear(96, 200, bias=bias, activation=activation)
+    with torch.no_grad():
+        layer.weight.mul_(3)
+    return layer
+
+
+def _float32_close(got: torch.Tensor, want: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    # Both are float32 GEMMs with float32 accumulation in different orders: each element within a few units of
+    # float32 roundoff (2^-24) times K times sum|x||w| (a worst-case bound; the measured error is ~1e-6 of it).
+    bound = 96 * 2.0**-24 * (x.abs() @ w.abs().T) + 1e-6
+    assert ((got - want).abs() <= bound).all()
+
+
+@needs_onednn
+@pytest.mark.parametrize("activation", [None, *onednn.POST_OPS, "quick_gelu"])
+def test_onednn_kernel_matches_f_linear_with_its_activation(activation):
+    layer = _linear(activation)
+    x = torch.randn(37, 96)
+    with torch.inference_mode():
+        want = layer(x)  # kernel "torch": F.linear, then the activation unfused
+        layer.kernel = "onednn"
+        got = layer(x)
+    assert layer._prepared is not None  # the oneDNN path really ran
+    pre = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    if activation is not None:  # a wrong or missing activation is far outside the float32 bound
+        assert not torch.allclose(pre, want, atol=1e-3)
+    _float32_close(got, want, x, layer.weight)
+    # Leading dimensions, no bias, no rows.
+    nobias = _linear(activation, bias=False)
+    nobias.kernel = "onednn"
+    with torch.inference_mode():
+        assert nobias(x.view(37, 1, 96)).shape == (37, 1, 200)
+        assert nobias(x[:0]).shape == (0, 200)
+
+
+@needs_onednn
+def test_packed_weight_follows_every_change_of_the_weight_and_survives_deepcopy():
+    import copy
+
+    layer = _linear(None)
+    layer.kernel = "onednn"
+    x = torch.randn(5, 96)
+    with torch.inference_mode():
+        before = layer(x)
+    with torch.no_grad():
+        layer.weight.mul_(0.5)  # what an exact rescale does
+    with torch.inference_mode():
+        after = layer(x)
+        _float32_close(after, torch.nn.functional.linear(x, layer.weight, layer.bias), x, layer.weight)
+        assert not torch.allclose(after, before, atol=1e-2)  # a stale packed weight would still give `before`
+    twin = copy.deepcopy(layer)  # opaque packed tensors cannot be copied: the copy packs its own
+    with torch.inference_mode():
+        torch.testing.assert_close(twin(x), after, rtol=0, atol=0)  # same packed GEMM, same bits
+    assert twin._prepared is not None
+    layer.to(torch.bfloat16)  # a half-precision layer keeps its own arithmetic
+    with torch.inference_mode():
+        assert layer(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_auto_picks_onednn_for_encoders_only_where_measured_faster():
+    base = resolve_policy("float32")
+    fast, slow = (lambda: gemm_profile(0.5)), (lambda: gemm_profile(0.99))
+    if onednn.available():
+        p = resolve_matmul(base, "auto", kernel_speeds=fast)
+        assert p.matmul == "highest" and p.float32_gemm == "onednn" and "fp32-onednn 0.50 ms" in p.reason
+        assert p.name == "float32"  # exact float32 either way: the name does not change
+        assert resolve_matmul(base, "highest", float32_gemm="onednn").float32_gemm == "onednn"
+    assert resolve_matmul(base, "auto", kernel_speeds=slow).float32_gemm == "torch"  # within the 5% margin
+    assert resolve_matmul(base, "auto", generative=True, kernel_speeds=fast).float32_gemm == "torch"
+    assert resolve_matmul(base, "auto", float32_gemm="torch", kernel_speeds=fast).float32_gemm == "torch"
+    with pytest.raises(ConfigError, match="float32_gemm='onednn' applies to float32 weights"):
+        resolve_matmul(resolve_policy("bfloat16"), "auto", float32_gemm="onednn")
+    with pytest.raises(ConfigError, match="float32_gemm='mkl'"):
+        resolve_matmul(base, "auto", float32_gemm="mkl")
+
+
+@needs_onednn
+def test_minilm_on_onednn_matches_f_linear_and_stays_batch_invariant(eval_texts):
+    from hyprec import LLM
+
+    ours = LLM("minilm", dtype="float32", float32_gemm="onednn")
+    torch_gemm = LLM("minilm", dtype="float32", float32_gemm="torch")
+    assert ours.info()["policy"]["float32_gemm"] == "onednn"
+    assert torch_gemm.info()["policy"]["float32_gemm"] == "torch"
+    a, b = ours.embed(eval_texts), torch_gemm.embed(eval_texts)
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() >= 1 - 1e-6  # float32 vs float32 in another summation order (float32 cosine noise ~1e-7)
+    det = LLM("minilm", dtype="float32", float32_gemm="onednn", deterministic=True)
+    texts = eval_texts[:24]
+    together = det.embed(texts)
+    alone = np.stack([det.embed([t])[0] for t in texts[:6]])
     np.testing.assert_array_equal(together[:6], alone)

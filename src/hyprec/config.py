@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from hyprec.dtype_policy import MATMUL_PRECISIONS, TORCH_DTYPES
+from hyprec.dtype_policy import FLOAT32_GEMMS, MATMUL_PRECISIONS, TORCH_DTYPES
 from hyprec.errors import ConfigError, ModelLoadError
 
 _MISSING = object()
@@ -122,6 +122,8 @@ class EngineConfig:
     # How float32 linear layers multiply (hyprec.dtype_policy.resolve_matmul): auto | highest (float32 GEMMs) | high
     # (three bfloat16 products, float32-grade) | medium (one bfloat16 product).
     matmul_precision: str = "auto"
+    # Library of float32 GEMMs (hyprec.dtype_policy.FLOAT32_GEMMS): auto | torch (F.linear) | onednn (prepacked).
+    float32_gemm: str = "auto"
 
     def __post_init__(self) -> None:
         self.device = resolve_device(self.device)
@@ -135,6 +137,8 @@ class EngineConfig:
             raise ConfigError(
                 f"matmul_precision={self.matmul_precision!r}: expected one of {', '.join(MATMUL_PRECISIONS)}"
             )
+        if self.float32_gemm not in FLOAT32_GEMMS:
+            raise ConfigError(f"float32_gemm={self.float32_gemm!r}: expected one of {', '.join(FLOAT32_GEMMS)}")
         if self.half_arithmetic not in HALF_ARITHMETIC:
             raise ConfigError(f"half_arithmetic={self.half_arithmetic!r}: expected one of {', '.join(HALF_ARITHMETIC)}")
         for name in ("max_model_len", "num_kv_blocks"):

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from hyprec.errors import ConfigError
-from hyprec.hardware import BF16X3
+from hyprec.hardware import BF16X3, FLOAT32_ONEDNN
+from hyprec.layers import onednn
 from hyprec.layers.compensated import bf16_gemm_available
 
 if TYPE_CHECKING:
@@ -42,6 +43,12 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 #: faster than the more accurate one (the run-time guard and timing noise eat smaller gains).
 SPEED_MARGIN = 1.1
 MATMUL_PRECISIONS = ("auto", "highest", "high", "medium")
+#: Which library computes float32 GEMMs (``highest`` matmul precision): ``torch`` (``F.linear``, MKL on x86) or
+#: ``onednn`` (prepacked weights, fused activations; :mod:`hyprec.layers.onednn`). Both are float32 GEMMs with float32
+#: accumulation: the choice changes only the order of the sums, so ``auto`` takes whichever the probe measured
+#: :data:`GEMM_MARGIN` times faster.
+FLOAT32_GEMMS = ("auto", "torch", "onednn")
+GEMM_MARGIN = 1.05
 _MATMUL_SUFFIX = {"highest": "", "high": "+bf16x3", "medium": "+bf16mm"}
 
 
@@ -82,6 +89,8 @@ class DtypePolicy:
     # How float32 linear layers multiply: "highest" (float32 GEMMs), "high" (three bfloat16 products, float32-grade)
     # or "medium" (one bfloat16 product); see hyprec.layers.compensated. Half-precision layers ignore it.
     matmul: str = "highest"
+    # Under "highest": the library of the float32 GEMMs (FLOAT32_GEMMS, resolved); not part of the name (exact).
+    float32_gemm: str = "torch"
 
     @property
     def name(self) -> str:
@@ -106,6 +115,7 @@ class DtypePolicy:
             "attn_dtype": str(self.attn_dtype).removeprefix("torch."),
             "kv_cache_dtype": str(self.kv_cache_dtype).removeprefix("torch."),
             "matmul_precision": self.matmul,
+            "float32_gemm": self.float32_gemm,
             "reason": self.reason,
         }
         if self.plan is not None:
@@ -245,46 +255,71 @@ def resolve_matmul(
     policy: DtypePolicy,
     requested: str = "auto",
     *,
+    float32_gemm: str = "auto",
     device: torch.device | str = "cpu",
     generative: bool = False,
     kernel_speeds: Callable[[], KernelProfile] | None = None,
 ) -> DtypePolicy:
-    """``policy`` with its float32 matmul precision resolved (see :attr:`DtypePolicy.matmul`).
+    """``policy`` with its float32 matmul precision and GEMM library resolved (:attr:`DtypePolicy.matmul`,
+    :attr:`DtypePolicy.float32_gemm`).
 
-    ``auto`` picks ``high`` (compensated bf16x3, float32-grade) for encoders on a CPU where the kernel probe measured
-    it :data:`SPEED_MARGIN` times faster than float32 GEMMs, else ``highest``. Generation keeps ``highest`` under
-    ``auto``: decoding one token reads every weight once, and the bfloat16 head and tail weigh as much as float32.
-    ``medium`` is never automatic (one bfloat16 product: min cosine ~0.99994 on MiniLM, below float32 grade).
+    ``auto`` precision picks ``high`` (compensated bf16x3, float32-grade) for encoders on a CPU where the kernel
+    probe measured it :data:`SPEED_MARGIN` times faster than float32 GEMMs, else ``highest``; ``medium`` is never
+    automatic (one bfloat16 product: min cosine ~0.99994 on MiniLM, below float32 grade). Under ``highest``, ``auto``
+    GEMMs run on oneDNN for encoders on a CPU where the probe measured it :data:`GEMM_MARGIN` times faster than
+    ``F.linear``. Generation keeps ``highest`` on ``F.linear`` under ``auto``: decoding one token reads every weight
+    once (the bfloat16 parts weigh as much as float32), and a packed copy of every weight would double a decoder's
+    memory.
     """
     requested = _canonical(requested, "matmul_precision", MATMUL_PRECISIONS)
-    if requested == "highest":
-        return policy
+    gemm = _canonical(float32_gemm, "float32_gemm", FLOAT32_GEMMS)
     uses_float32 = policy.compute_dtype == torch.float32 or policy.plan is not None
     on_cpu = torch.device(device).type == "cpu"
-    if requested != "auto":
+    automatic = uses_float32 and on_cpu and not generative and kernel_speeds is not None
+    for name, value, available, what in (
+        ("matmul_precision", requested, bf16_gemm_available(), "a bfloat16 x bfloat16 -> float32 GEMM"),
+        ("float32_gemm", gemm, onednn.available(), "oneDNN"),
+    ):
+        if value in ("auto", "highest", "torch"):
+            continue
         if not uses_float32:
             raise ConfigError(
-                f"matmul_precision={requested!r} applies to float32 weights, but dtype={policy.mode!r} holds them in "
-                f"{policy.mode}; use dtype='float32' or 'hybrid', or matmul_precision='auto'"
+                f"{name}={value!r} applies to float32 weights, but dtype={policy.mode!r} holds them in "
+                f"{policy.mode}; use dtype='float32' or 'hybrid', or {name}='auto'"
             )
-        if not on_cpu or not bf16_gemm_available():
+        if not on_cpu or not available:
             raise ConfigError(
-                f"matmul_precision={requested!r} needs a bfloat16 x bfloat16 -> float32 GEMM, which this PyTorch "
-                f"build has {'only on the CPU' if not on_cpu else 'not'}; use matmul_precision='highest'"
+                f"{name}={value!r} needs {what}, which this PyTorch build has {'only on the CPU' if on_cpu else 'not'}"
+                f"; use {name}='auto'"
             )
-        why = "as requested"
-    elif not uses_float32 or policy.plan is not None or not on_cpu or generative or kernel_speeds is None:
-        return policy
-    elif not bf16_gemm_available():
-        return replace(policy, reason=f"{policy.reason}; float32 GEMMs: no bfloat16 -> float32 GEMM in this build")
-    else:
+    reasons, measured = [policy.reason], []
+    if requested == "auto" and automatic and policy.plan is None and bf16_gemm_available():
         profile = kernel_speeds()
         times = profile.linear_ms
         fast = BF16X3 in times and times[BF16X3] * SPEED_MARGIN < times["float32"]
         requested = "high" if fast else "highest"
-        why = f"{'faster' if fast else 'not faster'} on this {profile.device} ({profile.describe('linear')})"
-    label = {"highest": "float32 GEMMs", "high": "compensated bf16x3 GEMMs", "medium": "bfloat16 GEMMs"}[requested]
-    return replace(policy, matmul=requested, reason=f"{policy.reason}; {label}: {why}")
+        measured.append(profile)
+        reasons.append(f"{'compensated bf16x3' if fast else 'float32'} GEMMs: bf16x3 {'' if fast else 'not '}faster")
+    elif requested in ("high", "medium"):
+        reasons.append(f"{'compensated bf16x3' if requested == 'high' else 'bfloat16'} GEMMs: as requested")
+    else:
+        requested = "highest"
+    if requested != "highest" or gemm == "torch":
+        gemm = "torch"
+    elif gemm == "onednn":
+        reasons.append("float32 GEMMs on oneDNN: as requested")
+    elif automatic and onednn.available():
+        profile = kernel_speeds()
+        times = profile.linear_ms
+        fast = FLOAT32_ONEDNN in times and times[FLOAT32_ONEDNN] * GEMM_MARGIN < times["float32"]
+        gemm = "onednn" if fast else "torch"
+        measured.append(profile)
+        reasons.append(f"float32 GEMMs on {'oneDNN' if fast else 'F.linear'}: oneDNN {'' if fast else 'not '}faster")
+    else:
+        gemm = "torch"
+    if measured:
+        reasons[-1] += f" on this {measured[0].device} ({measured[0].describe('linear')})"
+    return replace(policy, matmul=requested, float32_gemm=gemm, reason="; ".join(reasons))
 
 
 def plan_policy(

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from hyprec.layers import onednn
 from hyprec.layers.compensated import SplitWeight, bf16_gemm_available, split_linear
 
 log = logging.getLogger("hyprec")
@@ -36,10 +37,14 @@ log = logging.getLogger("hyprec")
 #: CPU flags that decide which half-precision kernels exist (bfloat16/float16 dot products, AMX tiles).
 HALF_PRECISION_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16", "amx_tile")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_PROFILE_VERSION = 2
+_PROFILE_VERSION = 3
 #: The compensated float32 linear layer (three bfloat16 products, :mod:`hyprec.layers.compensated`), timed where
 #: this PyTorch build has the GEMM it needs.
 BF16X3 = "bfloat16x3"
+#: The float32 linear layer on oneDNN with a prepacked weight (:mod:`hyprec.layers.onednn`), timed where this
+#: PyTorch build has it; ``float32`` is PyTorch's own ``F.linear`` (MKL on x86 CPUs).
+FLOAT32_ONEDNN = "float32-onednn"
+_OPTIONAL_LINEAR = {BF16X3, FLOAT32_ONEDNN}
 
 # Probe shapes: a BERT-base projection on 256 packed tokens, and attention over 2 sequences of 256 tokens with
 # 12 heads of 64 (query/key/value arrive in float32 and are cast, as the attention seam does). Shorter sequences
@@ -95,7 +100,7 @@ class KernelProfile:
         hardware: CPU model and half-precision flags, or the GPU name and compute capability.
         threads: intra-op threads the probe ran with (CPU).
         linear_ms / attention_ms: dtype name -> median milliseconds of the probe kernel (``linear_ms`` also has
-            :data:`BF16X3` where that kernel exists).
+            :data:`BF16X3` and :data:`FLOAT32_ONEDNN` where those kernels exist).
         source: where the numbers came from (measured now, the cache file, or ``HYPREC_KERNEL_PROFILE``).
     """
 
@@ -115,7 +120,13 @@ class KernelProfile:
     def describe(self, kernel: str) -> str:
         """E.g. ``attention fp32 3.1 ms, fp16 2.9 ms, bf16 1.2 ms``."""
         times = self.linear_ms if kernel == "linear" else self.attention_ms
-        short = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", BF16X3: "bf16x3"}
+        short = {
+            "float32": "fp32",
+            "float16": "fp16",
+            "bfloat16": "bf16",
+            BF16X3: "bf16x3",
+            FLOAT32_ONEDNN: "fp32-onednn",
+        }
         return f"{kernel} " + ", ".join(f"{short[k]} {v:.2f} ms" for k, v in times.items())
 
     def to_json(self) -> dict:
@@ -168,6 +179,9 @@ def measure(device: torch.device) -> KernelProfile:
     if device.type == "cpu" and bf16_gemm_available():
         split = SplitWeight.of(w, "high")
         linear_ms[BF16X3] = _median_ms(lambda: split_linear(x, split, None), device)
+    if device.type == "cpu" and onednn.available():
+        packed = onednn.pack(w)
+        linear_ms[FLOAT32_ONEDNN] = _median_ms(lambda: onednn.linear(x, packed, None, None), device)
     return KernelProfile(
         device=device.type,
         hardware=_hardware(device),
@@ -193,7 +207,7 @@ def _read(path: Path, source: str) -> KernelProfile | None:
         if raw.pop("version", None) != _PROFILE_VERSION:
             return None
         profile = KernelProfile(**raw, source=source)
-        for times, optional in ((profile.linear_ms, {BF16X3}), (profile.attention_ms, set())):
+        for times, optional in ((profile.linear_ms, _OPTIONAL_LINEAR), (profile.attention_ms, set())):
             if not set(_DTYPES) <= set(times) <= set(_DTYPES) | optional:
                 return None
             if not all(isinstance(t, (int, float)) and t > 0 for t in times.values()):
@@ -220,7 +234,7 @@ def _kernel_profile(device: torch.device, pinned: str | None, path: Path) -> Ker
             raise ConfigError(
                 f"HYPREC_KERNEL_PROFILE={pinned}: expected a readable kernel-profile JSON file "
                 f"(version {_PROFILE_VERSION}, linear_ms and attention_ms for float32, float16 and bfloat16; "
-                f"linear_ms may add {BF16X3})"
+                f"linear_ms may add {', '.join(sorted(_OPTIONAL_LINEAR))})"
             )
         return profile
     profile = _read(path, f"cached in {path}")

@@ -86,7 +86,7 @@ class EmbeddingEngine(GuardedEngine):
         self._set_policy(dtype, attn_dtype, kv_cache_dtype)
         self.head = EmbeddingHead(self.pipeline).to(self.device).eval()
         set_batch_invariant(self.head, self.engine_config.deterministic)
-        set_matmul_precision(self.head, self.policy.matmul)
+        set_matmul_precision(self.head, self.policy.matmul, self.policy.float32_gemm)
         self.max_seq_length = self._max_seq_length()
         self.dimension = self._output_dimension()
         self.last_stats = BatchStats()

@@ -59,6 +59,7 @@ class GuardedEngine:
             plan=self.plan,
             half_arithmetic=self.engine_config.half_arithmetic,
             matmul_precision=self.engine_config.matmul_precision,
+            float32_gemm=self.engine_config.float32_gemm,
             generative=self.generative,
         )
         self.install(model, policy)

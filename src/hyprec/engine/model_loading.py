@@ -18,6 +18,11 @@ from hyprec.precision.emulation import emulate, emulated_formats
 from hyprec.precision.plan import PrecisionPlan
 
 
+# Weights are ordinary tensors even when a guard fallback reloads them inside an inference-mode forward pass: layers
+# that keep a prepared copy of a weight (packed, split) key it by the weight's version counter, which inference
+# tensors do not have.
+@torch.inference_mode(False)
+@torch.no_grad()
 def load_model(
     cls: type[nn.Module],
     config: ModelConfig,
@@ -31,6 +36,7 @@ def load_model(
     plan: PrecisionPlan | None = None,
     half_arithmetic: str = "native",
     matmul_precision: str = "auto",
+    float32_gemm: str = "auto",
     generative: bool = False,
 ) -> tuple[nn.Module, DtypePolicy]:
     """Resolve the dtype policy and load the model in its compute dtype.
@@ -41,8 +47,10 @@ def load_model(
     applied to the float32 build (it checks that it was made for these weights). Half formats that
     ``half_arithmetic`` (:data:`hyprec.config.HALF_ARITHMETIC`) emulates stay float32 and are rounded to instead
     (:mod:`hyprec.precision.emulation`). Float32 linear layers then multiply at
-    ``matmul_precision`` (:func:`hyprec.dtype_policy.resolve_matmul`; emulation keeps float32 GEMMs).
+    ``matmul_precision``, their float32 GEMMs on ``float32_gemm`` (:func:`hyprec.dtype_policy.resolve_matmul`;
+    emulation keeps ``F.linear``).
     """
+    matmul = (matmul_precision, float32_gemm)
 
     @functools.cache
     def build(compute_dtype: torch.dtype) -> nn.Module:
@@ -63,7 +71,7 @@ def load_model(
         emulated = emulated_formats(half_arithmetic, policy, device)
         if emulated:
             return plan.apply(build(torch.float32), emulated=emulated), policy
-        return _with_matmul(plan.apply(build(torch.float32)), policy, matmul_precision, device, generative)
+        return _with_matmul(plan.apply(build(torch.float32)), policy, matmul, device, generative)
     policy = resolve_policy(
         dtype,
         attn_dtype,
@@ -75,16 +83,23 @@ def load_model(
     )
     if emulated_formats(half_arithmetic, policy, device):  # a policy without a plan has one half format
         return emulate(build(torch.float32), policy), policy
-    return _with_matmul(build(policy.compute_dtype), policy, matmul_precision, device, generative)
+    return _with_matmul(build(policy.compute_dtype), policy, matmul, device, generative)
 
 
 def _with_matmul(
-    model: nn.Module, policy: DtypePolicy, requested: str, device: torch.device, generative: bool
+    model: nn.Module, policy: DtypePolicy, requested: tuple[str, str], device: torch.device, generative: bool
 ) -> tuple[nn.Module, DtypePolicy]:
+    """``model`` with its float32 linear layers set to the resolved ``(matmul_precision, float32_gemm)``."""
+    precision, gemm = requested
     policy = resolve_matmul(
-        policy, requested, device=device, generative=generative, kernel_speeds=lambda: kernel_profile(device.type)
+        policy,
+        precision,
+        float32_gemm=gemm,
+        device=device,
+        generative=generative,
+        kernel_speeds=lambda: kernel_profile(device.type),
     )
-    set_matmul_precision(model, policy.matmul)
+    set_matmul_precision(model, policy.matmul, policy.float32_gemm)
     return model, policy
 
 

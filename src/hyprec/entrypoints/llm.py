@@ -43,6 +43,8 @@ class LLM:
         **engine_options: further :class:`~hyprec.config.EngineConfig` fields (``max_model_len``, ``num_kv_blocks``,
             ``block_size``, ``kv_cache_memory``, ``deterministic``, ``matmul_precision``: ``auto`` (default),
             ``highest`` (float32 GEMMs), ``high`` (three bfloat16 products, float32-grade) or ``medium`` (one),
+            ``float32_gemm``: ``auto`` (default: oneDNN for encoders where the kernel probe measured it faster),
+            ``torch`` (``F.linear``) or ``onednn`` (prepacked weights, fused activations),
             ``half_arithmetic``: ``native`` (default), ``emulated`` (float16/bfloat16 rounded, computed in
             float32) or ``auto`` (emulated where the device has no half-precision hardware)).
 

@@ -16,6 +16,7 @@ by the same code regardless of their position and of the other rows' data. Prefi
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -24,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hyprec.layers import onednn
+from hyprec.layers.activation import ACTIVATIONS
 from hyprec.layers.compensated import SplitWeight, split_linear
 
 #: Rows per GEMM call in batch-invariant mode: large enough that MKL/oneDNN run their blocked kernels at a fair
@@ -58,15 +61,15 @@ def row_invariant_linear(
     bias: torch.Tensor | None = None,
     *,
     tile: int | None = None,
-    split: SplitWeight | None = None,
+    product: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` with every output row independent of the other rows of ``x``.
 
     ``x`` is ``[..., in_features]``; the leading dimensions are flattened into rows. Rows are computed in tiles of
     ``tile`` rows when given, else the leading decode rows (:func:`leading_decode_rows`) in tiles of
     :data:`DECODE_ROW_TILE` and the rest in tiles of :data:`ROW_TILE`. Full tiles are read and written in place;
-    only a partial last tile goes through a zero-padded buffer. With ``split``, every tile is computed from the
-    weight's bfloat16 parts (:func:`~hyprec.layers.compensated.split_linear`).
+    only a partial last tile goes through a zero-padded buffer. ``product`` (rows -> result rows) replaces the
+    plain GEMM of each tile (another GEMM library, bfloat16 parts, a fused activation).
     """
     lead = x.shape[:-1]
     rows = x.reshape(-1, x.shape[-1])
@@ -75,8 +78,8 @@ def row_invariant_linear(
     weight_t = weight.t()
 
     def tile_mm(x: torch.Tensor, target: torch.Tensor) -> None:
-        if split is not None:
-            split_linear(x, split, bias, out=target)
+        if product is not None:
+            target.copy_(product(x))
         elif bias is None:
             torch.mm(x, weight_t, out=target)
         else:
@@ -110,20 +113,71 @@ def _tiles(
         target.copy_(result[: chunk.shape[0]])
 
 
+#: How a float32 :class:`Linear` multiplies (:func:`set_matmul_precision`): ``torch`` (``F.linear``: MKL on CPU),
+#: ``onednn`` (prepacked weight, fused activation; :mod:`hyprec.layers.onednn`), ``bf16x3`` (three bfloat16
+#: products, float32-grade) or ``bf16`` (one; :mod:`hyprec.layers.compensated`).
+KERNELS = ("torch", "onednn", "bf16x3", "bf16")
+
+
 class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters and weight names) that can run batch-invariant (:func:`set_batch_invariant`)
-    and, in float32, from bfloat16 products (:func:`set_matmul_precision`)."""
+    """``nn.Linear`` (same parameters and weight names) that can run batch-invariant (:func:`set_batch_invariant`),
+    on another float32 kernel (:data:`KERNELS`, :func:`set_matmul_precision`), and with its activation applied to
+    its output (``activation``: a Hugging Face ``hidden_act`` name of :data:`hyprec.layers.activation.ACTIVATIONS`),
+    fused into the GEMM where the kernel can.
+
+    A kernel other than ``torch`` reads a prepared copy of the weight (packed, or split into bfloat16 parts). The copy
+    is keyed by the weight's identity and version counter, so it is rebuilt after any change to the weight (a
+    rescale, a cast, a reload) and never read stale; it is not copied with the module (``deepcopy``).
+    """
 
     batch_invariant: bool = False
-    #: The weight's bfloat16 parts under ``high``/``medium`` matmul precision; None computes in the weight's dtype.
-    split: SplitWeight | None = None
+    kernel: str = "torch"
+
+    def __init__(self, *args, activation: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.activation = activation
+        self._prepared: tuple[tuple, object] | None = None
+
+    def __getstate__(self) -> dict:
+        # oneDNN's packed tensors cannot be copied (opaque storage); the copy prepares its own on first use.
+        return {**self.__dict__, "_prepared": None}
+
+    def _prepared_weight(self) -> object | None:
+        """The weight as :attr:`kernel` reads it, or None where ``F.linear`` runs (``torch``, or a weight that is
+        not float32 on the CPU: half-precision layers keep their own arithmetic; engines load ordinary tensors)."""
+        w = self.weight
+        if self.kernel == "torch" or w.dtype != torch.float32 or w.device.type != "cpu" or w.is_inference():
+            return None  # (an inference tensor has no version counter to key a prepared copy by)
+        key = (self.kernel, w.data_ptr(), w._version)
+        if self._prepared is None or self._prepared[0] != key:
+            if self.kernel == "onednn":
+                prepared = onednn.pack(w)
+            else:
+                prepared = SplitWeight.of(w, "high" if self.kernel == "bf16x3" else "medium")
+            self._prepared = (key, prepared)
+        return self._prepared[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        prepared = self._prepared_weight()
+        fused = isinstance(prepared, torch.Tensor) and self.activation in onednn.POST_OPS
+        product = None
+        if isinstance(prepared, SplitWeight):
+            product = functools.partial(split_linear, weight=prepared, bias=self.bias)
+        elif prepared is not None:
+            product = functools.partial(
+                onednn.linear, packed=prepared, bias=self.bias, activation=self.activation if fused else None
+            )
         if self.batch_invariant:
-            return row_invariant_linear(x, self.weight, self.bias, split=self.split)
-        if self.split is not None:
-            return split_linear(x, self.split, self.bias)
-        return F.linear(x, self.weight, self.bias)
+            out = row_invariant_linear(x, self.weight, self.bias, product=product)
+        elif product is not None:
+            out = product(x)
+        else:
+            out = F.linear(x, self.weight, self.bias)
+        return out if fused or self.activation is None else ACTIVATIONS[self.activation](out)
+
+    def extra_repr(self) -> str:
+        extra = "".join(f", {k}={v}" for k, v in (("activation", self.activation), ("kernel", self.kernel)) if v)
+        return super().extra_repr() + extra
 
 
 def head_linear(x: torch.Tensor, weight: torch.Tensor, *, invariant: bool) -> torch.Tensor:
@@ -131,14 +185,16 @@ def head_linear(x: torch.Tensor, weight: torch.Tensor, *, invariant: bool) -> to
     return row_invariant_linear(x, weight, tile=DECODE_ROW_TILE) if invariant else F.linear(x, weight)
 
 
-def set_matmul_precision(module: nn.Module, precision: str) -> None:
-    """Compute every float32 :class:`Linear` under ``module`` at ``precision`` (``highest``: float32 GEMMs; ``high``:
-    three bfloat16 products; ``medium``: one; see :mod:`hyprec.layers.compensated`). Layers held in half precision
-    keep their own arithmetic."""
+def set_matmul_precision(module: nn.Module, precision: str, float32_gemm: str = "torch") -> None:
+    """Compute every float32 :class:`Linear` under ``module`` at ``precision`` (``highest``: float32 GEMMs, from
+    ``float32_gemm``: ``torch`` or ``onednn``; ``high``: three bfloat16 products; ``medium``: one; see
+    :data:`KERNELS`). Layers held in half precision keep their own arithmetic."""
+    kernel = {"highest": float32_gemm, "high": "bf16x3", "medium": "bf16"}[precision]
+    if kernel not in KERNELS:
+        raise ValueError(f"float32_gemm={float32_gemm!r}")  # resolve_matmul validates user input
     for m in module.modules():
         if isinstance(m, Linear):
-            use_split = precision != "highest" and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"
-            m.split = SplitWeight.of(m.weight, precision) if use_split else None
+            m.kernel, m._prepared = kernel, None
 
 
 def set_batch_invariant(module: nn.Module, enabled: bool) -> None:

@@ -77,11 +77,13 @@ class BertAttention(nn.Module):
 class BertIntermediate(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.dense = Linear(config.get("hidden_size"), config.get("intermediate_size"))
-        self.act = get_activation(config.get("hidden_act", "gelu"), config.file)
+        act = config.get("hidden_act", "gelu")
+        get_activation(act, config.file)  # a clear error for an unknown name
+        # The activation belongs to the projection, so a kernel that can fuses it into the GEMM (layers/onednn.py).
+        self.dense = Linear(config.get("hidden_size"), config.get("intermediate_size"), activation=act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.dense(x))
+        return self.dense(x)
 
 
 class BertOutput(BertSelfOutput):
