@@ -14,6 +14,7 @@ from hyprec.precision.guard import PrecisionOverflowError
 from hyprec.precision.plan import PrecisionPlan
 from hyprec.precision.repair import repair
 from hyprec.precision.rescale import rescale_ffn, rescale_residual
+from hyprec.texts import evaluation_texts
 from test_decoder_parity import CASE_BY_NAME, _build_hf
 from zoo import ZOO, clean_bert, clean_llama
 
@@ -239,7 +240,11 @@ def test_plan_and_explicit_dtypes_conflict(zoo_plans, tmp_path):
 
 def test_cli_repair_then_embed_with_the_plan(tmp_path, capsys, minilm_fp32):
     plan_file = tmp_path / "minilm.json"
-    assert main(["-q", "repair", "minilm", "--output", str(plan_file)]) == 0
+    # 40 real texts (the default is 64 to search on and 64 held out): the CLI's wiring, not the search, is under test
+    # here; the search on the default split is covered by the library tests above.
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"text": t}) + "\n" for t in evaluation_texts(40)))
+    assert main(["-q", "repair", "minilm", "--texts", str(texts), "--output", str(plan_file)]) == 0
     shown = capsys.readouterr().out
     assert "meets tolerance on both: yes" in shown and "min_cosine" in shown
     plan = PrecisionPlan.load(plan_file)
@@ -256,7 +261,8 @@ def test_cli_repair_then_embed_with_the_plan(tmp_path, capsys, minilm_fp32):
     cos = float(torch.nn.functional.cosine_similarity(torch.tensor(row["embedding"]), torch.tensor(reference), dim=0))
     assert cos >= 0.9999
 
-    assert main(["-q", "compare", "minilm", "--policies", "float32", "--precision-plan", str(plan_file)]) == 0
+    compare = ["-q", "compare", "minilm", "--policies", "float32", "--texts", str(texts)]
+    assert main([*compare, "--precision-plan", str(plan_file)]) == 0
     table = capsys.readouterr().out
     assert "| plan-fp16 |" in table
 
