@@ -119,3 +119,21 @@ def test_batch_stats_padding_fraction():
     assert (stats.batches, stats.tokens, stats.padded_tokens) == (2, 16, 20)
     # 1 - 16/20 in float64: the one rounding of 16/20 = 0.8 is below 2^-53, so 0.2 +- 1e-15 is exact enough.
     assert stats.padding_fraction == pytest.approx(0.2, abs=1e-15)
+
+
+def test_default_token_budget_depends_on_the_engine_kind():
+    from hyprec.config import CPU_ENCODER_TOKEN_BUDGET, GENERATION_TOKEN_BUDGET, EngineConfig
+
+    assert EngineConfig().with_token_budget(generative=False).max_num_batched_tokens == CPU_ENCODER_TOKEN_BUDGET
+    assert EngineConfig().with_token_budget(generative=True).max_num_batched_tokens == GENERATION_TOKEN_BUDGET
+    assert EngineConfig(max_num_batched_tokens=300).with_token_budget(generative=False).max_num_batched_tokens == 300
+
+
+def test_an_encoder_runs_passes_of_its_budget(minilm_fp32, eval_texts):
+    from hyprec.config import CPU_ENCODER_TOKEN_BUDGET
+
+    budget = minilm_fp32.engine.engine_config.max_num_batched_tokens
+    assert budget == CPU_ENCODER_TOKEN_BUDGET
+    minilm_fp32.embed(eval_texts)
+    stats = minilm_fp32.engine.last_stats
+    assert stats.tokens > budget * 4 and stats.batches >= stats.padded_tokens / budget  # many passes, none over it

@@ -650,6 +650,19 @@ def test_guard_raise_is_typed(overflow_model):
     assert exc.value.event.layer in str(exc.value) and "float16" in str(exc.value)
 
 
+def test_guard_records_stay_bounded_and_a_later_pass_is_still_checked(overflow_model):
+    from hyprec.precision.guard import PrecisionOverflowError
+
+    llm = LLM(overflow_model, dtype="float16", on_nonfinite="raise")
+    guard = llm.engine.guard
+    ids = llm.engine.tokenize(["a quiet morning"])
+    for _ in range(50):
+        llm.engine.last_hidden_states(ids)  # forward passes nobody asks the guard about
+    assert len(guard._seen) <= 16 * len(guard.blocks)
+    with pytest.raises(PrecisionOverflowError, match="residual stream"):
+        llm.embed(["the zebra runs"])
+
+
 def test_non_finite_guard_names_index_and_hybrid_policy(minilm_dir, monkeypatch):
     llm = LLM(minilm_dir, on_nonfinite="ignore")  # the guard only logs; the final barrier must still refuse
     engine = llm.engine

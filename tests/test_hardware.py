@@ -161,3 +161,76 @@ def test_native_half_follows_the_measured_linear_speed(monkeypatch):
     zen4 = profile(ZEN4, linear={"float32": 1.0, "float16": 4.3, "bfloat16": 0.38})
     monkeypatch.setattr(hardware, "kernel_profile", lambda device="cpu": zen4)
     assert hardware.native_half(torch.bfloat16) and not hardware.native_half(torch.float16)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The GEMM probe: the model's own float32 linear layers, per kernel
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_linear_shapes_are_the_models_float32_layers_with_counts(minilm_fp32):
+    shapes = hardware.linear_shapes(minilm_fp32.engine.model)
+    # MiniLM: 6 layers of query/key/value/attention output (384 -> 384), FFN up with GELU, FFN down.
+    assert shapes == (
+        hardware.LinearShape(384, 384, True, "", 24),
+        hardware.LinearShape(384, 1536, True, "gelu", 6),
+        hardware.LinearShape(1536, 384, True, "", 6),
+    )
+    from hyprec.layers.linear import Linear
+
+    mixed = torch.nn.Sequential(Linear(8, 8).to(torch.bfloat16), Linear(8, 4, bias=False, activation="relu"))
+    assert hardware.linear_shapes(mixed) == (hardware.LinearShape(8, 4, False, "relu", 1),)  # half layers: no GEMM
+
+
+def test_gemm_probe_measures_each_shape_set_once_then_reads_the_cache(real_device, monkeypatch):
+    shapes = (hardware.LinearShape(64, 96, True, "gelu", 3), hardware.LinearShape(96, 64, False, "", 1))
+    first = hardware.gemm_profile(shapes)
+    assert first.source.startswith("measured") and first.rows == hardware.GEMM_ROWS
+    assert "float32" in first.ms and set(first.ms) <= set(hardware.GEMM_KERNELS)
+    assert all(t > 0 for t in first.ms.values())
+    assert "model GEMMs (1024 rows) fp32" in first.describe()
+
+    assert hardware.gemm_profile(shapes[:1]).source.startswith("measured")  # another model: its own probe
+    assert len(list((real_device / "kernel-profiles").glob("cpu-gemm-*.json"))) == 2
+
+    hardware._gemm_profile.cache_clear()  # a new process: must not measure again
+    with monkeypatch.context() as m:
+        m.setattr(hardware, "measure_gemms", lambda *a, **k: pytest.fail("measured twice"))
+        again = hardware.gemm_profile(shapes)
+    assert again.ms == first.ms and again.source.startswith("cached in")
+
+    for path in (real_device / "kernel-profiles").glob("cpu-gemm-*.json"):
+        path.write_text('{"version": 4, "rows": 1024, "ms": {"float32": -1}}')  # damaged: measured again
+    hardware._gemm_profile.cache_clear()
+    assert hardware.gemm_profile(shapes).source.startswith("measured")
+
+
+def test_gemm_probe_counts_every_layer_of_a_shape(monkeypatch):
+    calls = []
+    monkeypatch.setattr(hardware, "_median_ms", lambda fn, device, repeats=0: calls.append(fn()) or 2.0)
+    one, four = hardware.LinearShape(8, 8, True, "", 1), hardware.LinearShape(8, 16, False, "relu", 4)
+    times = hardware.measure_gemms([one, four], torch.device("cpu"), rows=4)
+    assert times["float32"] == 2.0 * 1 + 2.0 * 4
+    assert [tuple(c.shape) for c in calls[: len(times)]] == [(4, 8)] * len(times)
+
+
+def test_pinned_profile_pins_the_gemm_probe_too():
+    pinned = hardware.gemm_profile((hardware.LinearShape(8, 8, True, "", 1),))
+    assert pinned.source.startswith("HYPREC_KERNEL_PROFILE=") and pinned.ms["float32"] == 1.0
+
+
+def test_real_default_gemms_are_consistent_with_the_model_probe(real_device):
+    from hyprec import LLM
+    from hyprec.dtype_policy import GEMM_MARGIN
+
+    llm = LLM("minilm")
+    probe = hardware.gemm_profile(hardware.linear_shapes(llm.engine.model))
+    times = probe.ms
+    # bf16x3 only where it measured SPEED_MARGIN faster than the fastest exact float32 GEMM on the model's own
+    # shapes; oneDNN only where GEMM_MARGIN faster than F.linear.
+    exact = min(times["float32"], times.get(hardware.FLOAT32_ONEDNN, float("inf")))
+    chose_x3 = llm.policy.matmul == "high"
+    assert chose_x3 == (hardware.BF16X3 in times and times[hardware.BF16X3] * SPEED_MARGIN < exact)
+    if not chose_x3 and llm.policy.float32_gemm == "onednn":
+        assert times[hardware.FLOAT32_ONEDNN] * GEMM_MARGIN < times["float32"]
+    assert "model GEMMs (1024 rows)" in llm.policy.reason

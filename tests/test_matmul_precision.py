@@ -9,7 +9,7 @@ import torch
 
 from hyprec.dtype_policy import resolve_matmul, resolve_policy
 from hyprec.errors import ConfigError
-from hyprec.hardware import BF16X3, FLOAT32_ONEDNN, KernelProfile
+from hyprec.hardware import BF16X3, FLOAT32_ONEDNN, GemmProfile
 from hyprec.layers import onednn
 from hyprec.layers.compensated import SplitWeight, bf16_gemm_available, split_linear
 from hyprec.layers.linear import Linear
@@ -17,16 +17,8 @@ from hyprec.layers.linear import Linear
 needs_gemm = pytest.mark.skipif(not bf16_gemm_available(), reason="this PyTorch build has no bf16 -> f32 GEMM")
 
 
-def profile(x3_ms: float) -> KernelProfile:
-    return KernelProfile(
-        device="cpu",
-        hardware="test CPU",
-        threads=2,
-        torch_version=torch.__version__,
-        linear_ms={"float32": 1.0, "float16": 1.0, "bfloat16": 0.2, BF16X3: x3_ms},
-        attention_ms={"float32": 1.0, "float16": 1.0, "bfloat16": 1.0},
-        source="test",
-    )
+def profile(x3_ms: float) -> GemmProfile:
+    return GemmProfile({"float32": 1.0, BF16X3: x3_ms}, rows=512, source="test")
 
 
 def _case(rows: int = 67, k: int = 384, n: int = 200, seed: int = 0):
@@ -66,13 +58,18 @@ def test_auto_picks_the_compensated_product_only_where_measured_faster():
     base = resolve_policy("float32")
     fast, slow = (lambda: profile(0.5)), (lambda: profile(1.5))
     if bf16_gemm_available():
-        p = resolve_matmul(base, "auto", kernel_speeds=fast)
+        p = resolve_matmul(base, "auto", gemm_speeds=fast)
         assert p.matmul == "high" and p.name == "float32+bf16x3" and "bf16x3 0.50 ms" in p.reason
-    assert resolve_matmul(base, "auto", kernel_speeds=slow).matmul == "highest"
+    assert resolve_matmul(base, "auto", gemm_speeds=slow).matmul == "highest"
+    # bf16x3 must beat the fastest exact float32 library, not just F.linear.
+    if bf16_gemm_available() and onednn.available():
+        close = GemmProfile({"float32": 1.0, BF16X3: 0.85, FLOAT32_ONEDNN: 0.9}, rows=512, source="test")
+        assert resolve_matmul(base, "auto", gemm_speeds=lambda: close).matmul == "highest"
+        assert resolve_matmul(base, "auto", float32_gemm="torch", gemm_speeds=lambda: close).matmul == "high"
     # Generation keeps float32 GEMMs (decode is bound by weight bytes, and the two bfloat16 parts weigh as much).
-    assert resolve_matmul(base, "auto", generative=True, kernel_speeds=fast).matmul == "highest"
+    assert resolve_matmul(base, "auto", generative=True, gemm_speeds=fast).matmul == "highest"
     # Whole-model half precision has no float32 GEMMs to speed up.
-    assert resolve_matmul(resolve_policy("bfloat16"), "auto", kernel_speeds=fast).matmul == "highest"
+    assert resolve_matmul(resolve_policy("bfloat16"), "auto", gemm_speeds=fast).matmul == "highest"
 
 
 def test_explicit_choices_are_checked():
@@ -119,9 +116,9 @@ def test_high_precision_is_batch_invariant_in_deterministic_mode(eval_texts):
 needs_onednn = pytest.mark.skipif(not onednn.available(), reason="this PyTorch build has no oneDNN linear operators")
 
 
-def gemm_profile(onednn_ms: float) -> KernelProfile:
+def gemm_profile(onednn_ms: float) -> GemmProfile:
     p = profile(2.0)
-    p.linear_ms[FLOAT32_ONEDNN] = onednn_ms
+    p.ms[FLOAT32_ONEDNN] = onednn_ms
     return p
 
 
@@ -190,13 +187,13 @@ def test_auto_picks_onednn_for_encoders_only_where_measured_faster():
     base = resolve_policy("float32")
     fast, slow = (lambda: gemm_profile(0.5)), (lambda: gemm_profile(0.99))
     if onednn.available():
-        p = resolve_matmul(base, "auto", kernel_speeds=fast)
+        p = resolve_matmul(base, "auto", gemm_speeds=fast)
         assert p.matmul == "highest" and p.float32_gemm == "onednn" and "fp32-onednn 0.50 ms" in p.reason
         assert p.name == "float32"  # exact float32 either way: the name does not change
         assert resolve_matmul(base, "highest", float32_gemm="onednn").float32_gemm == "onednn"
-    assert resolve_matmul(base, "auto", kernel_speeds=slow).float32_gemm == "torch"  # within the 5% margin
-    assert resolve_matmul(base, "auto", generative=True, kernel_speeds=fast).float32_gemm == "torch"
-    assert resolve_matmul(base, "auto", float32_gemm="torch", kernel_speeds=fast).float32_gemm == "torch"
+    assert resolve_matmul(base, "auto", gemm_speeds=slow).float32_gemm == "torch"  # within the 5% margin
+    assert resolve_matmul(base, "auto", generative=True, gemm_speeds=fast).float32_gemm == "torch"
+    assert resolve_matmul(base, "auto", float32_gemm="torch", gemm_speeds=fast).float32_gemm == "torch"
     with pytest.raises(ConfigError, match="float32_gemm='onednn' applies to float32 weights"):
         resolve_matmul(resolve_policy("bfloat16"), "auto", float32_gemm="onednn")
     with pytest.raises(ConfigError, match="float32_gemm='mkl'"):

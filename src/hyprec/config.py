@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -96,12 +96,19 @@ class ModelConfig:
         return value
 
 
+#: Default token budget of a forward pass: decoders (scheduler step) and encoders off the CPU.
+GENERATION_TOKEN_BUDGET = 16384
+#: Default token budget of an encoder's forward pass on a CPU (see :meth:`EngineConfig.with_token_budget`).
+CPU_ENCODER_TOKEN_BUDGET = 2048
+
+
 @dataclass
 class EngineConfig:
     """Run-time options of the engine, shared by every entry point."""
 
     device: str = "cpu"
-    max_num_batched_tokens: int = 16384  # token budget of one forward pass
+    # Token budget of one forward pass; None: the engine's default (token_budget()).
+    max_num_batched_tokens: int | None = None
     max_num_seqs: int = 256  # most sequences in one forward pass
     # Decoders only.
     block_size: int = 16  # tokens per KV cache block
@@ -127,7 +134,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         self.device = resolve_device(self.device)
-        for name in ("max_num_batched_tokens", "max_num_seqs", "block_size", "kv_cache_memory"):
+        for name in ("max_num_seqs", "block_size", "kv_cache_memory"):
             _check_positive(name, getattr(self, name))
         if not isinstance(self.deterministic, bool):
             raise ConfigError(f"deterministic={self.deterministic!r}: expected True or False")
@@ -141,9 +148,28 @@ class EngineConfig:
             raise ConfigError(f"float32_gemm={self.float32_gemm!r}: expected one of {', '.join(FLOAT32_GEMMS)}")
         if self.half_arithmetic not in HALF_ARITHMETIC:
             raise ConfigError(f"half_arithmetic={self.half_arithmetic!r}: expected one of {', '.join(HALF_ARITHMETIC)}")
-        for name in ("max_model_len", "num_kv_blocks"):
+        for name in ("max_num_batched_tokens", "max_model_len", "num_kv_blocks"):
             if getattr(self, name) is not None:
                 _check_positive(name, getattr(self, name))
+
+    def with_token_budget(self, generative: bool) -> EngineConfig:
+        """This config with ``max_num_batched_tokens`` resolved: the user's value, else the default of the engine kind.
+
+        Decoders: :data:`GENERATION_TOKEN_BUDGET` (the scheduler's budget per step, shared by prefill chunks and
+        decode rows). Encoders on a CPU: :data:`CPU_ENCODER_TOKEN_BUDGET`: a pass's activations grow with its tokens
+        (MPNet's FFN intermediate is 200 MB at 16,384 tokens, 25 MB at 2,048) and fall out of cache between the ops
+        that read them, while GEMM efficiency has saturated long before 2,048 rows. Measured with torch 2.13 on 2
+        cores (Xeon with AMX, 200 texts, ``benchmarks/results/token_budget.md``, with the allocator as
+        :mod:`hyprec.allocator` sets it): MPNet float32 1.01x and bf16x3 1.04x at 2,048 against 16,384 tokens,
+        1,024 and 512 tokens slower (0.97x, 0.93x); MiniLM 1.02-1.06x at 1,024-2,048 (with glibc's default
+        thresholds the gap is wider: ``token_budget_system_malloc.md``). Encoders on CUDA keep
+        :data:`GENERATION_TOKEN_BUDGET`.
+        """
+        if self.max_num_batched_tokens is not None:
+            return self
+        cpu_encoder = not generative and torch.device(self.device).type == "cpu"
+        budget = CPU_ENCODER_TOKEN_BUDGET if cpu_encoder else GENERATION_TOKEN_BUDGET
+        return replace(self, max_num_batched_tokens=budget)
 
 
 def _check_positive(name: str, value: object) -> None:

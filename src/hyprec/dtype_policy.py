@@ -28,7 +28,7 @@ from hyprec.layers import onednn
 from hyprec.layers.compensated import bf16_gemm_available
 
 if TYPE_CHECKING:
-    from hyprec.hardware import KernelProfile
+    from hyprec.hardware import GemmProfile, KernelProfile
     from hyprec.precision.plan import PrecisionPlan
 
 DTYPES = ("auto", "float32", "float16", "bfloat16", "hybrid")
@@ -258,24 +258,25 @@ def resolve_matmul(
     float32_gemm: str = "auto",
     device: torch.device | str = "cpu",
     generative: bool = False,
-    kernel_speeds: Callable[[], KernelProfile] | None = None,
+    gemm_speeds: Callable[[], GemmProfile] | None = None,
 ) -> DtypePolicy:
     """``policy`` with its float32 matmul precision and GEMM library resolved (:attr:`DtypePolicy.matmul`,
     :attr:`DtypePolicy.float32_gemm`).
 
-    ``auto`` precision picks ``high`` (compensated bf16x3, float32-grade) for encoders on a CPU where the kernel
-    probe measured it :data:`SPEED_MARGIN` times faster than float32 GEMMs, else ``highest``; ``medium`` is never
-    automatic (one bfloat16 product: min cosine ~0.99994 on MiniLM, below float32 grade). Under ``highest``, ``auto``
-    GEMMs run on oneDNN for encoders on a CPU where the probe measured it :data:`GEMM_MARGIN` times faster than
-    ``F.linear``. Generation keeps ``highest`` on ``F.linear`` under ``auto``: decoding one token reads every weight
-    once (the bfloat16 parts weigh as much as float32), and a packed copy of every weight would double a decoder's
-    memory.
+    ``gemm_speeds`` times the model's own float32 linear layers per kernel (:func:`hyprec.hardware.gemm_profile`).
+    ``auto`` precision picks ``high`` (compensated bf16x3, float32-grade) for encoders on a CPU where that probe
+    measured it :data:`SPEED_MARGIN` times faster than the fastest float32 GEMM library, else ``highest``;
+    ``medium`` is never automatic (one bfloat16 product: min cosine ~0.99994 on MiniLM, below float32 grade). Under
+    ``highest``, ``auto`` GEMMs run on oneDNN for encoders on a CPU where the probe measured it :data:`GEMM_MARGIN`
+    times faster than ``F.linear``. Generation keeps ``highest`` on ``F.linear`` under ``auto``: decoding one token
+    reads every weight once (the bfloat16 parts weigh as much as float32), and a packed copy of every weight would
+    double a decoder's memory.
     """
     requested = _canonical(requested, "matmul_precision", MATMUL_PRECISIONS)
     gemm = _canonical(float32_gemm, "float32_gemm", FLOAT32_GEMMS)
     uses_float32 = policy.compute_dtype == torch.float32 or policy.plan is not None
     on_cpu = torch.device(device).type == "cpu"
-    automatic = uses_float32 and on_cpu and not generative and kernel_speeds is not None
+    automatic = uses_float32 and on_cpu and not generative and gemm_speeds is not None
     for name, value, available, what in (
         ("matmul_precision", requested, bf16_gemm_available(), "a bfloat16 x bfloat16 -> float32 GEMM"),
         ("float32_gemm", gemm, onednn.available(), "oneDNN"),
@@ -294,9 +295,11 @@ def resolve_matmul(
             )
     reasons, measured = [policy.reason], []
     if requested == "auto" and automatic and policy.plan is None and bf16_gemm_available():
-        profile = kernel_speeds()
-        times = profile.linear_ms
-        fast = BF16X3 in times and times[BF16X3] * SPEED_MARGIN < times["float32"]
+        profile = gemm_speeds()
+        times = profile.ms
+        # Against the fastest exact float32 GEMM the user allows (F.linear, or oneDNN unless pinned to torch).
+        exact = min(t for k, t in times.items() if k == "float32" or (k == FLOAT32_ONEDNN and gemm != "torch"))
+        fast = BF16X3 in times and times[BF16X3] * SPEED_MARGIN < exact
         requested = "high" if fast else "highest"
         measured.append(profile)
         reasons.append(f"{'compensated bf16x3' if fast else 'float32'} GEMMs: bf16x3 {'' if fast else 'not '}faster")
@@ -309,8 +312,8 @@ def resolve_matmul(
     elif gemm == "onednn":
         reasons.append("float32 GEMMs on oneDNN: as requested")
     elif automatic and onednn.available():
-        profile = kernel_speeds()
-        times = profile.linear_ms
+        profile = gemm_speeds()
+        times = profile.ms
         fast = FLOAT32_ONEDNN in times and times[FLOAT32_ONEDNN] * GEMM_MARGIN < times["float32"]
         gemm = "onednn" if fast else "torch"
         measured.append(profile)
@@ -318,7 +321,7 @@ def resolve_matmul(
     else:
         gemm = "torch"
     if measured:
-        reasons[-1] += f" on this {measured[0].device} ({measured[0].describe('linear')})"
+        reasons[-1] += f" on this {torch.device(device).type} ({measured[0].describe()}: {measured[0].source})"
     return replace(policy, matmul=requested, float32_gemm=gemm, reason="; ".join(reasons))
 
 

@@ -3,13 +3,23 @@
 Half precision is only a speed-up where the hardware has a path for it. On a CPU with AMX-BF16 a bfloat16 GEMM runs
 ~6x float32 and float16 runs at float32 speed; on an AMD Zen 4 (AVX512-BF16 only) bfloat16 runs 2.6x and float16
 0.23x float32, because PyTorch converts float16 element by element. Nothing here is hard-coded per vendor: the
-capability flags say what could be fast, and a micro-benchmark of the two kernels the engine's precision choices
-affect (a linear layer, and scaled-dot-product attention including its casts) says what is. The measurement is
-cached per machine, torch version and thread count under the cache directory, so it costs well under a second
-once per machine and nothing afterwards.
+capability flags say what could be fast, and micro-benchmarks say what is:
 
-``HYPREC_KERNEL_PROFILE`` may name a JSON file of the same shape as the cache file, to pin the measured speeds
-(reproducible policy choices in tests and CI, or a profile measured under production load).
+* :func:`kernel_profile`: the two kernels the dtype choices affect (a linear layer per dtype, and scaled-dot-product
+  attention including its casts), once per device;
+* :func:`gemm_profile`: one forward pass's float32 linear layers at the model's own shapes, per kernel that can
+  compute them (MKL through ``F.linear``, oneDNN with a prepacked weight and fused activation, compensated bf16x3).
+  A single probe shape misleads here: bf16x3 splits every input into two bfloat16 tensors, a memory-bound pass that
+  costs little on a 768-wide projection but more than the three bfloat16 products save on a 3072-wide FFN input
+  (measured on a Xeon with AMX: 1.12x float32 on the 768x768 probe, 0.9x on MPNet's FFN down projection, and
+  slower than float32 end to end).
+
+Both are cached per machine, torch version and thread count (the GEMM probe also per set of shapes) under the cache
+directory, so each costs well under a second once and nothing afterwards.
+
+``HYPREC_KERNEL_PROFILE`` may name a JSON file of the same shape as the device cache file, to pin the measured speeds
+(reproducible policy choices in tests and CI, or a profile measured under production load); its ``linear_ms`` then
+also stands for every model's GEMM probe (``float32``, and the optional ``bfloat16x3`` and ``float32-onednn``).
 """
 
 from __future__ import annotations
@@ -21,30 +31,41 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from hyprec.layers import onednn
-from hyprec.layers.compensated import SplitWeight, bf16_gemm_available, split_linear
+from hyprec.layers.compensated import bf16_gemm_available
+from hyprec.layers.linear import Linear
 
 log = logging.getLogger("hyprec")
 
 #: CPU flags that decide which half-precision kernels exist (bfloat16/float16 dot products, AMX tiles).
 HALF_PRECISION_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16", "amx_tile")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_PROFILE_VERSION = 3
-#: The compensated float32 linear layer (three bfloat16 products, :mod:`hyprec.layers.compensated`), timed where
-#: this PyTorch build has the GEMM it needs.
+_PROFILE_VERSION = 4
+#: The compensated float32 linear layer (three bfloat16 products, :mod:`hyprec.layers.compensated`), timed by the
+#: GEMM probe where this PyTorch build has the GEMM it needs.
 BF16X3 = "bfloat16x3"
-#: The float32 linear layer on oneDNN with a prepacked weight (:mod:`hyprec.layers.onednn`), timed where this
-#: PyTorch build has it; ``float32`` is PyTorch's own ``F.linear`` (MKL on x86 CPUs).
+#: The float32 linear layer on oneDNN with a prepacked weight (:mod:`hyprec.layers.onednn`), timed by the GEMM probe
+#: where this PyTorch build has it; ``float32`` is PyTorch's own ``F.linear`` (MKL on x86 CPUs).
 FLOAT32_ONEDNN = "float32-onednn"
 _OPTIONAL_LINEAR = {BF16X3, FLOAT32_ONEDNN}
+#: GEMM probe kernel name -> :data:`hyprec.layers.linear.KERNELS` name.
+GEMM_KERNELS = {"float32": "torch", FLOAT32_ONEDNN: "onednn", BF16X3: "bf16x3"}
+_SHORT_NAMES = {
+    "float32": "fp32",
+    "float16": "fp16",
+    "bfloat16": "bf16",
+    BF16X3: "bf16x3",
+    FLOAT32_ONEDNN: "fp32-onednn",
+}
 
 # Probe shapes: a BERT-base projection on 256 packed tokens, and attention over 2 sequences of 256 tokens with
 # 12 heads of 64 (query/key/value arrive in float32 and are cast, as the attention seam does). Shorter sequences
@@ -99,8 +120,8 @@ class KernelProfile:
         device: ``cpu`` or ``cuda``.
         hardware: CPU model and half-precision flags, or the GPU name and compute capability.
         threads: intra-op threads the probe ran with (CPU).
-        linear_ms / attention_ms: dtype name -> median milliseconds of the probe kernel (``linear_ms`` also has
-            :data:`BF16X3` and :data:`FLOAT32_ONEDNN` where those kernels exist).
+        linear_ms / attention_ms: dtype name -> median milliseconds of the probe kernel (a pinned profile's
+            ``linear_ms`` may add :data:`BF16X3` and :data:`FLOAT32_ONEDNN`, which then pin :func:`gemm_profile`).
         source: where the numbers came from (measured now, the cache file, or ``HYPREC_KERNEL_PROFILE``).
     """
 
@@ -120,19 +141,16 @@ class KernelProfile:
     def describe(self, kernel: str) -> str:
         """E.g. ``attention fp32 3.1 ms, fp16 2.9 ms, bf16 1.2 ms``."""
         times = self.linear_ms if kernel == "linear" else self.attention_ms
-        short = {
-            "float32": "fp32",
-            "float16": "fp16",
-            "bfloat16": "bf16",
-            BF16X3: "bf16x3",
-            FLOAT32_ONEDNN: "fp32-onednn",
-        }
-        return f"{kernel} " + ", ".join(f"{short[k]} {v:.2f} ms" for k, v in times.items())
+        return f"{kernel} {_describe_times(times)}"
 
     def to_json(self) -> dict:
         out = asdict(self)
         out.pop("source")
         return {"version": _PROFILE_VERSION, **out}
+
+
+def _describe_times(times: dict[str, float]) -> str:
+    return ", ".join(f"{_SHORT_NAMES[k]} {v:.2f} ms" for k, v in times.items())
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -176,12 +194,6 @@ def measure(device: torch.device) -> KernelProfile:
             return F.scaled_dot_product_attention(q.to(dtype), kk.to(dtype), v.to(dtype)).float()
 
         attention_ms[name] = _median_ms(attention, device)
-    if device.type == "cpu" and bf16_gemm_available():
-        split = SplitWeight.of(w, "high")
-        linear_ms[BF16X3] = _median_ms(lambda: split_linear(x, split, None), device)
-    if device.type == "cpu" and onednn.available():
-        packed = onednn.pack(w)
-        linear_ms[FLOAT32_ONEDNN] = _median_ms(lambda: onednn.linear(x, packed, None, None), device)
     return KernelProfile(
         device=device.type,
         hardware=_hardware(device),
@@ -192,12 +204,22 @@ def measure(device: torch.device) -> KernelProfile:
     )
 
 
-def _cache_file(device: torch.device) -> Path:
+def _cache_file(device: torch.device, kind: str = "", extra: str = "") -> Path:
     from hyprec.model_sources import cache_dir
 
-    key = f"{_hardware(device)}|{torch.__version__}|{torch.get_num_threads()}|{_PROFILE_VERSION}"
+    key = f"{_hardware(device)}|{torch.__version__}|{torch.get_num_threads()}|{_PROFILE_VERSION}{extra}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return cache_dir() / "kernel-profiles" / f"{device.type}-{digest}.json"
+    return cache_dir() / "kernel-profiles" / f"{device.type}{kind}-{digest}.json"
+
+
+def _write_cache(path: Path, content: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(content, indent=1))
+        tmp.replace(path)
+    except OSError as exc:  # a read-only cache costs a re-measurement per process, nothing else
+        log.warning("hyprec: could not cache a kernel profile in %s: %s", path, exc)
 
 
 def _read(path: Path, source: str) -> KernelProfile | None:
@@ -243,13 +265,106 @@ def _kernel_profile(device: torch.device, pinned: str | None, path: Path) -> Ker
     start = time.perf_counter()
     profile = measure(device)
     profile.source = f"measured in {time.perf_counter() - start:.2f} s, cached in {path}"
+    _write_cache(path, profile.to_json())
+    return profile
+
+
+@dataclass(frozen=True, order=True)
+class LinearShape:
+    """The shape of a float32 linear layer as a GEMM kernel sees it; ``count``: how many layers of a model have it."""
+
+    in_features: int
+    out_features: int
+    bias: bool
+    activation: str
+    count: int = 1
+
+
+def linear_shapes(model: nn.Module) -> tuple[LinearShape, ...]:
+    """The distinct shapes of ``model``'s float32 :class:`~hyprec.layers.linear.Linear` layers, with their counts."""
+    counts: dict[tuple, int] = {}
+    for m in model.modules():
+        if isinstance(m, Linear) and m.weight.dtype == torch.float32:
+            key = (m.in_features, m.out_features, m.bias is not None, m.activation or "")
+            counts[key] = counts.get(key, 0) + 1
+    return tuple(sorted(LinearShape(*key, count) for key, count in counts.items()))
+
+
+#: Rows of the GEMM probe: half the CPU encoder's default token budget (:data:`hyprec.config.CPU_ENCODER_TOKEN_BUDGET`);
+#: GEMM efficiency has saturated long before, and the probe of BERT-base shapes stays near half a second.
+GEMM_ROWS = 1024
+
+
+@dataclass
+class GemmProfile:
+    """Milliseconds one probe pass over a model's float32 linear layers took per kernel (:data:`GEMM_KERNELS`):
+    every distinct shape of :func:`linear_shapes` run on :data:`GEMM_ROWS` rows as the model runs it (bias,
+    activation fused where the kernel fuses it), weighted by its count."""
+
+    ms: dict[str, float]
+    rows: int
+    source: str = "measured"
+
+    def describe(self) -> str:
+        """E.g. ``model GEMMs (1024 rows) fp32 9.10 ms, fp32-onednn 8.70 ms, bf16x3 10.20 ms``."""
+        return f"model GEMMs ({self.rows} rows) {_describe_times(self.ms)}"
+
+
+def _gemm_kernels(device: torch.device) -> list[str]:
+    kernels = ["float32"]
+    if device.type == "cpu" and onednn.available():
+        kernels.append(FLOAT32_ONEDNN)
+    if device.type == "cpu" and bf16_gemm_available():
+        kernels.append(BF16X3)
+    return kernels
+
+
+# Not inference mode: a Linear keys its prepared (packed, split) weight by the weight's version counter.
+@torch.no_grad()
+def measure_gemms(shapes: Iterable[LinearShape], device: torch.device, rows: int = GEMM_ROWS) -> dict[str, float]:
+    """Time every available kernel on every shape (median of 3), weighted by the shape's count."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    totals = dict.fromkeys(_gemm_kernels(device), 0.0)
+    for shape in shapes:
+        layer = Linear(shape.in_features, shape.out_features, bias=shape.bias, activation=shape.activation or None)
+        with torch.no_grad():
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen) * shape.in_features**-0.5)
+        layer = layer.to(device)
+        x = torch.randn(rows, shape.in_features, generator=gen).to(device)
+        for name in totals:
+            layer.kernel, layer._prepared = GEMM_KERNELS[name], None
+            totals[name] += shape.count * _median_ms(lambda layer=layer, x=x: layer(x), device, repeats=3)
+    return totals
+
+
+def gemm_profile(shapes: tuple[LinearShape, ...], device_name: str = "cpu") -> GemmProfile:
+    """The GEMM speeds of a model with these float32 linear ``shapes`` on ``device_name``: pinned by
+    ``HYPREC_KERNEL_PROFILE`` (its ``linear_ms``), else cached per machine and shapes, else measured now (~0.2 s for
+    MiniLM, ~0.6 s for BERT-base shapes on 2 cores) and cached."""
+    device = torch.device(device_name)
+    pinned = os.environ.get("HYPREC_KERNEL_PROFILE") or None
+    if pinned:
+        profile = kernel_profile(device_name)
+        times = {k: v for k, v in profile.linear_ms.items() if k in GEMM_KERNELS}
+        return GemmProfile(times, GEMM_ROWS, profile.source)
+    return _gemm_profile(device, shapes, _cache_file(device, "-gemm", f"|{GEMM_ROWS}|{shapes}"))
+
+
+@cache
+def _gemm_profile(device: torch.device, shapes: tuple[LinearShape, ...], path: Path) -> GemmProfile:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(profile.to_json(), indent=1))
-        tmp.replace(path)
-    except OSError as exc:  # a read-only cache costs a re-measurement per process, nothing else
-        log.warning("hyprec: could not cache the kernel profile in %s: %s", path, exc)
+        raw = json.loads(path.read_text())
+        times = raw["ms"]
+        valid = all(isinstance(t, (int, float)) and t > 0 for t in times.values())
+        if valid and raw.get("version") == _PROFILE_VERSION and "float32" in times and set(times) <= set(GEMM_KERNELS):
+            return GemmProfile(times, raw["rows"], f"cached in {path}")
+    except (OSError, ValueError, TypeError, KeyError):
+        pass
+    start = time.perf_counter()
+    times = measure_gemms(shapes, device)
+    profile = GemmProfile(times, GEMM_ROWS, f"measured in {time.perf_counter() - start:.2f} s, cached in {path}")
+    shapes_json = [asdict(s) for s in shapes]
+    _write_cache(path, {"version": _PROFILE_VERSION, "rows": GEMM_ROWS, "shapes": shapes_json, "ms": times})
     return profile
 
 

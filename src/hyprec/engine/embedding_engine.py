@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from hyprec.allocator import tune_malloc
 from hyprec.config import EngineConfig, ModelConfig, read_json
 from hyprec.dtype_policy import DtypePolicy
 from hyprec.engine.batching import BatchStats, plan_batches
@@ -72,8 +73,9 @@ class EmbeddingEngine(GuardedEngine):
         kv_cache_dtype: str = "auto",
         engine_config: EngineConfig | None = None,
     ):
+        tune_malloc()
         self.model_dir = model_dir
-        self.engine_config = engine_config or EngineConfig()
+        self.engine_config = (engine_config or EngineConfig()).with_token_budget(generative=False)
         self.device = torch.device(self.engine_config.device)
         self.pipeline = read_pipeline(model_dir)
         tdir = self.pipeline.transformer_dir
@@ -285,6 +287,7 @@ class EmbeddingEngine(GuardedEngine):
             "prompts": sorted(self.pipeline.prompts),
             "device": str(self.device),
             **hardware_summary(self.device),
+            "malloc": tune_malloc(),
             "attention_backend": self.backend.name,
             "deterministic": self.engine_config.deterministic,
             "half_arithmetic": arithmetic(self.model),

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hyprec.allocator import tune_malloc
 from hyprec.config import EngineConfig, ModelConfig
 from hyprec.dtype_policy import DtypePolicy
 from hyprec.engine.block_manager import BlockManager
@@ -67,11 +68,12 @@ class LLMEngine(GuardedEngine):
         kv_cache_dtype: str = "auto",
         engine_config: EngineConfig | None = None,
     ):
+        tune_malloc()
         self.name = name
         self.model_config = config
         self.tokenizer = tokenizer
         self.checkpoint = checkpoint
-        self.engine_config = ec = engine_config or EngineConfig()
+        self.engine_config = ec = (engine_config or EngineConfig()).with_token_budget(generative=True)
         self.device = torch.device(ec.device)
         self.checkpoint_dtype = checkpoint.floating_dtype()
         self.scheduler = Scheduler(None, ec.max_num_seqs, ec.max_num_batched_tokens, deterministic=ec.deterministic)
@@ -383,6 +385,7 @@ class LLMEngine(GuardedEngine):
             "kv_cache_bytes_per_token": self.kv_cache.bytes_per_token(),
             "device": str(self.device),
             **hardware_summary(self.device),
+            "malloc": tune_malloc(),
             "attention_backend": self.backend.name,
             "deterministic": self.engine_config.deterministic,
             "half_arithmetic": arithmetic(self.model),

@@ -10,7 +10,7 @@ from torch import nn
 
 from hyprec.config import ModelConfig
 from hyprec.dtype_policy import DtypePolicy, plan_policy, resolve_matmul, resolve_policy
-from hyprec.hardware import kernel_profile
+from hyprec.hardware import gemm_profile, kernel_profile, linear_shapes
 from hyprec.layers.linear import set_matmul_precision
 from hyprec.loading.weights import WeightSource, load_weights
 from hyprec.precision.attention_bounds import fp16_attention_check
@@ -97,7 +97,7 @@ def _with_matmul(
         float32_gemm=gemm,
         device=device,
         generative=generative,
-        kernel_speeds=lambda: kernel_profile(device.type),
+        gemm_speeds=lambda: gemm_profile(linear_shapes(model), device.type),
     )
     set_matmul_precision(model, policy.matmul, policy.float32_gemm)
     return model, policy

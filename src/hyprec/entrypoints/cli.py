@@ -320,7 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.shutdown_timeout,
         help="seconds open requests get after SIGTERM/SIGINT; then they end with an error",
     )
-    serve.add_argument("--max-num-batched-tokens", type=COUNT, default=16384, help="token budget of a forward pass")
+    serve.add_argument(
+        "--max-num-batched-tokens",
+        type=COUNT,
+        help="token budget of a forward pass (default: 16384 for generation, 2048 for embeddings on a CPU)",
+    )
     serve.add_argument("--max-model-len", type=COUNT, help="context window (generative models)")
 
     eds = sub.add_parser("embed-dataset", help="embed a .jsonl/.parquet file's text column on Ray actors")

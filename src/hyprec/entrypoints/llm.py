@@ -38,7 +38,8 @@ class LLM:
             the weights certify q/k/v cannot overflow it), ``float32``, ``float16`` or ``bfloat16``.
         kv_cache_dtype: ``auto`` (follows ``attn_dtype``) or a dtype name (decoders).
         device: ``cpu`` or ``cuda[:N]``.
-        max_num_batched_tokens: token budget of one forward pass.
+        max_num_batched_tokens: token budget of one forward pass; default 16,384 for generation and 2,048 for
+            embeddings on a CPU (:meth:`hyprec.config.EngineConfig.with_token_budget`).
         max_num_seqs: most sequences in one forward pass.
         **engine_options: further :class:`~hyprec.config.EngineConfig` fields (``max_model_len``, ``num_kv_blocks``,
             ``block_size``, ``kv_cache_memory``, ``deterministic``, ``matmul_precision``: ``auto`` (default),
@@ -64,7 +65,7 @@ class LLM:
         attn_dtype: str = "auto",
         kv_cache_dtype: str = "auto",
         device: str = "cpu",
-        max_num_batched_tokens: int = 16384,
+        max_num_batched_tokens: int | None = None,
         max_num_seqs: int = 256,
         **engine_options: Any,
     ):

@@ -15,6 +15,7 @@ or a non-finite output) is reported with the layer and value, then handled by ``
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -90,11 +91,11 @@ class PrecisionGuard:
         self.on_nonfinite = check_on_nonfinite(on_nonfinite)
         self.blocks = model.blocks()
         self.limit = float(torch.finfo(policy.attn_dtype).max)
-        device = next(model.parameters()).device
-        # Rows: layers; columns: residual stream, q/k/v. Limits per layer (a precision plan mixes dtypes);
-        # tensors a layer keeps in float32 are not watched.
-        self.amax = torch.zeros(len(self.blocks), 2, device=device)
+        # Per layer: the limits of the residual stream and of q/k/v (a precision plan mixes dtypes); tensors a layer
+        # keeps in float32 are not watched.
         self.limits: list[tuple[float, float]] = []
+        # One on-device max-|x| scalar per watched tensor of the pass, tagged (layer, column), read in one sync.
+        self._seen: list[tuple[int, int, torch.Tensor]] = []
         self.events: list[GuardEvent] = []
         self._handles = []
         for i, (block, dts) in enumerate(zip(self.blocks, policy.layer_dtypes(len(self.blocks)), strict=True)):
@@ -107,9 +108,13 @@ class PrecisionGuard:
                 self._handles.append(attn.register_forward_pre_hook(self._qkv_hook(i), prepend=True))
 
     def _fold(self, i: int, col: int, x: torch.Tensor) -> None:
-        # amax of |x| in float32, on device; NaN propagates through torch.maximum, so it is seen too.
+        # max |x| in one read of x (the infinity norm: no |x| temporary, NaN propagates), kept on device.
         if x.numel():
-            self.amax[i, col] = torch.maximum(self.amax[i, col], x.detach().abs().amax().float())
+            # A pass records <= 4 per layer; passes run outside begin()/inspect() (hidden-state reads) must not
+            # pile up.
+            if len(self._seen) >= 16 * len(self.blocks):
+                del self._seen[: 4 * len(self.blocks)]
+            self._seen.append((i, col, torch.linalg.vector_norm(x.detach(), float("inf"), dtype=torch.float32)))
 
     def _residual_hook(self, i: int):
         return lambda _m, _args, out: self._fold(i, 0, out)
@@ -128,18 +133,22 @@ class PrecisionGuard:
         self._handles.clear()
 
     def begin(self) -> None:
-        self.amax.zero_()
+        self._seen.clear()
 
     def inspect(self, outputs: torch.Tensor) -> GuardEvent | None:
         """After a forward pass: one host sync; the first overflowing layer (or non-finite output), if any."""
         finite = torch.isfinite(outputs).all() if outputs.numel() else torch.tensor(True, device=outputs.device)
-        values = torch.cat([self.amax.flatten(), finite.float().reshape(1).to(self.amax.device)]).tolist()
-        rows, ok = values[:-1], bool(values[-1])
-        for i, layer_limits in enumerate(self.limits):
-            for col, (name, limit) in enumerate(zip(("residual", "q/k/v"), layer_limits, strict=True)):
-                value = rows[2 * i + col]
-                if not value < limit:  # also true for NaN
-                    return self._event(f"layer {i}", name, value, limit)
+        values = torch.stack([value for _, _, value in self._seen] + [finite.float()]).tolist()
+        ok = bool(values.pop())
+        trouble: dict[tuple[int, int], list[float]] = {}
+        for (i, col, _), value in zip(self._seen, values, strict=True):
+            if not value < self.limits[i][col]:  # also true for NaN
+                trouble.setdefault((i, col), []).append(value)
+        self._seen.clear()
+        if trouble:
+            (i, col), found = min(trouble.items())
+            value = math.nan if any(math.isnan(v) for v in found) else max(found)
+            return self._event(f"layer {i}", ("residual", "q/k/v")[col], value, self.limits[i][col])
         if not ok:
             return self._event("output", "non-finite values", float("nan"), self.limit)
         return None

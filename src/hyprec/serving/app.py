@@ -27,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hyprec import __version__
+from hyprec.config import GENERATION_TOKEN_BUDGET
 from hyprec.engine.embedding_engine import validate_texts
 from hyprec.errors import HyprecError
 from hyprec.outputs import RequestOutput
@@ -110,7 +111,10 @@ def build_app(llm: Any, settings: ServerSettings) -> FastAPI:
     engine = llm.engine
     metrics = ServerMetrics()
     metrics.set_model(settings.model_name, engine.policy)
-    worker = EngineWorker(engine, metrics, max_batch_tokens=engine.engine_config.max_num_batched_tokens)
+    # One engine call may take more embedding tokens than one forward pass (the engine splits them into passes);
+    # a turn of generation is one scheduler step.
+    turn_tokens = max(engine.engine_config.max_num_batched_tokens, GENERATION_TOKEN_BUDGET)
+    worker = EngineWorker(engine, metrics, max_batch_tokens=turn_tokens)
     created = int(time.time())
     shutdown: list[asyncio.TimerHandle] = []  # the grace period's timer, once a shutdown began
 

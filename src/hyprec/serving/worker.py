@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from hyprec.config import GENERATION_TOKEN_BUDGET
 from hyprec.errors import HyprecError
 from hyprec.outputs import RequestOutput
 from hyprec.sampling_params import SamplingParams
@@ -95,7 +96,7 @@ class EngineWorker:
 
     engine: Any
     metrics: ServerMetrics
-    max_batch_tokens: int = 16384
+    max_batch_tokens: int = GENERATION_TOKEN_BUDGET  # embedding tokens per engine call
     jobs: queue.Queue = field(default_factory=queue.Queue)
     error: BaseException | None = None
 
