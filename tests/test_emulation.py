@@ -237,3 +237,21 @@ def test_bad_value_through_llm_and_cli(minilm_dir, capsys):
         LLM(minilm_dir, half_arithmetic="fast")
     assert main(["-q", "compare", "minilm", "--policies", "float32", "--half-arithmetic", "fast"]) == 2
     assert "half_arithmetic='fast'" in capsys.readouterr().err
+
+
+def test_guard_watches_only_what_can_overflow(zoo_dirs, minilm_hybrid):
+    from hyprec.precision.guard import qkv_cannot_overflow
+
+    # MiniLM's weights certify float16 q/k/v in every layer: the default policy's guard needs no hook at all.
+    engine = minilm_hybrid.engine
+    assert engine.policy.attn_dtype == torch.float16 and engine.guard is not None
+    assert engine.guard._handles == []
+    layers = engine.policy.layer_dtypes(len(engine.guard.blocks))
+    assert qkv_cannot_overflow(engine.model, layers) == set(range(len(layers)))
+    # bfloat16 attention has float32's range; a layer whose bound fails float16 is watched (and overflows: above).
+    llm = LLM(zoo_dirs["huge_norm_gain"], dtype="hybrid", attn_dtype="bfloat16", **ENGINE)
+    assert llm.engine.guard._handles == []
+    watched = LLM(zoo_dirs["huge_norm_gain"], dtype="hybrid", attn_dtype="float16", on_nonfinite="ignore", **ENGINE)
+    n = len(watched.engine.guard.blocks)
+    assert 0 < len(watched.engine.guard._handles) < n + 1
+    assert qkv_cannot_overflow(watched.engine.model, watched.engine.policy.layer_dtypes(n)) != set(range(n))

@@ -11,8 +11,8 @@ capability flags say what could be fast, and micro-benchmarks say what is:
   compute them (MKL through ``F.linear``, oneDNN with a prepacked weight and fused activation, compensated bf16x3).
   A single probe shape misleads here: bf16x3 splits every input into two bfloat16 tensors, a memory-bound pass that
   costs little on a 768-wide projection but more than the three bfloat16 products save on a 3072-wide FFN input
-  (measured on a Xeon with AMX: 1.12x float32 on the 768x768 probe, 0.9x on MPNet's FFN down projection, and
-  slower than float32 end to end).
+  (measured on a Xeon with AMX, torch 2.13: 1.12x float32 on a 768x768 probe, 0.89x on MPNet's FFN down projection
+  at 2,048 rows; chosen by the single probe, bf16x3 ran MPNet and MiniLM slower than float32).
 
 Both are cached per machine, torch version and thread count (the GEMM probe also per set of shapes) under the cache
 directory, so each costs well under a second once and nothing afterwards.

@@ -1,10 +1,14 @@
 """The run-time precision guard: catch overflow where it happens, never hand NaN/inf to the user.
 
-While a forward pass runs, hooks fold the largest |x| of every tensor the policy stores in half precision into a
-small on-device buffer (no host sync per layer): the residual stream after each layer under whole-model
-float16/bfloat16, and q/k/v at the attention cast under every half policy. After the pass, one host sync reads
-the buffer together with a finiteness flag of the outputs. Trouble (a value at or beyond the half format's maximum,
-or a non-finite output) is reported with the layer and value, then handled by ``on_nonfinite``:
+While a forward pass runs, hooks record the largest |x| of every tensor the policy stores in half precision and could
+overflow, as on-device scalars (one read of the tensor each, no host sync per layer): the residual stream after each
+layer under whole-model float16/bfloat16, and q/k/v at the attention cast under float16 attention, in the layers
+whose weights do not already prove them safe. Watching the rest would cost time and catch nothing: the weights-only
+bound (:mod:`hyprec.precision.attention_bounds`) holds for any input, and bfloat16 overflows only within 0.4% of
+float32's own maximum, where the attention logits are non-finite in float32 too and the outputs show it. After the
+pass, one host sync reads the scalars together with a finiteness flag of the outputs. Trouble (a value at or beyond
+the half format's maximum, or a non-finite output) is reported with the layer and value, then handled by
+``on_nonfinite``:
 
 * ``fallback`` (default): switch the engine to a safer policy, remember it for this model instance, and recompute
   the affected work (whole-model half -> hybrid; hybrid-fp16 -> hybrid-bf16; hybrid-bf16 -> float32);
@@ -21,9 +25,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hyprec.dtype_policy import TORCH_DTYPES, DtypePolicy, dtype_name
+from hyprec.dtype_policy import TORCH_DTYPES, DtypePolicy, LayerDtypes, dtype_name
 from hyprec.errors import ConfigError, NonFiniteOutputError
 from hyprec.layers.attention import Attention
+from hyprec.precision.attention_bounds import FP16_MAX, SAFETY_MARGIN, attention_input_bounds
 
 log = logging.getLogger("hyprec")
 ON_NONFINITE = ("fallback", "raise", "ignore")
@@ -83,6 +88,16 @@ def _limit(dtype: torch.dtype) -> float:
     return float("inf") if dtype == torch.float32 else float(torch.finfo(dtype).max)
 
 
+def qkv_cannot_overflow(model: nn.Module, layer_dtypes: list[LayerDtypes]) -> set[int]:
+    """Indices of the layers whose q/k/v need no watching: bfloat16 attention (its range is float32's, see the module
+    docstring), and float16 where the weights-only bound, with its safety margin, stays below the float16 maximum."""
+    proven = {i for i, d in enumerate(layer_dtypes) if d.attn == torch.bfloat16}
+    if any(d.attn == torch.float16 for d in layer_dtypes):
+        bounds = attention_input_bounds(model)
+        proven |= {i for i, b in enumerate(bounds) if b.bound * SAFETY_MARGIN <= FP16_MAX}
+    return proven
+
+
 class PrecisionGuard:
     """Per-layer max-|x| tracking for one model under one policy (see the module docstring)."""
 
@@ -98,11 +113,13 @@ class PrecisionGuard:
         self._seen: list[tuple[int, int, torch.Tensor]] = []
         self.events: list[GuardEvent] = []
         self._handles = []
-        for i, (block, dts) in enumerate(zip(self.blocks, policy.layer_dtypes(len(self.blocks)), strict=True)):
+        layer_dtypes = policy.layer_dtypes(len(self.blocks))
+        proven = qkv_cannot_overflow(model, layer_dtypes)
+        for i, (block, dts) in enumerate(zip(self.blocks, layer_dtypes, strict=True)):
             self.limits.append((_limit(dts.compute), _limit(dts.attn)))
             if dts.compute != torch.float32:
                 self._handles.append(block.register_forward_hook(self._residual_hook(i)))
-            if dts.attn != torch.float32:
+            if dts.attn != torch.float32 and i not in proven:
                 attn = next(m for m in block.modules() if isinstance(m, Attention))
                 # First: under emulated half precision (hyprec.precision.emulation) it sees q/k/v before rounding.
                 self._handles.append(attn.register_forward_pre_hook(self._qkv_hook(i), prepend=True))
