@@ -207,11 +207,17 @@ def test_gemm_probe_measures_each_shape_set_once_then_reads_the_cache(real_devic
 
 def test_gemm_probe_counts_every_layer_of_a_shape(monkeypatch):
     calls = []
-    monkeypatch.setattr(hardware, "_median_ms", lambda fn, device, repeats=0: calls.append(fn()) or 2.0)
+
+    def fake(fns, device, repeats=0):
+        calls.extend(fn() for fn in fns.values())
+        return dict.fromkeys(fns, 2.0)
+
+    monkeypatch.setattr(hardware, "_interleaved_ms", fake)
     one, four = hardware.LinearShape(8, 8, True, "", 1), hardware.LinearShape(8, 16, False, "relu", 4)
     times = hardware.measure_gemms([one, four], torch.device("cpu"), rows=4)
     assert times["float32"] == 2.0 * 1 + 2.0 * 4
-    assert [tuple(c.shape) for c in calls[: len(times)]] == [(4, 8)] * len(times)
+    assert [tuple(c.shape) for c in calls] == [(4, 8)] * len(times) + [(4, 16)] * len(times)
+    assert (calls[len(times)] >= 0).all()  # the second shape's ReLU ran
 
 
 def test_pinned_profile_pins_the_gemm_probe_too():

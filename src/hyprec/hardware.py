@@ -164,16 +164,23 @@ def _hardware(device: torch.device) -> str:
     return f"{cpu_model()} [{describe_flags()}]"
 
 
-def _median_ms(fn: Callable[[], object], device: torch.device, repeats: int = _REPEATS) -> float:
-    fn()  # warm-up: first calls allocate and JIT (oneDNN)
-    times = []
+def _interleaved_ms(
+    fns: dict[str, Callable[[], object]], device: torch.device, repeats: int = _REPEATS
+) -> dict[str, float]:
+    """Median milliseconds of each function, timed in interleaved rounds so that load on a shared machine hits every
+    candidate alike (a probe measured once is cached for good)."""
+    for fn in fns.values():
+        for _ in range(2):  # warm-up: first calls allocate and JIT (oneDNN)
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 @torch.inference_mode()
@@ -185,15 +192,16 @@ def measure(device: torch.device) -> KernelProfile:
     x = torch.randn(rows, k, generator=gen).to(device)
     w = (torch.randn(n, k, generator=gen) * k**-0.5).to(device)
     q, kk, v = (torch.randn(*_ATTENTION_SHAPE, generator=gen).to(device) for _ in range(3))
-    linear_ms, attention_ms = {}, {}
+    linears, attentions = {}, {}
     for name, dtype in _DTYPES.items():
         xd, wd = x.to(dtype), w.to(dtype)
-        linear_ms[name] = _median_ms(lambda xd=xd, wd=wd: F.linear(xd, wd), device)
+        linears[name] = lambda xd=xd, wd=wd: F.linear(xd, wd)
 
         def attention(dtype: torch.dtype = dtype) -> torch.Tensor:
             return F.scaled_dot_product_attention(q.to(dtype), kk.to(dtype), v.to(dtype)).float()
 
-        attention_ms[name] = _median_ms(attention, device)
+        attentions[name] = attention
+    linear_ms, attention_ms = _interleaved_ms(linears, device), _interleaved_ms(attentions, device)
     return KernelProfile(
         device=device.type,
         hardware=_hardware(device),
@@ -326,14 +334,17 @@ def measure_gemms(shapes: Iterable[LinearShape], device: torch.device, rows: int
     gen = torch.Generator(device="cpu").manual_seed(0)
     totals = dict.fromkeys(_gemm_kernels(device), 0.0)
     for shape in shapes:
-        layer = Linear(shape.in_features, shape.out_features, bias=shape.bias, activation=shape.activation or None)
-        with torch.no_grad():
-            layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen) * shape.in_features**-0.5)
-        layer = layer.to(device)
+        weight = torch.randn(shape.out_features, shape.in_features, generator=gen) * shape.in_features**-0.5
         x = torch.randn(rows, shape.in_features, generator=gen).to(device)
-        for name in totals:
-            layer.kernel, layer._prepared = GEMM_KERNELS[name], None
-            totals[name] += shape.count * _median_ms(lambda layer=layer, x=x: layer(x), device, repeats=3)
+        calls = {}
+        for name in totals:  # one layer per kernel: each keeps its own prepared (packed, split) weight
+            layer = Linear(shape.in_features, shape.out_features, bias=shape.bias, activation=shape.activation or None)
+            layer.weight.copy_(weight)
+            layer = layer.to(device)
+            layer.kernel = GEMM_KERNELS[name]
+            calls[name] = lambda layer=layer, x=x: layer(x)
+        for name, ms in _interleaved_ms(calls, device, repeats=3).items():
+            totals[name] += shape.count * ms
     return totals
 
 

@@ -154,7 +154,10 @@ class PrecisionGuard:
 
     def inspect(self, outputs: torch.Tensor) -> GuardEvent | None:
         """After a forward pass: one host sync; the first overflowing layer (or non-finite output), if any."""
-        finite = torch.isfinite(outputs).all() if outputs.numel() else torch.tensor(True, device=outputs.device)
+        # Finite iff max |x| is (NaN propagates): one read of the outputs, no boolean temporary (a decode step's
+        # [rows, 262144] logits: ~3x cheaper than isfinite().all()).
+        peak = torch.linalg.vector_norm(outputs, float("inf"), dtype=torch.float32) if outputs.numel() else None
+        finite = torch.isfinite(peak) if peak is not None else torch.tensor(True, device=outputs.device)
         values = torch.stack([value for _, _, value in self._seen] + [finite.float()]).tolist()
         ok = bool(values.pop())
         trouble: dict[tuple[int, int], list[float]] = {}
