@@ -118,7 +118,10 @@ class ModelRunner:
         sampling = [item.seq for item in batch if item.samples]
         if not sampling:
             return None
-        finite = torch.isfinite(logits).all(dim=1).tolist()
+        # A row is finite iff its min and max are (NaN propagates into both): no boolean temporary. Measured on
+        # [8, 262144] logits: amax + amin 0.3 ms, isfinite().all(dim=1) 2.8 ms (2% of a decode step), and
+        # aminmax(dim=1) 1.9 ms.
+        finite = (torch.isfinite(logits.amax(dim=1)) & torch.isfinite(logits.amin(dim=1))).tolist()
         failed: dict[int, Exception] = {
             row: NonFiniteOutputError(
                 f"non-finite logits for request {seq.request_id!r} under policy {self.policy.name} "

