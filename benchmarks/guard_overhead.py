@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from machine import cpu_flags, cpu_model, load_average
+from machine import cpu_flags, cpu_model, load_average, publish
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -85,10 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     lines += [f"| {name} | {on:.3f} | {off:.3f} | {100 * (on / off - 1):+.1f}% |" for name, on, off in rows]
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(text)
+    publish(text, args.markdown)
 
 
 if __name__ == "__main__":

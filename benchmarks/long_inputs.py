@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from machine import cpu_flags, cpu_model, load_average
+from machine import cpu_flags, cpu_model, load_average, publish
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -140,10 +140,7 @@ def main(argv: list[str] | None = None) -> None:
         print("\n".join(lines[-len(llms) :]), flush=True)
     lines += ["", f"- load average at end: {load_average()}"]
     report = "\n".join(lines) + "\n"
-    print(report)
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(report)
+    publish(report, args.markdown)
 
 
 if __name__ == "__main__":

@@ -38,3 +38,11 @@ def cpu_flags() -> str:
 
 def load_average() -> str:
     return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def publish(report: str, path: Path | None) -> None:
+    """Print ``report`` and, when ``path`` is given, write it there (the results file of a run)."""
+    print(report)
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(report)

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from machine import cpu_flags, cpu_model, load_average
+from machine import cpu_flags, cpu_model, load_average, publish
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -87,10 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         del llms
     lines += ["", f"- load average at end: {load_average()}"]
     report = "\n".join(lines) + "\n"
-    print(report)
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(report)
+    publish(report, args.markdown)
 
 
 if __name__ == "__main__":
