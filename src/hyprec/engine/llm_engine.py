@@ -18,6 +18,7 @@ from hyprec.allocator import tune_malloc
 from hyprec.config import EngineConfig, ModelConfig
 from hyprec.dtype_policy import DtypePolicy
 from hyprec.engine.block_manager import BlockManager
+from hyprec.engine.detokenizer import IncrementalDetokenizer, find_stop
 from hyprec.engine.guarded import GuardedEngine
 from hyprec.engine.kv_cache import KVCache, cache_groups
 from hyprec.engine.model_loading import model_summary
@@ -234,22 +235,38 @@ class LLMEngine(GuardedEngine):
         p = seq.params
         seq.output_token_ids.append(token)
         seq.output_logprobs.append(logprob)
+        seq.cumulative_logprob += logprob
         if p.logprobs is not None:
             seq.output_top_logprobs.append(top or [])
+        new_chars = 0
         if self.tokenizer is not None:
-            seq.text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=p.skip_special_tokens)
+            if seq.detokenizer is None:
+                seq.detokenizer = IncrementalDetokenizer(self.tokenizer.tokenizer, p.skip_special_tokens)
+            new_chars = len(seq.detokenizer.append(token))
+            seq.text = seq.detokenizer.text
         if token in p.stop_token_ids:
-            return self.scheduler.finish_with(seq, "stop", token)
+            return self._finish(seq, "stop", token)
         if not p.ignore_eos and self.tokenizer is not None and token in self.tokenizer.eos_token_ids:
-            return self.scheduler.finish_with(seq, "stop", None)
-        for stop in p.stop:
-            at = seq.text.find(stop)
-            if at >= 0:
-                seq.text = seq.text[: at + (len(stop) if p.include_stop_str_in_output else 0)]
-                return self.scheduler.finish_with(seq, "stop", stop)
+            return self._finish(seq, "stop", None)
+        found = find_stop(seq.text, new_chars, p.stop) if p.stop else None
+        if found is not None:
+            stop, at = found
+            seq.text = seq.text[: at + (len(stop) if p.include_stop_str_in_output else 0)]
+            return self.scheduler.finish_with(seq, "stop", stop)
         if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-            return self.scheduler.finish_with(seq, "length", None)
+            return self._finish(seq, "length", None)
         return None
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: int | None) -> None:
+        """Finish ``seq``. The incremental text holds back the bytes of a character the last tokens did not complete,
+        which a full decode shows (as U+FFFD): the full decode is the final text when it extends what was streamed
+        (the streamed text must stay a prefix of the final one; around invalid byte runs the two decoders differ,
+        and the streamed text stands)."""
+        if self.tokenizer is not None:
+            full = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=seq.params.skip_special_tokens)
+            if full.startswith(seq.text):
+                seq.text = full
+        self.scheduler.finish_with(seq, reason, stop_reason)
 
     @staticmethod
     def _request_output(req: Request, error: Exception | None = None) -> RequestOutput:
@@ -257,12 +274,18 @@ class LLMEngine(GuardedEngine):
         for seq in req.seqs:
             logprobs = None
             if req.params.logprobs is not None:
-                logprobs = [
+                # Extended by the entries of new tokens only: rebuilding them every step is quadratic in length.
+                done = len(seq.logprob_entries)
+                seq.logprob_entries += [
                     {**dict(top), tok: lp}
                     for tok, lp, top in zip(
-                        seq.output_token_ids, seq.output_logprobs, seq.output_top_logprobs, strict=True
+                        seq.output_token_ids[done:],
+                        seq.output_logprobs[done:],
+                        seq.output_top_logprobs[done:],
+                        strict=True,
                     )
                 ]
+                logprobs = list(seq.logprob_entries)
             outs.append(
                 CompletionOutput(
                     index=seq.index,
@@ -271,7 +294,7 @@ class LLMEngine(GuardedEngine):
                     finish_reason=seq.finish_reason,
                     stop_reason=seq.stop_reason,
                     logprobs=logprobs,
-                    cumulative_logprob=float(sum(seq.output_logprobs)),
+                    cumulative_logprob=seq.cumulative_logprob,
                 )
             )
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, error)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hyprec.engine.detokenizer import IncrementalDetokenizer
 from hyprec.sampling_params import SamplingParams
 
 _ids = itertools.count()
@@ -42,6 +43,10 @@ class Sequence:
     stop_reason: str | int | None = None
     text: str = ""
     arrival: int = field(default_factory=lambda: next(_ids))
+    # Kept up to date token by token rather than recomputed from the whole output at every step.
+    cumulative_logprob: float = 0.0
+    detokenizer: IncrementalDetokenizer | None = None
+    logprob_entries: list[dict[int, float]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

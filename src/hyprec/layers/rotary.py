@@ -6,6 +6,8 @@ attention kernel: half-precision angles at positions in the thousands would lose
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 from typing import Any
 
@@ -53,11 +55,24 @@ class RotaryEmbedding(nn.Module):
                 f"rope_type={rope_type!r} is not supported; expected default, linear or llama3"
             )
         self.inv_freq = inv_freq
+        self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def shared(cls, head_dim: int, base: float, params: dict[str, Any] | None = None) -> RotaryEmbedding:
+        """One instance per set of arguments, so that every layer of a kind reuses the cos/sin of a step."""
+        return _shared(head_dim, base, json.dumps(params or {}, sort_keys=True))
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin ``[N, 1, D]`` at ``positions``; a forward pass hands every layer the same positions tensor,
+        so they are computed once per pass (and per rotary kind), not once per layer."""
+        last = self._last  # one read: the tuple is replaced whole, never mutated
+        if last is not None and last[0] is positions:
+            return last[1], last[2]
         freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [N, 1, D]
-        return emb.cos(), emb.sin()
+        cos, sin = emb.cos(), emb.sin()
+        self._last = (positions, cos, sin)
+        return cos, sin
 
     @staticmethod
     def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -69,3 +84,8 @@ class RotaryEmbedding(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self.cos_sin(positions)
         return self.rotate(q, cos, sin), self.rotate(k, cos, sin)
+
+
+@functools.cache
+def _shared(head_dim: int, base: float, params_json: str) -> RotaryEmbedding:
+    return RotaryEmbedding(head_dim, base, json.loads(params_json))

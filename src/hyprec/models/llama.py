@@ -54,7 +54,7 @@ class LlamaAttention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, eps, variant.norm_offset)
             self.k_norm = RMSNorm(self.head_dim, eps, variant.norm_offset)
         kind = layer_types(config)[layer_idx]
-        self.rotary = RotaryEmbedding(self.head_dim, *rope_parameters(config, kind))
+        self.rotary = RotaryEmbedding.shared(self.head_dim, *rope_parameters(config, kind))
         self.attn = Attention(
             self.num_heads,
             self.head_dim,
