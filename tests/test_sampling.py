@@ -206,6 +206,12 @@ def test_greedy_is_argmax_and_ties_go_to_the_lowest_id():
     assert out.token_ids == logits.argmax(dim=1).tolist()
     tie = torch.tensor([[1.0, 3.0, 0.0, 3.0]])
     assert Sampler()(tie, [state(SamplingParams(temperature=0))]).token_ids == [1]
+    # A Gemma-sized vocabulary, where the reduction is split across threads: still the first maximum of each row.
+    wide = random_logits(16, 262144)
+    for row, first in enumerate(range(1000, 17000, 1000)):
+        wide[row, [first, first + 70000, 262143]] = 100.0
+    greedy = [state(SamplingParams(temperature=0)) for _ in range(16)]
+    assert Sampler()(wide, greedy).token_ids == list(range(1000, 17000, 1000))
 
 
 @pytest.mark.parametrize("temperature", [1e-5, 1e-12, 1e-30])
