@@ -408,3 +408,13 @@ def test_random_workloads_keep_every_invariant_and_finish_everything(budget, max
     assert sched.blocks.num_free_blocks() == {"full": num_blocks}
     if num_blocks == 12 and max_seqs > 1:
         assert sched.num_preemptions > 0, "the tight cache was meant to force preemptions"
+
+
+def test_sequence_token_slices_match_the_whole_list():
+    from hyprec.engine.sequence import Sequence
+    from hyprec.sampling_params import SamplingParams
+
+    seq = Sequence("r", 0, [1, 2, 3], SamplingParams(), output_token_ids=[4, 5])
+    for start in range(6):
+        for end in range(start, 7):
+            assert seq.tokens(start, end) == seq.token_ids[start:end]

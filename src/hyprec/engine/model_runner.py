@@ -92,7 +92,7 @@ class ModelRunner:
         ids, positions = [], []
         for item in batch:
             start = item.seq.num_computed_tokens
-            ids.extend(item.seq.token_ids[start : start + item.num_new_tokens])
+            ids.extend(item.seq.tokens(start, start + item.num_new_tokens))
             positions.extend(range(start, start + item.num_new_tokens))
         meta = AttentionMetadata(
             attn_dtype=self.policy.attn_dtype,
