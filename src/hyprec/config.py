@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from hyprec.dtype_policy import FLOAT32_GEMMS, MATMUL_PRECISIONS, TORCH_DTYPES
+from hyprec.dtype_policy import FLOAT32_GEMMS, MATMUL_PRECISIONS, TORCH_DTYPES, WEIGHTS
 from hyprec.errors import ConfigError, ModelLoadError
 
 _MISSING = object()
@@ -131,6 +131,8 @@ class EngineConfig:
     matmul_precision: str = "auto"
     # Library of float32 GEMMs (hyprec.dtype_policy.FLOAT32_GEMMS): auto | torch (F.linear) | onednn (prepacked).
     float32_gemm: str = "auto"
+    # Weights kept in the checkpoint's stored format (hyprec.dtype_policy.WEIGHTS): auto | stored | float32.
+    weights: str = "auto"
 
     def __post_init__(self) -> None:
         self.device = resolve_device(self.device)
@@ -146,6 +148,8 @@ class EngineConfig:
             )
         if self.float32_gemm not in FLOAT32_GEMMS:
             raise ConfigError(f"float32_gemm={self.float32_gemm!r}: expected one of {', '.join(FLOAT32_GEMMS)}")
+        if self.weights not in WEIGHTS:
+            raise ConfigError(f"weights={self.weights!r}: expected one of {', '.join(WEIGHTS)}")
         if self.half_arithmetic not in HALF_ARITHMETIC:
             raise ConfigError(f"half_arithmetic={self.half_arithmetic!r}: expected one of {', '.join(HALF_ARITHMETIC)}")
         for name in ("max_num_batched_tokens", "max_model_len", "num_kv_blocks"):

@@ -60,6 +60,7 @@ class GuardedEngine:
             half_arithmetic=self.engine_config.half_arithmetic,
             matmul_precision=self.engine_config.matmul_precision,
             float32_gemm=self.engine_config.float32_gemm,
+            weights=self.engine_config.weights,
             generative=self.generative,
         )
         self.install(model, policy)

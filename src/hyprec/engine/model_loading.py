@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 
 from hyprec.config import ModelConfig
 from hyprec.dtype_policy import DtypePolicy, plan_policy, resolve_matmul, resolve_policy
+from hyprec.errors import ConfigError
 from hyprec.hardware import gemm_profile, kernel_profile, linear_shapes
 from hyprec.layers.linear import set_matmul_precision
 from hyprec.loading.weights import WeightSource, load_weights
@@ -37,6 +39,7 @@ def load_model(
     half_arithmetic: str = "native",
     matmul_precision: str = "auto",
     float32_gemm: str = "auto",
+    weights: str = "auto",
     generative: bool = False,
 ) -> tuple[nn.Module, DtypePolicy]:
     """Resolve the dtype policy and load the model in its compute dtype.
@@ -48,7 +51,8 @@ def load_model(
     ``half_arithmetic`` (:data:`hyprec.config.HALF_ARITHMETIC`) emulates stay float32 and are rounded to instead
     (:mod:`hyprec.precision.emulation`). Float32 linear layers then multiply at
     ``matmul_precision``, their float32 GEMMs on ``float32_gemm`` (:func:`hyprec.dtype_policy.resolve_matmul`;
-    emulation keeps ``F.linear``).
+    emulation keeps ``F.linear``). Weights the checkpoint stores in a block format stay packed where ``weights``
+    (:data:`hyprec.dtype_policy.WEIGHTS`) allows and the policy computes them in float32 (:func:`_with_stored_weights`).
     """
     matmul = (matmul_precision, float32_gemm)
 
@@ -70,8 +74,10 @@ def load_model(
         policy = plan_policy(plan, dtype, attn_dtype, kv_cache_dtype)
         emulated = emulated_formats(half_arithmetic, policy, device)
         if emulated:
-            return plan.apply(build(torch.float32), emulated=emulated), policy
-        return _with_matmul(plan.apply(build(torch.float32)), policy, matmul, device, generative)
+            model = plan.apply(build(torch.float32), emulated=emulated)
+        else:
+            model, policy = _with_matmul(plan.apply(build(torch.float32)), policy, matmul, device, generative)
+        return _with_stored_weights(model, policy, checkpoint, weights)
     policy = resolve_policy(
         dtype,
         attn_dtype,
@@ -82,8 +88,9 @@ def load_model(
         kernel_speeds=lambda: kernel_profile(device.type),
     )
     if emulated_formats(half_arithmetic, policy, device):  # a policy without a plan has one half format
-        return emulate(build(torch.float32), policy), policy
-    return _with_matmul(build(policy.compute_dtype), policy, matmul, device, generative)
+        return _with_stored_weights(emulate(build(torch.float32), policy), policy, checkpoint, weights)
+    model, policy = _with_matmul(build(policy.compute_dtype), policy, matmul, device, generative)
+    return _with_stored_weights(model, policy, checkpoint, weights)
 
 
 def _with_matmul(
@@ -101,6 +108,41 @@ def _with_matmul(
     )
     set_matmul_precision(model, policy.matmul, policy.float32_gemm)
     return model, policy
+
+
+def _with_stored_weights(
+    model: nn.Module, policy: DtypePolicy, checkpoint: WeightSource, requested: str
+) -> tuple[nn.Module, DtypePolicy]:
+    """``model`` computing its output head from the checkpoint's stored Q8_0 blocks (:mod:`hyprec.layers.quantized`)
+    where ``requested`` (``auto``/``stored``) allows it and it applies: a decoder whose head the checkpoint stores as
+    Q8_0, computed in float32 (no precision plan, which may rescale or cast the head), on the CPU. ``weights='stored'``
+    where it does not apply is an error that says why. The float32 table stays loaded: the embedding lookup, the
+    precision tools and a guard fallback read it."""
+    if requested == "float32":
+        return model, replace(policy, weights="float32")
+    head_name = getattr(model, "head_weight_name", None)
+    stored = getattr(checkpoint, "q8_0", None)
+    head = stored(head_name) if head_name and stored else None
+    device = next(model.parameters()).device
+    why_not = (
+        "the checkpoint stores no Q8_0 output head (a GGUF file with one)"
+        if head is None
+        else f"the policy computes the head in {policy.mode}"
+        if policy.plan is not None or policy.compute_dtype != torch.float32
+        else f"the stored-format kernels run on the CPU, not {device}"
+        if device.type != "cpu"
+        else None
+    )
+    if why_not is not None:
+        if requested == "stored":
+            raise ConfigError(f"weights='stored' does not apply here: {why_not}; use weights='auto' or 'float32'")
+        return model, replace(policy, weights="float32")
+    model.stored_head = head
+    return model, replace(
+        policy,
+        weights="stored: head Q8_0",
+        reason=f"{policy.reason}; output head from the checkpoint's Q8_0 blocks ({head.nbytes / 2**20:.0f} MiB)",
+    )
 
 
 def model_summary(name: str, config: ModelConfig, model: nn.Module, checkpoint_dtype: torch.dtype) -> dict[str, Any]:

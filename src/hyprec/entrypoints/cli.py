@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from hyprec.config import HALF_ARITHMETIC
-from hyprec.dtype_policy import ATTN_DTYPES, DTYPES, FLOAT32_GEMMS, KV_CACHE_DTYPES, MATMUL_PRECISIONS
+from hyprec.dtype_policy import ATTN_DTYPES, DTYPES, FLOAT32_GEMMS, KV_CACHE_DTYPES, MATMUL_PRECISIONS, WEIGHTS
 from hyprec.errors import HyprecError, InvalidInputError
 from hyprec.output_files import check_output_file, write_output
 
@@ -126,6 +126,12 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         default="auto",
         help=f"one of {', '.join(FLOAT32_GEMMS)}: the library of float32 GEMMs (torch: F.linear; onednn: prepacked "
         "weights, fused activations); auto picks oneDNN for encoders where it was measured faster",
+    )
+    p.add_argument(
+        "--weights",
+        default="auto",
+        help=f"one of {', '.join(WEIGHTS)}: keep weights a GGUF file stores in blocks packed (stored: the Q8_0 "
+        "output head, multiplied with float32 activations) or dequantise them (float32); auto: stored where it applies",
     )
     _add_device_option(p)
     p.add_argument("--precision-plan", type=Path, help="a plan written by `hyprec repair` (sets every dtype)")
@@ -357,6 +363,7 @@ def _llm_options(args: argparse.Namespace) -> dict[str, object]:
         "kv_cache_dtype": args.kv_cache_dtype,
         "matmul_precision": args.matmul_precision,
         "float32_gemm": args.float32_gemm,
+        "weights": args.weights,
         "device": args.device,
     }
     if getattr(args, "deterministic", False):

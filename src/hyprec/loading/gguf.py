@@ -32,6 +32,7 @@ from gguf import GGMLQuantizationType as QType
 from gguf.quants import dequantize
 
 from hyprec.errors import ModelLoadError, UnsupportedArchitectureError
+from hyprec.layers.quantized import Q8_0Weight
 
 if TYPE_CHECKING:
     from gguf.gguf_reader import ReaderTensor
@@ -142,6 +143,19 @@ class GGUFCheckpoint:
         except (ValueError, TypeError, NotImplementedError) as exc:
             raise ModelLoadError(f"cannot dequantize {self.source(name)}: {exc}") from None
         return torch.from_numpy(self._undo_conversion(tensor.name, values))
+
+    def q8_0(self, name: str) -> Q8_0Weight | None:
+        """The tensor ``name`` as it is stored, when that is Q8_0 and llama.cpp's converter did not rewrite it (a
+        rewritten tensor must be dequantised to be undone); else None."""
+        tensor = self._tensor(name)
+        if tensor.tensor_type != QType.Q8_0 or self._offset_norm(tensor.name) or self._permuted_qk(tensor.name):
+            return None
+        out, k = (int(d) for d in reversed(tensor.shape))
+        # A Q8_0 block is 34 bytes: a little-endian float16 scale, then 32 int8 values.
+        blocks = np.asarray(tensor.data).view(np.uint8).reshape(out, k // 32, 34)
+        scales = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+        values = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(out, k)
+        return Q8_0Weight(torch.from_numpy(values), torch.from_numpy(scales))
 
     def source(self, name: str) -> str:
         """Where a tensor comes from, for error messages: the file, its GGUF name and storage type."""
@@ -287,11 +301,17 @@ class GGUFCheckpoint:
             return {}
         return {"rope_scaling": {"rope_type": "linear", "factor": float(factor)}}
 
+    def _offset_norm(self, gguf_name: str) -> bool:
+        return bool(self._arch.norm_offset) and gguf_name.endswith("norm.weight")
+
+    def _permuted_qk(self, gguf_name: str) -> bool:
+        return bool(self._arch.permute_qk) and (".attn_q." in gguf_name or ".attn_k." in gguf_name)
+
     def _undo_conversion(self, gguf_name: str, values: np.ndarray) -> np.ndarray:
         """Reverse llama.cpp's convert_hf_to_gguf.py rewrites of one tensor (values is float32, owned)."""
-        if self._arch.norm_offset and gguf_name.endswith("norm.weight"):
+        if self._offset_norm(gguf_name):
             values -= self._arch.norm_offset  # in float32, as transformers' Gemma2TensorProcessor does
-        if self._arch.permute_qk and (".attn_q." in gguf_name or ".attn_k." in gguf_name):
+        if self._permuted_qk(gguf_name):
             heads = self._int_field(f"{self.architecture}.attention.head_count")
             if ".attn_k." in gguf_name:
                 # llama.cpp's default when the key is absent; transformers would skip the permutation instead

@@ -150,7 +150,14 @@ class LlamaForCausalLM(DecoderModel):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, meta)
 
+    @property
+    def head_weight_name(self) -> str:
+        """The checkpoint name of the output head's weight (the embedding table when tied)."""
+        return "model.embed_tokens.weight" if self.tied else "lm_head.weight"
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.stored_head is not None:
+            return self.stored_head.linear(hidden.float(), invariant=self.batch_invariant)
         weight = self.model.embed_tokens.weight if self.tied else self.lm_head.weight
         # A precision plan may keep the head in another dtype than the last layer.
         return head_linear(hidden.to(weight.dtype), weight, invariant=self.batch_invariant).float()
