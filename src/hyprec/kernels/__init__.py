@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 log = logging.getLogger("hyprec")
@@ -57,7 +58,7 @@ def load(name: str) -> ctypes.CDLL | None:
     path = _library_path(name, compiler)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp = path.with_suffix(f".{os.getpid()}-{threading.get_ident()}.tmp")
         try:
             subprocess.run(
                 [compiler, *_FLAGS, str(_SOURCES / f"{name}.c"), "-o", str(tmp), *_LIBS],
@@ -66,7 +67,7 @@ def load(name: str) -> ctypes.CDLL | None:
                 text=True,
                 timeout=300,
             )
-            tmp.replace(path)  # atomic: concurrent builders each write their own file
+            tmp.replace(path)  # atomic: concurrent builders (processes, threads) each write their own file
         except (OSError, subprocess.SubprocessError) as exc:
             detail = getattr(exc, "stderr", "") or exc
             log.warning("hyprec: building the %s kernel failed (%s); using the slower torch reference", name, detail)
