@@ -47,6 +47,11 @@ def _library_path(name: str, compiler: str) -> Path:
     return cache_dir() / "kernels" / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
 
 
+def sources() -> list[str]:
+    """The names of the kernels this package ships (``kernels/<name>.c``)."""
+    return sorted(p.stem for p in _SOURCES.glob("*.c"))
+
+
 @functools.cache
 def load(name: str) -> ctypes.CDLL | None:
     """The compiled kernel library ``name`` (``kernels/<name>.c``), built now if it is not cached; None (with one
@@ -74,8 +79,3 @@ def load(name: str) -> ctypes.CDLL | None:
             tmp.unlink(missing_ok=True)
             return None
     return ctypes.CDLL(str(path))
-
-
-if __name__ == "__main__":  # `make` builds the kernels at set-up
-    for source in sorted(_SOURCES.glob("*.c")):
-        print(f"hyprec kernel {source.stem}: {'built' if load(source.stem) else 'NOT built (see the warning above)'}")
