@@ -101,8 +101,8 @@ def test_malformed_blocks_are_refused():
 
 def test_gguf_blocks_dequantise_to_exactly_the_loaded_float32(gemma_fp32):
     ckpt = gemma_fp32.engine.checkpoint
-    head = ckpt.q8_0("model.embed_tokens.weight")
-    assert head is not None and head.shape == (262144, 640)
+    head = Q8_0Weight(*ckpt.q8_0("model.embed_tokens.weight"))
+    assert head.shape == (262144, 640)
     loaded = gemma_fp32.engine.model.model.embed_tokens.weight  # dequantised by gguf-py at load
     assert torch.equal(head.dequantize(), loaded)
     assert ckpt.q8_0("model.norm.weight") is None  # stored as F32 (and offset by the converter)

@@ -14,6 +14,7 @@ from hyprec.dtype_policy import DtypePolicy, plan_policy, resolve_matmul, resolv
 from hyprec.errors import ConfigError
 from hyprec.hardware import gemm_profile, kernel_profile, linear_shapes
 from hyprec.layers.linear import set_matmul_precision
+from hyprec.layers.quantized import Q8_0Weight
 from hyprec.loading.weights import WeightSource, load_weights
 from hyprec.precision.attention_bounds import fp16_attention_check
 from hyprec.precision.emulation import emulate, emulated_formats
@@ -122,7 +123,8 @@ def _with_stored_weights(
         return model, replace(policy, weights="float32")
     head_name = getattr(model, "head_weight_name", None)
     stored = getattr(checkpoint, "q8_0", None)
-    head = stored(head_name) if head_name and stored else None
+    blocks = stored(head_name) if head_name and stored else None
+    head = Q8_0Weight(*blocks) if blocks is not None else None
     device = next(model.parameters()).device
     why_not = (
         "the checkpoint stores no Q8_0 output head (a GGUF file with one)"

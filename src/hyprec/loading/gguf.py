@@ -32,7 +32,6 @@ from gguf import GGMLQuantizationType as QType
 from gguf.quants import dequantize
 
 from hyprec.errors import ModelLoadError, UnsupportedArchitectureError
-from hyprec.layers.quantized import Q8_0Weight
 
 if TYPE_CHECKING:
     from gguf.gguf_reader import ReaderTensor
@@ -144,9 +143,10 @@ class GGUFCheckpoint:
             raise ModelLoadError(f"cannot dequantize {self.source(name)}: {exc}") from None
         return torch.from_numpy(self._undo_conversion(tensor.name, values))
 
-    def q8_0(self, name: str) -> Q8_0Weight | None:
+    def q8_0(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The tensor ``name`` as it is stored, when that is Q8_0 and llama.cpp's converter did not rewrite it (a
-        rewritten tensor must be dequantised to be undone); else None."""
+        rewritten tensor must be dequantised to be undone): int8 values ``[out, in]`` and float32 scales
+        ``[out, in / 32]`` (float16 in the file, widened exactly); else None."""
         tensor = self._tensor(name)
         if tensor.tensor_type != QType.Q8_0 or self._offset_norm(tensor.name) or self._permuted_qk(tensor.name):
             return None
@@ -155,7 +155,7 @@ class GGUFCheckpoint:
         blocks = np.asarray(tensor.data).view(np.uint8).reshape(out, k // 32, 34)
         scales = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
         values = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(out, k)
-        return Q8_0Weight(torch.from_numpy(values), torch.from_numpy(scales))
+        return torch.from_numpy(values), torch.from_numpy(scales)
 
     def source(self, name: str) -> str:
         """Where a tensor comes from, for error messages: the file, its GGUF name and storage type."""
