@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import math
+from collections import Counter
 from dataclasses import replace
 from typing import Any
 
@@ -13,8 +15,8 @@ from hyprec.config import ModelConfig
 from hyprec.dtype_policy import DtypePolicy, plan_policy, resolve_matmul, resolve_policy
 from hyprec.errors import ConfigError
 from hyprec.hardware import gemm_profile, kernel_profile, linear_shapes
-from hyprec.layers.linear import set_matmul_precision
-from hyprec.layers.quantized import Q8_0Weight
+from hyprec.layers.linear import Linear, set_matmul_precision
+from hyprec.layers.quantized import FORMATS, StoredEmbedding, StoredLinear, StoredWeight, stored_weight
 from hyprec.loading.weights import WeightSource, load_weights
 from hyprec.precision.attention_bounds import fp16_attention_check
 from hyprec.precision.emulation import emulate, emulated_formats
@@ -114,51 +116,90 @@ def _with_matmul(
 def _with_stored_weights(
     model: nn.Module, policy: DtypePolicy, checkpoint: WeightSource, requested: str
 ) -> tuple[nn.Module, DtypePolicy]:
-    """``model`` computing its output head from the checkpoint's stored Q8_0 blocks (:mod:`hyprec.layers.quantized`)
-    where ``requested`` (``auto``/``stored``) allows it and it applies: a decoder whose head the checkpoint stores as
-    Q8_0, computed in float32 (no precision plan, which may rescale or cast the head), on the CPU. ``weights='stored'``
-    where it does not apply is an error that says why. The float32 table stays loaded: the embedding lookup, the
-    precision tools and a guard fallback read it."""
+    """``model`` computing from the checkpoint's stored blocks (:mod:`hyprec.layers.quantized`) where ``requested``
+    (``auto``/``stored``) allows it and it applies: every linear layer and embedding table the checkpoint stores in a
+    format the kernels read (:data:`~hyprec.layers.quantized.FORMATS`) becomes a :class:`StoredLinear` /
+    :class:`StoredEmbedding`, and its float32 weight is freed; a decoder's output head is the stored table too. It
+    applies to float32 compute without a precision plan (which rescales or casts weights) on the CPU.
+    ``weights='stored'`` where it does not apply is an error that says why."""
     if requested == "float32":
         return model, replace(policy, weights="float32")
-    head, why_not = _stored_head(model, policy, checkpoint)
-    if head is None:
+    why_not = _why_not_stored(model, policy, checkpoint)
+    stored = {} if why_not else _stored_weights(model, checkpoint)
+    if not stored:
+        why_not = why_not or "the checkpoint stores no layer weights in a block format the kernels read"
         if requested == "stored":
             raise ConfigError(f"weights='stored' does not apply here: {why_not}; use weights='auto' or 'float32'")
         return model, replace(policy, weights="float32")
-    model.stored_head = head
+    dense_bytes = 0
+    for name, weight in stored.items():
+        parent, _, attr = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        old = getattr(owner, attr)
+        dense_bytes += old.weight.nbytes
+        if isinstance(old, nn.Embedding):
+            setattr(owner, attr, StoredEmbedding(weight))
+        else:
+            setattr(owner, attr, StoredLinear(weight, old.bias, old.activation))
+    head_module = getattr(model, "head_weight_name", "").removesuffix(".weight")
+    if head_module in stored:
+        model.stored_head = stored[head_module]
+    formats = Counter(w.format for w in stored.values())
+    listed = ", ".join(f"{count} {name}" for name, count in formats.most_common())
+    stored_bytes = sum(w.nbytes for w in stored.values())
     return model, replace(
         policy,
-        weights="stored: head Q8_0",
-        reason=f"{policy.reason}; output head from the checkpoint's Q8_0 blocks ({head.nbytes / 2**20:.0f} MiB)",
+        weights="stored",
+        reason=f"{policy.reason}; weights kept as the checkpoint stores them ({listed}: {stored_bytes / 2**20:.0f} MiB "
+        f"where float32 takes {dense_bytes / 2**20:.0f} MiB)",
     )
 
 
-def _stored_head(model: nn.Module, policy: DtypePolicy, checkpoint: WeightSource) -> tuple[Q8_0Weight | None, str]:
-    """The model's output head as the checkpoint stores it, or None and why not. The cheap conditions come first:
-    reading the blocks of Gemma's head takes ~0.5 s, spent only where they will be used."""
-    head_name = getattr(model, "head_weight_name", None)
-    read_q8_0 = getattr(checkpoint, "q8_0", None)
-    if head_name is None or read_q8_0 is None:
-        return None, "the checkpoint stores no Q8_0 output head (a GGUF file with one)"
+def _why_not_stored(model: nn.Module, policy: DtypePolicy, checkpoint: WeightSource) -> str | None:
+    """Why the model cannot compute from stored blocks under ``policy`` (None: it can)."""
+    if not hasattr(checkpoint, "stored"):
+        return "the checkpoint stores no weights in blocks (a GGUF file does)"
     if policy.plan is not None or policy.compute_dtype != torch.float32:
-        return None, f"the policy computes the head in {policy.mode}"
+        return f"the policy computes the weights in {policy.mode}"
     device = next(model.parameters()).device
     if device.type != "cpu":
-        return None, f"the stored-format kernels run on the CPU, not {device}"
-    blocks = read_q8_0(head_name)
-    if blocks is None:
-        return None, "the checkpoint stores no Q8_0 output head (a GGUF file with one)"
-    return Q8_0Weight(*blocks), ""
+        return f"the stored-format kernels run on the CPU, not {device}"
+    return None
+
+
+def _stored_weights(model: nn.Module, checkpoint: WeightSource) -> dict[str, StoredWeight]:
+    """Module name -> its weight as the checkpoint stores it, for every :class:`Linear` and embedding table stored
+    in a format the kernels read. (Decoder module names are the checkpoint's HF names.)"""
+    names = set(checkpoint.names())
+    found = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, (Linear, nn.Embedding)) or f"{name}.weight" not in names:
+            continue
+        entry = checkpoint.stored(f"{name}.weight")
+        if entry is None or entry[0] not in FORMATS:
+            continue
+        try:
+            weight = stored_weight(entry[0], entry[1], module.weight.shape[1])
+        except ValueError:  # a width the kernels cannot sum (an F16 row of 8k + 4 values): stays float32
+            continue
+        if weight.shape == tuple(module.weight.shape):
+            found[name] = weight
+    return found
 
 
 def model_summary(name: str, config: ModelConfig, model: nn.Module, checkpoint_dtype: torch.dtype) -> dict[str, Any]:
     """The architecture and size fields every engine's ``info()`` starts with."""
+    stored = {id(m.stored): m.stored for m in model.modules() if isinstance(m, (StoredLinear, StoredEmbedding))}
+    stored = stored.values()
     return {
         "model": name,
         "architecture": ", ".join(config.architectures) or config.model_type,
         "model_type": config.model_type,
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": sum(p.numel() for p in model.parameters()) + sum(math.prod(w.shape) for w in stored),
+        # resident weight memory: parameters, buffers, and blocks kept as stored
+        "weight_memory_mib": round(
+            (sum(t.nbytes for t in (*model.parameters(), *model.buffers())) + sum(w.nbytes for w in stored)) / 2**20, 1
+        ),
         "hidden_size": config.get("hidden_size"),
         "num_layers": config.get("num_hidden_layers"),
         "num_heads": config.get("num_attention_heads"),

@@ -143,19 +143,18 @@ class GGUFCheckpoint:
             raise ModelLoadError(f"cannot dequantize {self.source(name)}: {exc}") from None
         return torch.from_numpy(self._undo_conversion(tensor.name, values))
 
-    def q8_0(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The tensor ``name`` as it is stored, when that is Q8_0 and llama.cpp's converter did not rewrite it (a
-        rewritten tensor must be dequantised to be undone): int8 values ``[out, in]`` and float32 scales
-        ``[out, in / 32]`` (float16 in the file, widened exactly); else None."""
+    def stored(self, name: str) -> tuple[str, torch.Tensor] | None:
+        """A 2-D tensor as the file stores it: its format name (``"Q4_K"``, ``"F16"`` ...) and its raw rows, uint8
+        ``[out, row bytes]`` in HF row order (llama.cpp's row interleave of Llama's q/k undone: it moves whole rows,
+        and a row's blocks run along it). None for float32 tensors and for tensors the converter rewrote in value
+        (Gemma's ``1 + w`` norms), which only a dequantised copy can undo."""
         tensor = self._tensor(name)
-        if tensor.tensor_type != QType.Q8_0 or self._offset_norm(tensor.name) or self._permuted_qk(tensor.name):
+        if tensor.tensor_type == QType.F32 or len(tensor.shape) != 2 or self._offset_norm(tensor.name):
             return None
-        out, k = (int(d) for d in reversed(tensor.shape))
-        # A Q8_0 block is 34 bytes: a little-endian float16 scale, then 32 int8 values.
-        blocks = np.asarray(tensor.data).view(np.uint8).reshape(out, k // 32, 34)
-        scales = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
-        values = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(out, k)
-        return torch.from_numpy(values), torch.from_numpy(scales)
+        raw = np.asarray(tensor.data).view(np.uint8).reshape(int(tensor.shape[1]), -1)
+        if self._permuted_qk(tensor.name):
+            raw = _unpermute_rotary_rows(raw, self._rotary_heads(tensor.name))
+        return tensor.tensor_type.name, torch.from_numpy(np.array(raw))  # a copy in memory, not the file's pages
 
     def source(self, name: str) -> str:
         """Where a tensor comes from, for error messages: the file, its GGUF name and storage type."""
@@ -312,12 +311,16 @@ class GGUFCheckpoint:
         if self._offset_norm(gguf_name):
             values -= self._arch.norm_offset  # in float32, as transformers' Gemma2TensorProcessor does
         if self._permuted_qk(gguf_name):
-            heads = self._int_field(f"{self.architecture}.attention.head_count")
-            if ".attn_k." in gguf_name:
-                # llama.cpp's default when the key is absent; transformers would skip the permutation instead
-                heads = self._int_field(f"{self.architecture}.attention.head_count_kv", heads)
-            values = _unpermute_rotary_rows(values, heads)
+            values = _unpermute_rotary_rows(values, self._rotary_heads(gguf_name))
         return values
+
+    def _rotary_heads(self, gguf_name: str) -> int:
+        """The heads whose rows llama.cpp interleaved in a q or k projection."""
+        heads = self._int_field(f"{self.architecture}.attention.head_count")
+        if ".attn_k." in gguf_name:
+            # llama.cpp's default when the key is absent; transformers would skip the permutation instead
+            heads = self._int_field(f"{self.architecture}.attention.head_count_kv", heads)
+        return heads
 
 
 def _open_reader(path: Path) -> gguf.GGUFReader:

@@ -11,7 +11,7 @@ from torch import nn
 from hyprec.config import ModelConfig
 from hyprec.errors import UnsupportedArchitectureError
 from hyprec.layers.attention import AttentionMetadata
-from hyprec.layers.quantized import Q8_0Weight
+from hyprec.layers.quantized import StoredWeight
 
 
 def attention_heads(config: ModelConfig) -> tuple[int, int]:
@@ -121,9 +121,9 @@ class DecoderModel(nn.Module):
     ignored_weights: tuple[str, ...] = ("model.rotary_emb.", "rotary_emb.")
     #: compute the output head in row tiles (see :mod:`hyprec.layers.linear`); set by ``set_batch_invariant``.
     batch_invariant: bool = False
-    #: the output head as the checkpoint stores it (:class:`~hyprec.layers.quantized.Q8_0Weight`), when the policy
+    #: the output head as the checkpoint stores it (:class:`~hyprec.layers.quantized.StoredWeight`), when the policy
     #: keeps it so (``weights``); None: the float32 head.
-    stored_head: Q8_0Weight | None = None
+    stored_head: StoredWeight | None = None
 
     def __init__(self, config: ModelConfig):
         super().__init__()

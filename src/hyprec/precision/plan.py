@@ -32,6 +32,7 @@ from hyprec.dtype_policy import TORCH_DTYPES, dtype_name, plan_policy
 from hyprec.errors import ConfigError
 from hyprec.layers.attention import Attention
 from hyprec.layers.norm import Float32Params
+from hyprec.layers.quantized import StoredWeight
 from hyprec.precision.emulation import emulate
 from hyprec.precision.rescale import rescale_ffn, rescale_residual
 
@@ -341,12 +342,32 @@ def _cast_input(dtype: torch.dtype):
 def model_fingerprint(model: nn.Module) -> str:
     """A hash of the model's class, every weight's name and shape, and a strided sample of its values.
 
-    Computed on the float32 build before any plan is applied, so it identifies the checkpoint, not the plan.
+    Computed on the float32 build before any plan is applied, so it identifies the checkpoint, not the plan. Weights
+    kept in a stored block format (:class:`~hyprec.layers.quantized.StoredWeight`) count as the float32 weights they
+    dequantise to (exactly), so a model loaded either way has one fingerprint.
     """
+    samples = {name: _sample(tensor.detach()) for name, tensor in model.state_dict().items()}
+    for name, module in model.named_modules():
+        if isinstance(getattr(module, "stored", None), StoredWeight):
+            samples[f"{name}.weight"] = _stored_sample(module.stored)
     digest = hashlib.sha256(type(model).__name__.encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        flat = tensor.detach().flatten()
-        sample = flat[:: max(1, flat.numel() // 256)][:256].float().cpu().contiguous()
-        digest.update(f"{name}:{tuple(tensor.shape)}:".encode())
+    for name, (shape, sample) in sorted(samples.items()):
+        digest.update(f"{name}:{shape}:".encode())
         digest.update(sample.numpy().tobytes())
     return digest.hexdigest()
+
+
+_SAMPLES = 256
+
+
+def _sample(tensor: torch.Tensor) -> tuple[tuple[int, ...], torch.Tensor]:
+    flat = tensor.flatten()
+    return tuple(tensor.shape), flat[:: max(1, flat.numel() // _SAMPLES)][:_SAMPLES].float().cpu().contiguous()
+
+
+def _stored_sample(weight: StoredWeight) -> tuple[tuple[int, ...], torch.Tensor]:
+    """:func:`_sample` of the dequantised weight, dequantising only the rows it reads."""
+    out, k = weight.shape
+    flat = torch.arange(0, out * k, max(1, out * k // _SAMPLES))[:_SAMPLES]
+    rows = weight.dequantize(flat // k)
+    return (out, k), rows[torch.arange(len(flat)), flat % k].contiguous()
