@@ -86,8 +86,6 @@ static inline void store_affine(float *y, __m512i q, float d, float m) {
     _mm512_storeu_ps(y, _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(q)), _mm512_set1_ps(m)));
 }
 
-static const int32_t lane_index[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-
 static void row_q4_0_avx512(const uint8_t *b, int64_t k, float *y) {
     const __m512i low = _mm512_set1_epi32(0xF), eight = _mm512_set1_epi32(8);
     for (int64_t i = 0; i < k / QK; i++, b += 18, y += QK) {
@@ -99,18 +97,18 @@ static void row_q4_0_avx512(const uint8_t *b, int64_t k, float *y) {
 }
 
 static void row_q5_0_avx512(const uint8_t *b, int64_t k, float *y) {
-    const __m512i low = _mm512_set1_epi32(0xF), one = _mm512_set1_epi32(1), sixteen = _mm512_set1_epi32(16);
-    const __m512i index = _mm512_loadu_si512(lane_index), index_hi = _mm512_add_epi32(index, sixteen);
+    const __m512i low = _mm512_set1_epi32(0xF), sixteen = _mm512_set1_epi32(16);
     for (int64_t i = 0; i < k / QK; i++, b += 22, y += QK) {
         const float d = half_to_float(b);
-        uint32_t bits;
-        memcpy(&bits, b + 2, 4);
-        const __m512i qh = _mm512_set1_epi32((int)bits), q = bytes16(b + 6);
-        /* value v's fifth bit is bit v of qh */
-        const __m512i h0 = _mm512_slli_epi32(_mm512_and_si512(_mm512_srlv_epi32(qh, index), one), 4);
-        const __m512i h1 = _mm512_slli_epi32(_mm512_and_si512(_mm512_srlv_epi32(qh, index_hi), one), 4);
-        store_scaled(y, _mm512_sub_epi32(_mm512_or_si512(_mm512_and_si512(q, low), h0), sixteen), d);
-        store_scaled(y + 16, _mm512_sub_epi32(_mm512_or_si512(_mm512_srli_epi32(q, 4), h1), sixteen), d);
+        uint32_t qh;
+        memcpy(&qh, b + 2, 4);
+        const __m512i q = bytes16(b + 6);
+        /* value v's fifth bit is bit v of qh: a lane mask, OR-ing 16 into the lanes it selects */
+        const __m512i lo = _mm512_and_si512(q, low), hi = _mm512_srli_epi32(q, 4);
+        const __m512i x0 = _mm512_mask_or_epi32(lo, (__mmask16)qh, lo, sixteen);
+        const __m512i x1 = _mm512_mask_or_epi32(hi, (__mmask16)(qh >> 16), hi, sixteen);
+        store_scaled(y, _mm512_sub_epi32(x0, sixteen), d);
+        store_scaled(y + 16, _mm512_sub_epi32(x1, sixteen), d);
     }
 }
 
@@ -355,37 +353,59 @@ static inline float reduce_lanes(const float *v) {
     return t[0] + t[1];
 }
 
-/* out[m * n] = sum_i w[i] * x[m * k + i] for ROWS rows of x (k a multiple of 16). */
+/* out[m * n] = sum_i w[i] * x[m * k + i] for ROWS rows of x (k a multiple of 16). The 16-value chunks of a row take
+ * turns on ACCS accumulators (chunk c on c % ACCS), so that one row is not a single chain of dependent fused
+ * multiply-adds (4 cycles each: a latency-bound row ran at half the speed); then the accumulators are added
+ * pairwise and the lanes reduced. The order depends on k alone. */
+#define ACCS 4
 #ifdef __AVX512F__
 #define DOT_KERNEL(ROWS)                                                                                     \
     static void dot_##ROWS(const float *x, int64_t k, const float *w, float *out, int64_t n) {              \
-        __m512 acc[ROWS];                                                                                   \
-        for (int m = 0; m < ROWS; m++) acc[m] = _mm512_setzero_ps();                                        \
-        for (int64_t i = 0; i < k; i += LANES) {                                                            \
+        __m512 acc[ROWS][ACCS];                                                                             \
+        for (int m = 0; m < ROWS; m++)                                                                      \
+            for (int a = 0; a < ACCS; a++) acc[m][a] = _mm512_setzero_ps();                                 \
+        int64_t i = 0;                                                                                      \
+        for (; i + ACCS * LANES <= k; i += ACCS * LANES)                                                    \
+            for (int a = 0; a < ACCS; a++) {                                                                \
+                const __m512 wi = _mm512_loadu_ps(w + i + a * LANES);                                       \
+                for (int m = 0; m < ROWS; m++)                                                              \
+                    acc[m][a] = _mm512_fmadd_ps(wi, _mm512_loadu_ps(x + m * k + i + a * LANES), acc[m][a]); \
+            }                                                                                               \
+        for (int a = 0; i < k; i += LANES, a++) {                                                           \
             const __m512 wi = _mm512_loadu_ps(w + i);                                                       \
-            for (int m = 0; m < ROWS; m++) acc[m] = _mm512_fmadd_ps(wi, _mm512_loadu_ps(x + m * k + i), acc[m]); \
+            for (int m = 0; m < ROWS; m++) acc[m][a] = _mm512_fmadd_ps(wi, _mm512_loadu_ps(x + m * k + i), acc[m][a]); \
         }                                                                                                   \
         for (int m = 0; m < ROWS; m++) {                                                                    \
             float v[LANES];                                                                                 \
-            _mm512_storeu_ps(v, acc[m]);                                                                    \
+            _mm512_storeu_ps(v, _mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]),                          \
+                                              _mm512_add_ps(acc[m][2], acc[m][3])));                        \
             out[m * n] = reduce_lanes(v);                                                                   \
         }                                                                                                   \
     }
 #else
 #define DOT_KERNEL(ROWS)                                                                                     \
     static void dot_##ROWS(const float *x, int64_t k, const float *w, float *out, int64_t n) {              \
-        float acc[ROWS][LANES] = {{0}};                                                                     \
-        for (int64_t i = 0; i < k; i += LANES)                                                              \
+        float acc[ROWS][ACCS][LANES] = {{{0}}};                                                             \
+        int64_t i = 0;                                                                                      \
+        for (; i + ACCS * LANES <= k; i += ACCS * LANES)                                                    \
+            for (int a = 0; a < ACCS; a++)                                                                  \
+                for (int m = 0; m < ROWS; m++)                                                              \
+                    for (int l = 0; l < LANES; l++)                                                         \
+                        acc[m][a][l] = fmaf(w[i + a * LANES + l], x[m * k + i + a * LANES + l], acc[m][a][l]); \
+        for (int a = 0; i < k; i += LANES, a++)                                                             \
             for (int m = 0; m < ROWS; m++)                                                                  \
-                for (int l = 0; l < LANES; l++) acc[m][l] = fmaf(w[i + l], x[m * k + i + l], acc[m][l]);    \
-        for (int m = 0; m < ROWS; m++) out[m * n] = reduce_lanes(acc[m]);                                   \
+                for (int l = 0; l < LANES; l++) acc[m][a][l] = fmaf(w[i + l], x[m * k + i + l], acc[m][a][l]); \
+        for (int m = 0; m < ROWS; m++) {                                                                    \
+            float v[LANES];                                                                                 \
+            for (int l = 0; l < LANES; l++) v[l] = (acc[m][0][l] + acc[m][1][l]) + (acc[m][2][l] + acc[m][3][l]); \
+            out[m * n] = reduce_lanes(v);                                                                   \
+        }                                                                                                   \
     }
 #endif
 
 DOT_KERNEL(1)
 DOT_KERNEL(2)
 DOT_KERNEL(4)
-DOT_KERNEL(8)
 
 /* ---- entry points ---------------------------------------------------------------------------------------------- */
 
@@ -415,8 +435,7 @@ void blocks_linear(int type, const float *x, int64_t rows, int64_t k, const uint
                 const int64_t left = rows - m;
                 const float *xm = x + m * k;
                 float *out = y + m * n + j;
-                if (left >= 8) { dot_8(xm, k, buf, out, n); m += 8; }
-                else if (left >= 4) { dot_4(xm, k, buf, out, n); m += 4; }
+                if (left >= 4) { dot_4(xm, k, buf, out, n); m += 4; }
                 else if (left >= 2) { dot_2(xm, k, buf, out, n); m += 2; }
                 else { dot_1(xm, k, buf, out, n); m += 1; }
             }
