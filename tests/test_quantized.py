@@ -200,17 +200,13 @@ def test_gemma_loads_packed_by_default_and_matches_float32(gemma_path, gemma_fp3
     assert (got - want).abs().max() < 2e-2 and torch.equal(got.argmax(-1), want.argmax(-1))
 
 
-def test_weights_stored_where_it_cannot_apply_is_a_clear_error(minilm_dir, gemma_fp32):
+def test_weights_stored_where_it_cannot_apply_is_a_clear_error(minilm_dir, gemma_path):
     from hyprec import LLM
-    from hyprec.dtype_policy import resolve_policy
-    from hyprec.engine.model_loading import _with_stored_weights
 
     with pytest.raises(ConfigError, match="weights='stored' does not apply here: the checkpoint stores no weights"):
         LLM(minilm_dir, weights="stored")
-    engine = gemma_fp32.engine
+    # refused once the policy is resolved, before any weight is read
     with pytest.raises(ConfigError, match=r"weights='stored' does not apply here: the policy computes the weights in"):
-        _with_stored_weights(engine.model, resolve_policy("bfloat16"), engine.checkpoint, "stored")
-    model, policy = _with_stored_weights(engine.model, resolve_policy("bfloat16"), engine.checkpoint, "auto")
-    assert policy.weights == "float32" and model is engine.model
+        LLM(gemma_path, dtype="bfloat16", weights="stored")
     with pytest.raises(ConfigError, match="weights='packed'"):
         LLM(minilm_dir, weights="packed")

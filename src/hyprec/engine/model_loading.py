@@ -16,7 +16,7 @@ from hyprec.dtype_policy import DtypePolicy, plan_policy, resolve_matmul, resolv
 from hyprec.errors import ConfigError
 from hyprec.hardware import gemm_profile, kernel_profile, linear_shapes
 from hyprec.layers.linear import Linear, set_matmul_precision
-from hyprec.layers.quantized import FORMATS, StoredEmbedding, StoredLinear, StoredWeight, stored_weight
+from hyprec.layers.quantized import FORMATS, StoredEmbedding, StoredLinear, stored_weight
 from hyprec.loading.weights import WeightSource, load_weights
 from hyprec.precision.attention_bounds import fp16_attention_check
 from hyprec.precision.emulation import emulate, emulated_formats
@@ -60,40 +60,50 @@ def load_model(
     matmul = (matmul_precision, float32_gemm)
 
     @functools.cache
-    def build(compute_dtype: torch.dtype) -> nn.Module:
+    def build(compute_dtype: torch.dtype, stored: bool = False) -> nn.Module:
+        """The model in ``compute_dtype``; ``stored``: its block-format weights as the checkpoint stores them (never
+        dequantised to float32: faster to load, a quarter of the memory)."""
         with torch.device("meta"):
             model = cls(config)
+        kept = _keep_stored(model, checkpoint) if stored else []
         load_weights(
             model,
             checkpoint,
             compute_dtype=compute_dtype,
             device=device,
             prefixes=model.checkpoint_prefixes,
-            ignored=model.ignored_weights,
+            ignored=(*model.ignored_weights, *kept),
         )
         return model.eval().requires_grad_(False)  # inference only; also keeps .item() and float() quiet
 
     if plan is not None:
         policy = plan_policy(plan, dtype, attn_dtype, kv_cache_dtype)
+        _check_stored_request(weights, _why_not_stored(policy, checkpoint, device))
         emulated = emulated_formats(half_arithmetic, policy, device)
         if emulated:
-            model = plan.apply(build(torch.float32), emulated=emulated)
+            model = plan.apply(build(torch.float32, False), emulated=emulated)
         else:
-            model, policy = _with_matmul(plan.apply(build(torch.float32)), policy, matmul, device, generative)
-        return _with_stored_weights(model, policy, checkpoint, weights)
+            model, policy = _with_matmul(plan.apply(build(torch.float32, False)), policy, matmul, device, generative)
+        return _with_stored_weights(model, policy, weights)
+    # Whether float32 compute would keep blocks stored: the weight-only bound of the policy decision reads q/k/v
+    # through the stored layers (dequantised on demand) rather than from a float32 build of its own.
+    maybe_stored = weights != "float32" and _why_not_stored(None, checkpoint, device) is None
     policy = resolve_policy(
         dtype,
         attn_dtype,
         kv_cache_dtype,
         checkpoint_dtype=checkpoint_dtype,
         checkpoint_storage=checkpoint.storage(),
-        fp16_attention_safe=lambda: fp16_attention_check(build(torch.float32)),
+        fp16_attention_safe=lambda: fp16_attention_check(build(torch.float32, maybe_stored)),
         kernel_speeds=lambda: kernel_profile(device.type),
     )
+    why_not = "weights='float32'" if weights == "float32" else _why_not_stored(policy, checkpoint, device)
+    _check_stored_request(weights, why_not)
+    stored = why_not is None
     if emulated_formats(half_arithmetic, policy, device):  # a policy without a plan has one half format
-        return _with_stored_weights(emulate(build(torch.float32), policy), policy, checkpoint, weights)
-    model, policy = _with_matmul(build(policy.compute_dtype), policy, matmul, device, generative)
-    return _with_stored_weights(model, policy, checkpoint, weights)
+        return _with_stored_weights(emulate(build(torch.float32, stored), policy), policy, weights)
+    model, policy = _with_matmul(build(policy.compute_dtype, stored), policy, matmul, device, generative)
+    return _with_stored_weights(model, policy, weights)
 
 
 def _with_matmul(
@@ -113,68 +123,36 @@ def _with_matmul(
     return model, policy
 
 
-def _with_stored_weights(
-    model: nn.Module, policy: DtypePolicy, checkpoint: WeightSource, requested: str
-) -> tuple[nn.Module, DtypePolicy]:
-    """``model`` computing from the checkpoint's stored blocks (:mod:`hyprec.layers.quantized`) where ``requested``
-    (``auto``/``stored``) allows it and it applies: every linear layer and embedding table the checkpoint stores in a
-    format the kernels read (:data:`~hyprec.layers.quantized.FORMATS`) becomes a :class:`StoredLinear` /
-    :class:`StoredEmbedding`, and its float32 weight is freed; a decoder's output head is the stored table too. It
-    applies to float32 compute without a precision plan (which rescales or casts weights) on the CPU.
-    ``weights='stored'`` where it does not apply is an error that says why."""
-    if requested == "float32":
-        return model, replace(policy, weights="float32")
-    why_not = _why_not_stored(model, policy, checkpoint)
-    stored = {} if why_not else _stored_weights(model, checkpoint)
-    if not stored:
-        why_not = why_not or "the checkpoint stores no layer weights in a block format the kernels read"
-        if requested == "stored":
-            raise ConfigError(f"weights='stored' does not apply here: {why_not}; use weights='auto' or 'float32'")
-        return model, replace(policy, weights="float32")
-    dense_bytes = 0
-    for name, weight in stored.items():
-        parent, _, attr = name.rpartition(".")
-        owner = model.get_submodule(parent)
-        old = getattr(owner, attr)
-        dense_bytes += old.weight.nbytes
-        if isinstance(old, nn.Embedding):
-            setattr(owner, attr, StoredEmbedding(weight))
-        else:
-            setattr(owner, attr, StoredLinear(weight, old.bias, old.activation))
-    head_module = getattr(model, "head_weight_name", "").removesuffix(".weight")
-    if head_module in stored:
-        model.stored_head = stored[head_module]
-    formats = Counter(w.format for w in stored.values())
-    listed = ", ".join(f"{count} {name}" for name, count in formats.most_common())
-    stored_bytes = sum(w.nbytes for w in stored.values())
-    return model, replace(
-        policy,
-        weights="stored",
-        reason=f"{policy.reason}; weights kept as the checkpoint stores them ({listed}: {stored_bytes / 2**20:.0f} MiB "
-        f"where float32 takes {dense_bytes / 2**20:.0f} MiB)",
-    )
+def _check_stored_request(requested: str, why_not: str | None) -> None:
+    if requested == "stored" and why_not is not None:
+        raise ConfigError(f"weights='stored' does not apply here: {why_not}; use weights='auto' or 'float32'")
 
 
-def _why_not_stored(model: nn.Module, policy: DtypePolicy, checkpoint: WeightSource) -> str | None:
-    """Why the model cannot compute from stored blocks under ``policy`` (None: it can)."""
+def _why_not_stored(policy: DtypePolicy | None, checkpoint: WeightSource, device: torch.device) -> str | None:
+    """Why the model cannot compute from stored blocks (None: it can): they exist in GGUF files only, the kernels run
+    on the CPU, and the policy must compute the weights in float32 without a precision plan (which rescales or casts
+    them). ``policy`` None: the checkpoint and device alone."""
     if not hasattr(checkpoint, "stored"):
         return "the checkpoint stores no weights in blocks (a GGUF file does)"
-    if policy.plan is not None or policy.compute_dtype != torch.float32:
-        return f"the policy computes the weights in {policy.mode}"
-    device = next(model.parameters()).device
     if device.type != "cpu":
         return f"the stored-format kernels run on the CPU, not {device}"
+    if policy is not None and (policy.plan is not None or policy.compute_dtype != torch.float32):
+        return f"the policy computes the weights in {policy.mode}"
     return None
 
 
-def _stored_weights(model: nn.Module, checkpoint: WeightSource) -> dict[str, StoredWeight]:
-    """Module name -> its weight as the checkpoint stores it, for every :class:`Linear` and embedding table stored
-    in a format the kernels read. (Decoder module names are the checkpoint's HF names.)"""
+def _keep_stored(model: nn.Module, checkpoint: WeightSource) -> list[str]:
+    """Replace every :class:`Linear` and embedding table of a meta-device ``model`` that the checkpoint stores in a
+    format the kernels read (:data:`~hyprec.layers.quantized.FORMATS`) by a :class:`StoredLinear` /
+    :class:`StoredEmbedding` over its blocks, and return the checkpoint names of those weights (loaded here, not by
+    :func:`load_weights`). Decoder module names are the checkpoint's HF names."""
     names = set(checkpoint.names())
-    found = {}
+    found = []
     for name, module in model.named_modules():
-        if not isinstance(module, (Linear, nn.Embedding)) or f"{name}.weight" not in names:
-            continue
+        if isinstance(module, (Linear, nn.Embedding)) and f"{name}.weight" in names:
+            found.append((name, module))
+    kept = []
+    for name, module in found:
         entry = checkpoint.stored(f"{name}.weight")
         if entry is None or entry[0] not in FORMATS:
             continue
@@ -182,9 +160,38 @@ def _stored_weights(model: nn.Module, checkpoint: WeightSource) -> dict[str, Sto
             weight = stored_weight(entry[0], entry[1], module.weight.shape[1])
         except ValueError:  # a width the kernels cannot sum (an F16 row of 8k + 4 values): stays float32
             continue
-        if weight.shape == tuple(module.weight.shape):
-            found[name] = weight
-    return found
+        if weight.shape != tuple(module.weight.shape):
+            continue  # load_weights reports the mismatch
+        parent, _, attr = name.rpartition(".")
+        if isinstance(module, nn.Embedding):
+            replacement = StoredEmbedding(weight)
+        else:
+            replacement = StoredLinear(weight, module.bias, module.activation)
+        setattr(model.get_submodule(parent), attr, replacement)
+        kept.append(f"{name}.weight")
+    return kept
+
+
+def _with_stored_weights(model: nn.Module, policy: DtypePolicy, requested: str) -> tuple[nn.Module, DtypePolicy]:
+    """``policy`` saying which weights ``model`` keeps as stored (and its output head set to the stored table);
+    ``weights='stored'`` on a checkpoint with no block-format layer weights is an error."""
+    stored = {name: m.stored for name, m in model.named_modules() if isinstance(m, (StoredLinear, StoredEmbedding))}
+    if not stored:
+        _check_stored_request(requested, "the checkpoint stores no layer weights in a block format the kernels read")
+        return model, replace(policy, weights="float32")
+    head_module = getattr(model, "head_weight_name", "").removesuffix(".weight")
+    if head_module in stored:
+        model.stored_head = stored[head_module]
+    formats = Counter(w.format for w in stored.values())
+    listed = ", ".join(f"{count} {name}" for name, count in formats.most_common())
+    stored_mib = sum(w.nbytes for w in stored.values()) / 2**20
+    dense_mib = sum(math.prod(w.shape) * 4 for w in stored.values()) / 2**20
+    return model, replace(
+        policy,
+        weights="stored",
+        reason=f"{policy.reason}; weights kept as the checkpoint stores them ({listed}: {stored_mib:.0f} MiB "
+        f"where float32 takes {dense_mib:.0f} MiB)",
+    )
 
 
 def model_summary(name: str, config: ModelConfig, model: nn.Module, checkpoint_dtype: torch.dtype) -> dict[str, Any]:

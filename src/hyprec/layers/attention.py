@@ -191,10 +191,12 @@ class Attention(nn.Module):
             slots = meta.groups[self.cache_group]
             k_cache, v_cache = meta.kv_cache.layer(self.layer_idx)
             # The cache stores keys/values in kv_cache_dtype; reads come back in the attention dtype.
-            k_cache[slots.write_slots] = k.to(k_cache.dtype)
-            v_cache[slots.write_slots] = v.to(v_cache.dtype)
-            keys = k_cache[slots.read_slots].to(dt)
-            values = v_cache[slots.read_slots].to(dt)
+            # index_copy_/index_select rather than indexing syntax: the same copies, without advanced indexing's
+            # per-call set-up (3.0 -> 1.5 us-scale ops; they run twice per layer per step).
+            k_cache.index_copy_(0, slots.write_slots, k.to(k_cache.dtype))
+            v_cache.index_copy_(0, slots.write_slots, v.to(v_cache.dtype))
+            keys = k_cache.index_select(0, slots.read_slots).to(dt)
+            values = v_cache.index_select(0, slots.read_slots).to(dt)
             out = meta.backend.forward(q, keys, values, meta, slots, self.scale)
         return out.to(out_dtype).reshape(q.shape[0], self.num_heads * self.head_dim)
 

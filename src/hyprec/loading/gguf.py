@@ -324,9 +324,19 @@ class GGUFCheckpoint:
 
 
 def _open_reader(path: Path) -> gguf.GGUFReader:
-    """``GGUFReader`` over ``path``, its raw errors (bad magic, short reads ...) turned into ModelLoadError."""
+    """``GGUFReader`` over ``path``, its raw errors (bad magic, short reads ...) turned into ModelLoadError.
+
+    Parsed headers are shared within a process while the file is unchanged (same size and modification time):
+    gguf-py reads a 262k-token vocabulary one string at a time (~8 s for Gemma's), and a process that opens the same
+    file again (another engine, a precision tool, a test) would pay it each time. The reader is read-only."""
     if not path.is_file():
         raise ModelLoadError(f"GGUF file not found: {path}")
+    stat = path.stat()
+    return _parsed_reader(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _parsed_reader(path: Path, size: int, mtime_ns: int) -> gguf.GGUFReader:
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":
