@@ -48,9 +48,9 @@ MATMUL_PRECISIONS = ("auto", "highest", "high", "medium")
 #: accumulation: the choice changes only the order of the sums, so ``auto`` takes whichever the probe measured
 #: :data:`GEMM_MARGIN` times faster.
 FLOAT32_GEMMS = ("auto", "torch", "onednn")
-#: Whether weights a checkpoint stores in a block format stay packed (``stored``: the output head of a GGUF file with
-#: a Q8_0 head, multiplied by :mod:`hyprec.layers.quantized` with float32 activations, exact up to the order of float32
-#: operations) or are dequantised to float32 at load (``float32``). ``auto``: stored where it applies.
+#: Whether weights a checkpoint stores in a block format stay as stored (``stored``: a GGUF file's linear weights and
+#: embedding tables, multiplied by :mod:`hyprec.layers.quantized` with float32 activations, exact up to the order of
+#: float32 sums) or are dequantised to float32 at load (``float32``). ``auto``: stored where it applies.
 WEIGHTS = ("auto", "stored", "float32")
 GEMM_MARGIN = 1.05
 _MATMUL_SUFFIX = {"highest": "", "high": "+bf16x3", "medium": "+bf16mm"}
@@ -95,7 +95,7 @@ class DtypePolicy:
     matmul: str = "highest"
     # Under "highest": the library of the float32 GEMMs (FLOAT32_GEMMS, resolved); not part of the name (exact).
     float32_gemm: str = "torch"
-    # Weights kept as stored (WEIGHTS, resolved), e.g. "float32" or "stored: head Q8_0"; not part of the name.
+    # Weights kept as stored (WEIGHTS, resolved): "float32" or "stored"; not part of the name.
     weights: str = "float32"
 
     @property

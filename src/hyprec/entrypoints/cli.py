@@ -130,8 +130,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--weights",
         default="auto",
-        help=f"one of {', '.join(WEIGHTS)}: keep weights a GGUF file stores in blocks packed (stored: the Q8_0 "
-        "output head, multiplied with float32 activations) or dequantise them (float32); auto: stored where it applies",
+        help=f"one of {', '.join(WEIGHTS)}: keep the weights a GGUF file stores in blocks as stored (stored: "
+        "multiplied with float32 activations) or dequantise them at load (float32); auto: stored where it applies",
     )
     _add_device_option(p)
     p.add_argument("--precision-plan", type=Path, help="a plan written by `hyprec repair` (sets every dtype)")
