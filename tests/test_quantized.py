@@ -106,15 +106,15 @@ def test_portable_and_avx512_paths_round_alike(tmp_path):
     native = quantized._library()
     for name in ("q8_0_linear", "blocks_linear", "blocks_dequantize"):
         getattr(lib, name).argtypes = getattr(native, name).argtypes
-    x = torch.randn(5, 512)
-    for fmt in FORMATS:
-        w = stored_weight(fmt, random_blocks(fmt, 301, 512), 512)
-        out = torch.empty(5, 301)
+    for fmt, spec in FORMATS.items():
+        k = spec.block_values * {256: 3, 32: 15, 16: 31}[spec.block_values]  # odd block counts: the kernels' tails
+        w, x = stored_weight(fmt, random_blocks(fmt, 301, k), k), torch.randn(7, k)  # 7 rows: 4 + 2 + 1
+        out = torch.empty(7, 301)
         w._kernel(lib, x, out)
         torch.testing.assert_close(out, w.linear(x), rtol=0, atol=0, msg=fmt)
         if isinstance(w, BlockWeight):
-            dense = torch.empty(301, 512)
-            lib.blocks_dequantize(w.spec.type_id, w.data.data_ptr(), w.data.shape[1], 301, 512, dense.data_ptr(), 1)
+            dense = torch.empty(301, k)
+            lib.blocks_dequantize(w.spec.type_id, w.data.data_ptr(), w.data.shape[1], 301, k, dense.data_ptr(), 1)
             assert torch.equal(dense, w.dequantize()), fmt
 
 
