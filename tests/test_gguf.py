@@ -253,6 +253,9 @@ def test_every_tensor_type_and_name(tiny_llama):
         assert got.dtype == torch.float32 and tuple(got.shape) == w.shape, name
         assert torch.equal(got, torch.from_numpy(stored(w, storage_type(name)))), name
     assert ckpt.tensor_type("model.layers.0.mlp.down_proj.weight") == "Q5_1"
+    # the header reader skips arrays of strings (the vocabulary: the tokenizer reads it) and gives their length
+    assert ckpt.metadata("tokenizer.ggml.tokens") == len(VOCAB) and ckpt.config["vocab_size"] == len(VOCAB)
+    assert ckpt.metadata("tokenizer.ggml.scores")[4] == -0.0 and ckpt.metadata("general.alignment", 32) == 32
     assert "blk.0.attn_q.weight" in ckpt.source("model.layers.0.self_attn.q_proj.weight")
     assert ckpt.floating_dtype() == torch.float32  # quantized: dequantizes to float32
     with pytest.raises(KeyError, match="no tensor"):
@@ -457,7 +460,7 @@ def test_gemma_names_and_shapes(gemma, gemma_tensors):
 
 def test_gemma_values_are_the_file_values_minus_the_norm_offset(gemma, gemma_tensors):
     """Against gguf's dequantize of the raw tensors: linear weights as stored, norms stored as 1 + w."""
-    raw = {t.name: t for t in gemma._reader.tensors}
+    raw = {t.name: t for t in gemma._header.tensors}
     linear = {
         "model.layers.3.self_attn.q_proj.weight": "blk.3.attn_q.weight",  # Q5_0; gemma's q/k are not permuted
         "model.layers.3.self_attn.v_proj.weight": "blk.3.attn_v.weight",  # Q8_0

@@ -12,12 +12,14 @@ the rest of hyprec expects a Hugging Face checkpoint:
   gguf_file=...)``;
 * ``tokenizer`` / ``chat_template``: the tokenizer transformers builds from the metadata.
 
-``gguf`` (llama.cpp's own Python reader) does the parsing and dequantization; ``transformers`` supplies the
+``gguf`` (llama.cpp's own Python package) does the dequantization and names the types, :mod:`hyprec.loading.gguf_header`
+reads the header (gguf-py's reader takes 11 s over a 262k-token vocabulary); ``transformers`` supplies the
 metadata-name tables and the tokenizer conversion, so both stay the single source of truth.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 from collections import Counter
@@ -32,10 +34,12 @@ from gguf import GGMLQuantizationType as QType
 from gguf.quants import dequantize
 
 from hyprec.errors import ModelLoadError, UnsupportedArchitectureError
+from hyprec.loading.gguf_header import GGUFHeader, read_header
 
 if TYPE_CHECKING:
-    from gguf.gguf_reader import ReaderTensor
     from transformers import TokenizersBackend
+
+    from hyprec.loading.gguf_header import HeaderTensor
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +120,7 @@ class GGUFCheckpoint:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.files: list[Path] = [self.path]
-        self._reader = _open_reader(self.path)
+        self._header = _open_header(self.path)
         self.architecture: str = self._string_field("general.architecture")
         self._arch = ARCHITECTURES.get(self.architecture)
         if self._arch is None:
@@ -125,7 +129,7 @@ class GGUFCheckpoint:
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         self.num_layers = self._int_field(f"{self.architecture}.block_count")
-        self._tensors: dict[str, ReaderTensor] = {}  # HF name -> GGUF tensor
+        self._tensors: dict[str, HeaderTensor] = {}  # HF name -> GGUF tensor
         self._index_tensors()
 
     # -- WeightSource -----------------------------------------------------------------------------------------
@@ -192,8 +196,7 @@ class GGUFCheckpoint:
 
     def metadata(self, key: str, default: Any = None) -> Any:
         """A raw GGUF metadata value (``"gemma3.context_length"``, ``"tokenizer.ggml.eos_token_id"`` ...)."""
-        field = self._reader.fields.get(key)
-        return default if field is None else field.contents()
+        return self._header.metadata.get(key, default)
 
     def tensor_type(self, name: str) -> str:
         """The GGUF storage type of a tensor (``"Q8_0"``, ``"F32"`` ...)."""
@@ -210,7 +213,11 @@ class GGUFCheckpoint:
     def tokenizer(self) -> TokenizersBackend:
         """The fast tokenizer transformers builds from the GGUF vocabulary (the class ``AutoTokenizer`` picks,
         e.g. ``GemmaTokenizer``; the ``tokenizers.Tokenizer`` is its ``backend_tokenizer``)."""
-        return _hf_tokenizer(self.path, str(self.config["model_type"]))
+        stat = self.path.stat()
+        key = (self.path.resolve(), stat.st_size, stat.st_mtime_ns, str(self.config["model_type"]))
+        # Converting a 262k-token vocabulary takes ~5 s; a copy of the converted one ~1.7 s. Each checkpoint gets
+        # its own copy: a tokenizer has settings (padding, truncation) that its user may change.
+        return copy.deepcopy(_converted_tokenizer(*key))
 
     @property
     def chat_template(self) -> str | None:
@@ -219,7 +226,7 @@ class GGUFCheckpoint:
 
     # -- internals --------------------------------------------------------------------------------------------
 
-    def _tensor(self, name: str) -> ReaderTensor:
+    def _tensor(self, name: str) -> HeaderTensor:
         try:
             return self._tensors[name]
         except KeyError:
@@ -240,9 +247,9 @@ class GGUFCheckpoint:
     def _index_tensors(self) -> None:
         """Map every GGUF tensor to its HF name, checking its type and that its data lies inside the file."""
         hf_names = _gguf_to_hf_names(self.architecture, self.num_layers)
-        file_size = self._reader.data.size
+        file_size = self._header.size
         unmapped = []
-        for tensor in self._reader.tensors:
+        for tensor in self._header.tensors:
             if tensor.data_offset + tensor.n_bytes > file_size:
                 raise ModelLoadError(
                     f"{self.path} is truncated: tensor {tensor.name!r} ends at byte "
@@ -275,16 +282,16 @@ class GGUFCheckpoint:
             self.architecture: GGUF_CONFIG_MAPPING["mistral" if model_type == "mistral" else self.architecture],
         }
         fields: dict[str, Any] = {}
-        for key, field in self._reader.fields.items():
+        for key, value in self._header.metadata.items():
             prefix, _, rest = key.partition(".")
             target = tables.get(prefix, {}).get(rest)
             if target is not None and target != -1:  # None/-1: metadata transformers deliberately skips
-                fields[target] = field.contents()
+                fields[target] = value
         fields["model_type"] = model_type
         # llama.cpp writes output.weight only when the LM head is not the embedding matrix
         fields["tie_word_embeddings"] = "lm_head.weight" not in self._tensors
-        if "vocab_size" not in fields and "tokenizer.ggml.tokens" in self._reader.fields:
-            fields["vocab_size"] = len(self._reader.fields["tokenizer.ggml.tokens"].data)
+        if "vocab_size" not in fields and "tokenizer.ggml.tokens" in self._header.metadata:
+            fields["vocab_size"] = self._header.metadata["tokenizer.ggml.tokens"]  # its length (gguf_header)
         fields.update(self._rope_scaling())
         return fields
 
@@ -323,27 +330,26 @@ class GGUFCheckpoint:
         return heads
 
 
-def _open_reader(path: Path) -> gguf.GGUFReader:
-    """``GGUFReader`` over ``path``, its raw errors (bad magic, short reads ...) turned into ModelLoadError.
+def _open_header(path: Path) -> GGUFHeader:
+    """``path``'s parsed header (:mod:`hyprec.loading.gguf_header`), its errors turned into ModelLoadError.
 
-    Parsed headers are shared within a process while the file is unchanged (same size and modification time):
-    gguf-py reads a 262k-token vocabulary one string at a time (~8 s for Gemma's), and a process that opens the same
-    file again (another engine, a precision tool, a test) would pay it each time. The reader is read-only."""
+    Headers are shared within a process while the file is unchanged (same size and modification time); they are
+    read-only."""
     if not path.is_file():
         raise ModelLoadError(f"GGUF file not found: {path}")
     stat = path.stat()
-    return _parsed_reader(path.resolve(), stat.st_size, stat.st_mtime_ns)
+    return _parsed_header(path.resolve(), stat.st_size, stat.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=4)
-def _parsed_reader(path: Path, size: int, mtime_ns: int) -> gguf.GGUFReader:
+def _parsed_header(path: Path, size: int, mtime_ns: int) -> GGUFHeader:
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":
         raise ModelLoadError(f"{path} is not a GGUF file: it starts with {magic!r}, not b'GGUF'")
     try:
-        return gguf.GGUFReader(path)
-    except Exception as exc:  # numpy/struct/enum errors from a cut or corrupt header, or an unknown type id
+        return read_header(path)
+    except Exception as exc:  # struct/enum/index errors from a cut or corrupt header, or an unknown type id
         raise ModelLoadError(f"cannot read GGUF file {path} (truncated or corrupt?): {exc}") from None
 
 
@@ -369,7 +375,7 @@ def _model_arch(architecture: str) -> gguf.MODEL_ARCH:
     raise UnsupportedArchitectureError(f"the installed gguf package does not know architecture {architecture!r}")
 
 
-def _dequantize(tensor: ReaderTensor) -> np.ndarray:
+def _dequantize(tensor: HeaderTensor) -> np.ndarray:
     """A tensor's values as a new float32 array in numpy order (= HF layout), a chunk of rows at a time."""
     shape = tuple(int(d) for d in reversed(tensor.shape))  # ggml lists dimensions fastest-moving first
     rows = tensor.data.reshape(-1, tensor.data.shape[-1])  # raw rows: values, or the bytes of a row's blocks
@@ -410,6 +416,12 @@ def _complete_config(fields: dict[str, Any], path: Path) -> dict[str, Any]:
     elif "rope_theta" in rope:
         config["rope_theta"] = rope["rope_theta"]
     return config
+
+
+@functools.lru_cache(maxsize=2)
+def _converted_tokenizer(path: Path, size: int, mtime_ns: int, model_type: str) -> TokenizersBackend:
+    """:func:`_hf_tokenizer`, once per process for an unchanged file (``size``/``mtime_ns`` key the cache)."""
+    return _hf_tokenizer(path, model_type)
 
 
 def _hf_tokenizer(path: Path, model_type: str) -> TokenizersBackend:
