@@ -11,7 +11,8 @@
  * a row's result depends on the weight's width alone, never on the other rows, and equals the float32 dequantised
  * layer up to the order of float32 sums. The AVX-512 and portable paths compute the same operations in the same
  * order. (On the 2-core AMX Xeon of the benchmarks these kernels are bound by vector throughput, not memory: a zmm
- * FMA loop runs at 1.66 G instructions/s per core there, and dequantising costs about one instruction per value.)
+ * FMA loop runs at 1.5-1.7 G instructions/s per core there, benchmarks/vector_throughput.py, and dequantising costs
+ * about one instruction per value.)
  *
  * Q8_0 has its own kernel (q8_0_linear): a block's 32 integers are multiplied by x before the block's scale
  * (acc += d * (q . x) per lane), 1.3x faster at one row than dequantising first.
