@@ -484,8 +484,8 @@ def test_quantised_gguf_is_logged_as_such(tmp_path, caplog, monkeypatch):
     with caplog.at_level("INFO", logger="hyprec"):
         llm = LLM(path, max_model_len=64, num_kv_blocks=8)
     assert llm.policy.reason.startswith("GGUF Q")
-    assert "checkpoint (dequantised to float32) -> hybrid" in llm.policy.reason
-    assert "float32 checkpoint" not in caplog.text and "dequantised to float32" in caplog.text
+    assert "checkpoint (a quantized float32 model) -> hybrid" in llm.policy.reason
+    assert "float32 checkpoint" not in caplog.text and "a quantized float32 model" in caplog.text
 
     class Q4KMWriter(GGUFWriter):
         def write_header_to_file(self, *args, **kwargs) -> None:
@@ -496,7 +496,7 @@ def test_quantised_gguf_is_logged_as_such(tmp_path, caplog, monkeypatch):
     path = tmp_path / "q4_k_m.gguf"
     test_gguf.write_gguf(path, "llama")
     llm = LLM(path, max_model_len=64, num_kv_blocks=8)
-    assert llm.policy.reason.startswith("GGUF Q4_K_M checkpoint (dequantised to float32) -> hybrid")
+    assert llm.policy.reason.startswith("GGUF Q4_K_M checkpoint (a quantized float32 model) -> hybrid")
     assert "GGUF Q4_K_M checkpoint" in LLM(path, dtype="float32", max_model_len=64, num_kv_blocks=8).policy.reason
 
 

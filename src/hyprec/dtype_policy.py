@@ -160,7 +160,7 @@ def resolve_policy(
         kv_cache_dtype: ``auto`` follows ``attn_dtype``.
         checkpoint_dtype: dtype the weights were stored in (a quantized file: the dtype it dequantizes to).
         checkpoint_storage: how the weights were stored, when ``checkpoint_dtype`` alone would mislead (``GGUF
-            Q4_K_M checkpoint (dequantised to float32)``); named in the reason.
+            Q4_K_M checkpoint (a quantized float32 model)``); named in the reason.
         fp16_attention_safe: lazily evaluated check returning ``(safe, evidence)``; only called when needed.
         kernel_speeds: lazily evaluated kernel timings of the device (:func:`hyprec.hardware.kernel_profile`).
 

@@ -180,7 +180,7 @@ class GGUFCheckpoint:
 
     def storage(self) -> str | None:
         """For a quantized file, its quantization (``general.file_type``, else the quantized tensor types, most
-        frequent first): ``GGUF Q4_K_M checkpoint (dequantised to float32)``. None for F32/F16/BF16 files, whose
+        frequent first): ``GGUF Q4_K_M checkpoint (a quantized float32 model)``. None for F32/F16/BF16 files, whose
         :meth:`floating_dtype` says it all."""
         counts = Counter(t.tensor_type for t in self._tensors.values())
         quantized = [qtype.name for qtype, _ in counts.most_common() if qtype not in _FLOAT_TYPES]
@@ -190,7 +190,7 @@ class GGUFCheckpoint:
             name = gguf.LlamaFileType(self.metadata("general.file_type")).name.removeprefix("MOSTLY_")
         except (ValueError, TypeError):  # absent, or a file type this gguf release does not know
             name = "/".join(quantized)
-        return f"GGUF {name} checkpoint (dequantised to float32)"
+        return f"GGUF {name} checkpoint (a quantized float32 model)"
 
     # -- metadata ---------------------------------------------------------------------------------------------
 

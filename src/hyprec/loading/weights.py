@@ -147,8 +147,8 @@ class WeightSource(Protocol):
     def source(self, name: str) -> str: ...
     def floating_dtype(self) -> torch.dtype: ...
     def storage(self) -> str | None:
-        """How the weights are stored when :meth:`floating_dtype` alone would mislead (a quantized file
-        dequantizes to float32: ``GGUF Q4_K_M checkpoint (dequantised to float32)``), for logs; else None."""
+        """How the weights are stored when :meth:`floating_dtype` alone would mislead (a quantized file computes
+        in float32: ``GGUF Q4_K_M checkpoint (a quantized float32 model)``), for logs; else None."""
         ...
 
 
