@@ -111,23 +111,19 @@ static inline void block_q5_0(const uint8_t *b, __m512 w[2]) {
     w[1] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(x1, sixteen)), d);
 }
 
-static void row_q4_0_avx512(const uint8_t *b, int64_t k, float *y) {
-    for (int64_t i = 0; i < k / QK; i++, b += 18, y += QK) {
-        __m512 w[2];
-        block_q4_0(b, w);
-        _mm512_storeu_ps(y, w[0]);
-        _mm512_storeu_ps(y + 16, w[1]);
+/* A row of 32-value blocks, each dequantised in registers by block_FMT, stored. */
+#define ROW_OF_BLOCKS(FMT, BYTES)                                                                            \
+    static void row_##FMT##_avx512(const uint8_t *b, int64_t k, float *y) {                                  \
+        for (int64_t i = 0; i < k / QK; i++, b += BYTES, y += QK) {                                         \
+            __m512 w[2];                                                                                    \
+            block_##FMT(b, w);                                                                              \
+            _mm512_storeu_ps(y, w[0]);                                                                      \
+            _mm512_storeu_ps(y + 16, w[1]);                                                                 \
+        }                                                                                                   \
     }
-}
 
-static void row_q5_0_avx512(const uint8_t *b, int64_t k, float *y) {
-    for (int64_t i = 0; i < k / QK; i++, b += 22, y += QK) {
-        __m512 w[2];
-        block_q5_0(b, w);
-        _mm512_storeu_ps(y, w[0]);
-        _mm512_storeu_ps(y + 16, w[1]);
-    }
-}
+ROW_OF_BLOCKS(q4_0, 18)
+ROW_OF_BLOCKS(q5_0, 22)
 
 static void row_q8_0_avx512(const uint8_t *b, int64_t k, float *y) {
     for (int64_t i = 0; i < k / QK; i++, b += 34, y += QK) {
