@@ -256,38 +256,31 @@ static void row_q8_0(const uint8_t *b, int64_t k, float *y) {
     }
 }
 
-static void row_q4_k(const uint8_t *b, int64_t k, float *y) {
-    for (int64_t i = 0; i < k / QK_K; i++, b += 144) {
+/* Q4_K (fifth_bits 0) and Q5_K: per 64 values, two sub-blocks with 6-bit scales and mins; Q5_K adds a fifth bit
+ * from qh (bits 2j and 2j + 1 for the pair j). */
+static void row_k4_k5(const uint8_t *b, int64_t k, float *y, int fifth_bits) {
+    const int64_t block_bytes = fifth_bits ? 176 : 144;
+    for (int64_t i = 0; i < k / QK_K; i++, b += block_bytes) {
         const float d = half_to_float(b), dmin = half_to_float(b + 2);
-        const uint8_t *scales = b + 4, *q = b + 16;
+        const uint8_t *scales = b + 4, *qh = b + 16, *q = b + (fifth_bits ? 48 : 16);
         for (int j = 0; j < QK_K / 64; j++, q += 32, y += 64) {
             int sc, m;
             scale_min_k4(2 * j, scales, &sc, &m);
             const float d1 = d * (float)sc, m1 = dmin * (float)m;
             scale_min_k4(2 * j + 1, scales, &sc, &m);
             const float d2 = d * (float)sc, m2 = dmin * (float)m;
-            for (int l = 0; l < 32; l++) y[l] = d1 * (float)(q[l] & 0xF) - m1;
-            for (int l = 0; l < 32; l++) y[l + 32] = d2 * (float)(q[l] >> 4) - m2;
+            for (int l = 0; l < 32; l++) {
+                const int h1 = fifth_bits ? ((qh[l] >> (2 * j)) & 1) << 4 : 0;
+                const int h2 = fifth_bits ? ((qh[l] >> (2 * j + 1)) & 1) << 4 : 0;
+                y[l] = d1 * (float)((q[l] & 0xF) | h1) - m1;
+                y[l + 32] = d2 * (float)((q[l] >> 4) | h2) - m2;
+            }
         }
     }
 }
 
-static void row_q5_k(const uint8_t *b, int64_t k, float *y) {
-    for (int64_t i = 0; i < k / QK_K; i++, b += 176) {
-        const float d = half_to_float(b), dmin = half_to_float(b + 2);
-        const uint8_t *scales = b + 4, *qh = b + 16, *ql = b + 48;
-        for (int j = 0; j < QK_K / 64; j++, ql += 32, y += 64) {
-            int sc, m;
-            scale_min_k4(2 * j, scales, &sc, &m);
-            const float d1 = d * (float)sc, m1 = dmin * (float)m;
-            scale_min_k4(2 * j + 1, scales, &sc, &m);
-            const float d2 = d * (float)sc, m2 = dmin * (float)m;
-            const int lo = 2 * j, hi = 2 * j + 1; /* the bits of qh that hold this pair's fifth bits */
-            for (int l = 0; l < 32; l++) y[l] = d1 * (float)((ql[l] & 0xF) | (((qh[l] >> lo) & 1) << 4)) - m1;
-            for (int l = 0; l < 32; l++) y[l + 32] = d2 * (float)((ql[l] >> 4) | (((qh[l] >> hi) & 1) << 4)) - m2;
-        }
-    }
-}
+static void row_q4_k(const uint8_t *b, int64_t k, float *y) { row_k4_k5(b, k, y, 0); }
+static void row_q5_k(const uint8_t *b, int64_t k, float *y) { row_k4_k5(b, k, y, 1); }
 
 static void row_q6_k(const uint8_t *b, int64_t k, float *y) {
     for (int64_t i = 0; i < k / QK_K; i++, b += 210) {
