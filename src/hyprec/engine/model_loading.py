@@ -173,15 +173,12 @@ def _keep_stored(model: nn.Module, checkpoint: WeightSource) -> list[str]:
 
 
 def _with_stored_weights(model: nn.Module, policy: DtypePolicy, requested: str) -> tuple[nn.Module, DtypePolicy]:
-    """``policy`` saying which weights ``model`` keeps as stored (and its output head set to the stored table);
-    ``weights='stored'`` on a checkpoint with no block-format layer weights is an error."""
+    """``policy`` saying which weights ``model`` keeps as stored; ``weights='stored'`` on a checkpoint with no
+    block-format layer weights is an error."""
     stored = {name: m.stored for name, m in model.named_modules() if isinstance(m, (StoredLinear, StoredEmbedding))}
     if not stored:
         _check_stored_request(requested, "the checkpoint stores no layer weights in a block format the kernels read")
         return model, replace(policy, weights="float32")
-    head_module = getattr(model, "head_weight_name", "").removesuffix(".weight")
-    if head_module in stored:
-        model.stored_head = stored[head_module]
     formats = Counter(w.format for w in stored.values())
     listed = ", ".join(f"{count} {name}" for name, count in formats.most_common())
     stored_mib = sum(w.nbytes for w in stored.values()) / 2**20

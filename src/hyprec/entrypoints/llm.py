@@ -46,8 +46,9 @@ class LLM:
             ``highest`` (float32 GEMMs), ``high`` (three bfloat16 products, float32-grade) or ``medium`` (one),
             ``float32_gemm``: ``auto`` (default: oneDNN for encoders where the kernel probe measured it faster),
             ``torch`` (``F.linear``) or ``onednn`` (prepacked weights, fused activations),
-            ``weights``: ``auto`` (default: stored where it applies), ``stored`` (a GGUF file's Q8_0 output head
-            kept packed and multiplied with float32 activations) or ``float32`` (dequantised at load),
+            ``weights``: ``auto`` (default: stored where it applies), ``stored`` (a GGUF file's linear weights and
+            embedding tables kept in their blocks, multiplied with float32 activations) or ``float32`` (dequantised
+            at load),
             ``half_arithmetic``: ``native`` (default), ``emulated`` (float16/bfloat16 rounded, computed in
             float32) or ``auto`` (emulated where the device has no half-precision hardware)).
 

@@ -173,17 +173,7 @@ class BlockWeight(StoredWeight):
     """Any other :data:`FORMATS` entry as GGUF stores it: raw rows ``data [out, row bytes]`` (uint8)."""
 
     def __init__(self, format: str, data: torch.Tensor, in_features: int):
-        spec = FORMATS.get(format)
-        if spec is None:
-            raise ValueError(f"no kernel reads GGUF format {format!r}; readable: {', '.join(FORMATS)}")
-        row_bytes = in_features // spec.block_values * spec.block_bytes
-        shape_ok = data.dim() == 2 and data.shape[1] == row_bytes and not in_features % spec.block_values
-        if data.dtype != torch.uint8 or not shape_ok:
-            raise ValueError(
-                f"{format} rows of {in_features} values must be uint8 [out, {row_bytes}] (blocks of "
-                f"{spec.block_values}), got {data.dtype} {tuple(data.shape)}"
-            )
-        self.format, self.spec, self.in_features = format, spec, in_features
+        self.format, self.spec, self.in_features = format, _check_rows(format, data, in_features), in_features
         self.data = data.contiguous()
 
     @property
@@ -218,10 +208,25 @@ class BlockWeight(StoredWeight):
         )  # fmt: skip
 
 
+def _check_rows(format: str, data: torch.Tensor, in_features: int) -> BlockFormat:
+    """``format``'s spec, once ``data`` is checked to be its raw rows of ``in_features`` values (ValueError if not)."""
+    spec = FORMATS.get(format)
+    if spec is None:
+        raise ValueError(f"no kernel reads GGUF format {format!r}; readable: {', '.join(FORMATS)}")
+    row_bytes = in_features // spec.block_values * spec.block_bytes
+    shape_ok = data.dim() == 2 and data.shape[1] == row_bytes and not in_features % spec.block_values
+    if data.dtype != torch.uint8 or not shape_ok:
+        raise ValueError(
+            f"{format} rows of {in_features} values must be uint8 [out, {row_bytes}] (blocks of "
+            f"{spec.block_values}), got {data.dtype} {tuple(data.shape)}"
+        )
+    return spec
+
+
 def stored_weight(format: str, data: torch.Tensor, in_features: int) -> StoredWeight:
     """The layer weight for a tensor GGUF stores as ``data`` (raw uint8 rows) in ``format`` (:data:`FORMATS`)."""
     if format == "Q8_0":
-        BlockWeight(format, data, in_features)  # the same shape checks
+        _check_rows(format, data, in_features)
         return Q8_0Weight.from_blocks(data)
     return BlockWeight(format, data, in_features)
 

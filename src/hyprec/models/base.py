@@ -122,7 +122,7 @@ class DecoderModel(nn.Module):
     #: compute the output head in row tiles (see :mod:`hyprec.layers.linear`); set by ``set_batch_invariant``.
     batch_invariant: bool = False
     #: the output head as the checkpoint stores it (:class:`~hyprec.layers.quantized.StoredWeight`), when the policy
-    #: keeps it so (``weights``); None: the float32 head.
+    #: keeps it so (``weights``); None: the float32 head. Families derive it from their head module.
     stored_head: StoredWeight | None = None
 
     def __init__(self, config: ModelConfig):

@@ -18,6 +18,7 @@ from hyprec.layers.activation import get_activation
 from hyprec.layers.attention import Attention, AttentionMetadata
 from hyprec.layers.linear import Linear, head_linear
 from hyprec.layers.norm import RMSNorm
+from hyprec.layers.quantized import StoredWeight
 from hyprec.layers.rotary import RotaryEmbedding
 from hyprec.models.base import AttentionInputs, DecoderModel, ResidualStream
 from hyprec.models.decoder_config import layer_types, rope_parameters, sliding_window
@@ -151,9 +152,10 @@ class LlamaForCausalLM(DecoderModel):
         return self.model(input_ids, positions, meta)
 
     @property
-    def head_weight_name(self) -> str:
-        """The checkpoint name of the output head's weight (the embedding table when tied)."""
-        return "model.embed_tokens.weight" if self.tied else "lm_head.weight"
+    def stored_head(self) -> StoredWeight | None:
+        """The output head's weight as the checkpoint stores it, when the head (the embedding table when tied) was
+        loaded that way; None: a float32 (or plan-cast) head."""
+        return getattr(self.model.embed_tokens if self.tied else self.lm_head, "stored", None)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.stored_head is not None:
