@@ -84,11 +84,10 @@ def attention_call(policy, length: int) -> Callable[[], torch.Tensor]:
     gen = torch.Generator().manual_seed(length)
     q, k, v = (torch.randn(length, HEADS, HEAD_DIM, generator=gen) for _ in range(3))
     attention = Attention(HEADS, HEAD_DIM)
+    attention.attn_dtype = policy.attn_dtype
 
     def call() -> torch.Tensor:
-        meta = AttentionMetadata.for_sequences(
-            [length], attn_dtype=policy.attn_dtype, backend=select_backend("cpu", policy.attn_dtype), device="cpu"
-        )
+        meta = AttentionMetadata.for_sequences([length], backend=select_backend("cpu", policy.attn_dtype), device="cpu")
         return attention(q, k, v, meta)
 
     return call

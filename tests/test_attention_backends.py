@@ -111,7 +111,7 @@ def reference(
 
 def _encoder_meta(lens, dtype, backend, bias=None, batch_invariant=False) -> AttentionMetadata:
     extra = {"batch_invariant": True} if batch_invariant else {}
-    meta = AttentionMetadata.for_sequences(lens, attn_dtype=dtype, backend=backend, device="cpu", **extra)
+    meta = AttentionMetadata.for_sequences(lens, backend=backend, device="cpu", **extra)
     meta.bias = bias
     return meta
 
@@ -127,7 +127,6 @@ def _decoder_meta(batch: Batch, dtype, backend, window, batch_invariant=False) -
     )
     extra = {"batch_invariant": True} if batch_invariant else {}
     meta = AttentionMetadata(
-        attn_dtype=dtype,
         backend=backend,
         queries=Packing.of(batch.q_lens, "cpu"),
         causal=True,

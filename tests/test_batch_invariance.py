@@ -26,7 +26,7 @@ from numpy.testing import assert_array_equal
 
 from hyprec import LLM, SamplingParams
 from hyprec.layers.linear import ROW_TILE, leading_decode_rows, row_invariant_linear
-from hyprec.precision.plan import LayerPrecision, PrecisionPlan, model_fingerprint
+from hyprec.precision.plan import PrecisionPlan, model_fingerprint, plan_layer
 
 POLICIES = {
     "float32": {"dtype": "float32"},
@@ -67,9 +67,7 @@ def test_embeddings_are_batch_invariant(minilm_dir, texts, policy):
 
 def test_embeddings_under_a_precision_plan_are_batch_invariant(minilm_dir, texts):
     reference = LLM(minilm_dir, dtype="float32").engine.model
-    layers = [
-        LayerPrecision(linear=lin, attention=att) for lin, att in [("float16", "float16"), ("float32", "bfloat16")]
-    ]
+    layers = [plan_layer(lin, att) for lin, att in [("float16", "float16"), ("float32", "bfloat16")]]
     plan = PrecisionPlan(
         model={"name": "minilm", "architecture": type(reference).__name__, "fingerprint": model_fingerprint(reference)},
         target="float16",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hyprec.dtype_policy import resolve_policy
 from hyprec.errors import ConfigError
+from hyprec.precision.policy import resolve_policy
 
 
 def test_float32_checkpoint_resolves_to_hybrid_fp16_when_certified():

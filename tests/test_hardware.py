@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from hyprec import hardware
-from hyprec.dtype_policy import SPEED_MARGIN, resolve_policy
 from hyprec.errors import ConfigError
 from hyprec.hardware import KernelProfile
+from hyprec.layers import gemm_probe
+from hyprec.precision.policy import SPEED_MARGIN, resolve_policy
 
 
 def profile(attention: dict[str, float], linear: dict[str, float] | None = None) -> KernelProfile:
@@ -169,40 +170,40 @@ def test_native_half_follows_the_measured_linear_speed(monkeypatch):
 
 
 def test_linear_shapes_are_the_models_float32_layers_with_counts(minilm_fp32):
-    shapes = hardware.linear_shapes(minilm_fp32.engine.model)
+    shapes = gemm_probe.linear_shapes(minilm_fp32.engine.model)
     # MiniLM: 6 layers of query/key/value/attention output (384 -> 384), FFN up with GELU, FFN down.
     assert shapes == (
-        hardware.LinearShape(384, 384, True, "", 24),
-        hardware.LinearShape(384, 1536, True, "gelu", 6),
-        hardware.LinearShape(1536, 384, True, "", 6),
+        gemm_probe.LinearShape(384, 384, True, "", 24),
+        gemm_probe.LinearShape(384, 1536, True, "gelu", 6),
+        gemm_probe.LinearShape(1536, 384, True, "", 6),
     )
     from hyprec.layers.linear import Linear
 
     mixed = torch.nn.Sequential(Linear(8, 8).to(torch.bfloat16), Linear(8, 4, bias=False, activation="relu"))
-    assert hardware.linear_shapes(mixed) == (hardware.LinearShape(8, 4, False, "relu", 1),)  # half layers: no GEMM
+    assert gemm_probe.linear_shapes(mixed) == (gemm_probe.LinearShape(8, 4, False, "relu", 1),)  # half layers: no GEMM
 
 
 def test_gemm_probe_measures_each_shape_set_once_then_reads_the_cache(real_device, monkeypatch):
-    shapes = (hardware.LinearShape(64, 96, True, "gelu", 3), hardware.LinearShape(96, 64, False, "", 1))
-    first = hardware.gemm_profile(shapes)
-    assert first.source.startswith("measured") and first.rows == hardware.GEMM_ROWS
+    shapes = (gemm_probe.LinearShape(64, 96, True, "gelu", 3), gemm_probe.LinearShape(96, 64, False, "", 1))
+    first = gemm_probe.gemm_profile(shapes)
+    assert first.source.startswith("measured") and first.rows == gemm_probe.GEMM_ROWS
     assert "float32" in first.ms and set(first.ms) <= set(hardware.GEMM_KERNELS)
     assert all(t > 0 for t in first.ms.values())
     assert "model GEMMs (1024 rows) fp32" in first.describe()
 
-    assert hardware.gemm_profile(shapes[:1]).source.startswith("measured")  # another model: its own probe
+    assert gemm_probe.gemm_profile(shapes[:1]).source.startswith("measured")  # another model: its own probe
     assert len(list((real_device / "kernel-profiles").glob("cpu-gemm-*.json"))) == 2
 
-    hardware._gemm_profile.cache_clear()  # a new process: must not measure again
+    gemm_probe._gemm_profile.cache_clear()  # a new process: must not measure again
     with monkeypatch.context() as m:
-        m.setattr(hardware, "measure_gemms", lambda *a, **k: pytest.fail("measured twice"))
-        again = hardware.gemm_profile(shapes)
+        m.setattr(gemm_probe, "measure_gemms", lambda *a, **k: pytest.fail("measured twice"))
+        again = gemm_probe.gemm_profile(shapes)
     assert again.ms == first.ms and again.source.startswith("cached in")
 
     for path in (real_device / "kernel-profiles").glob("cpu-gemm-*.json"):
         path.write_text('{"version": 4, "rows": 1024, "ms": {"float32": -1}}')  # damaged: measured again
-    hardware._gemm_profile.cache_clear()
-    assert hardware.gemm_profile(shapes).source.startswith("measured")
+    gemm_probe._gemm_profile.cache_clear()
+    assert gemm_probe.gemm_profile(shapes).source.startswith("measured")
 
 
 def test_gemm_probe_counts_every_layer_of_a_shape(monkeypatch):
@@ -212,25 +213,25 @@ def test_gemm_probe_counts_every_layer_of_a_shape(monkeypatch):
         calls.extend(fn() for fn in fns.values())
         return dict.fromkeys(fns, 2.0)
 
-    monkeypatch.setattr(hardware, "_interleaved_ms", fake)
-    one, four = hardware.LinearShape(8, 8, True, "", 1), hardware.LinearShape(8, 16, False, "relu", 4)
-    times = hardware.measure_gemms([one, four], torch.device("cpu"), rows=4)
+    monkeypatch.setattr(gemm_probe, "interleaved_ms", fake)
+    one, four = gemm_probe.LinearShape(8, 8, True, "", 1), gemm_probe.LinearShape(8, 16, False, "relu", 4)
+    times = gemm_probe.measure_gemms([one, four], torch.device("cpu"), rows=4)
     assert times["float32"] == 2.0 * 1 + 2.0 * 4
     assert [tuple(c.shape) for c in calls] == [(4, 8)] * len(times) + [(4, 16)] * len(times)
     assert (calls[len(times)] >= 0).all()  # the second shape's ReLU ran
 
 
 def test_pinned_profile_pins_the_gemm_probe_too():
-    pinned = hardware.gemm_profile((hardware.LinearShape(8, 8, True, "", 1),))
+    pinned = gemm_probe.gemm_profile((gemm_probe.LinearShape(8, 8, True, "", 1),))
     assert pinned.source.startswith("HYPREC_KERNEL_PROFILE=") and pinned.ms["float32"] == 1.0
 
 
 def test_real_default_gemms_are_consistent_with_the_model_probe(real_device):
     from hyprec import LLM
-    from hyprec.dtype_policy import GEMM_MARGIN
+    from hyprec.precision.policy import GEMM_MARGIN
 
     llm = LLM("minilm")
-    probe = hardware.gemm_profile(hardware.linear_shapes(llm.engine.model))
+    probe = gemm_probe.gemm_profile(gemm_probe.linear_shapes(llm.engine.model))
     times = probe.ms
     # bf16x3 only where it measured SPEED_MARGIN faster than the fastest exact float32 GEMM on the model's own
     # shapes; oneDNN only where GEMM_MARGIN faster than F.linear.

@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from hyprec.dtype_policy import resolve_matmul, resolve_policy
 from hyprec.errors import ConfigError
-from hyprec.hardware import BF16X3, FLOAT32_ONEDNN, GemmProfile
+from hyprec.hardware import BF16X3, FLOAT32_ONEDNN
 from hyprec.layers import onednn
 from hyprec.layers.compensated import SplitWeight, bf16_gemm_available, split_linear
+from hyprec.layers.gemm_probe import GemmProfile
 from hyprec.layers.linear import Linear
+from hyprec.precision.policy import resolve_matmul, resolve_policy
 
 needs_gemm = pytest.mark.skipif(not bf16_gemm_available(), reason="this PyTorch build has no bf16 -> f32 GEMM")
 

@@ -1,9 +1,9 @@
 """hyprec: hybrid-precision inference. Weights and activations in float32, attention in float16/bfloat16."""
 
-from hyprec.dtype_policy import DtypePolicy, resolve_policy
 from hyprec.entrypoints.llm import LLM
 from hyprec.errors import HyprecError
 from hyprec.outputs import CompletionOutput, RequestOutput
+from hyprec.precision.policy import DtypePolicy, resolve_policy
 from hyprec.sampling_params import SamplingParams
 
 __version__ = "0.1.0"

@@ -9,14 +9,18 @@ from typing import Any
 
 import torch
 
-from hyprec.dtype_policy import FLOAT32_GEMMS, MATMUL_PRECISIONS, TORCH_DTYPES, WEIGHTS
+from hyprec.dtypes import (
+    FLOAT32_GEMMS,
+    HALF_ARITHMETIC,
+    MATMUL_PRECISIONS,
+    ON_NONFINITE,
+    TORCH_DTYPES,
+    WEIGHTS,
+    check_choice,
+)
 from hyprec.errors import ConfigError, ModelLoadError
 
 _MISSING = object()
-#: How half-precision arithmetic runs (hyprec.precision.emulation): on the device's half kernels, emulated in float32
-#: (rounded to the half format wherever the native model holds it), or emulated only where the device has no half
-#: hardware path (hyprec.hardware.native_half).
-HALF_ARITHMETIC = ("native", "emulated", "auto")
 # Types of required fields, checked on access (fields with a default are checked against the default's type).
 _FIELD_TYPES: dict[str, type] = {
     name: int
@@ -123,15 +127,16 @@ class EngineConfig:
     # Batch invariance: an input's result is bit-identical whatever it is batched with (fixed-size GEMM row tiles,
     # attention per group of equal-length sequences, position-aligned prefill chunks). Costs speed; see README.
     deterministic: bool = False
-    # native | emulated | auto (HALF_ARITHMETIC). Serving runs the real half kernels (native, the default: emulation
-    # keeps float32 weights, twice a float16 model's memory); compare/repair use auto, fast on any hardware.
+    # native | emulated | auto (hyprec.dtypes.HALF_ARITHMETIC). Serving runs the real half kernels (native, the
+    # default: emulation keeps float32 weights, twice a float16 model's memory); compare/repair use auto, fast on any
+    # hardware.
     half_arithmetic: str = "native"
-    # How float32 linear layers multiply (hyprec.dtype_policy.resolve_matmul): auto | highest (float32 GEMMs) | high
+    # How float32 linear layers multiply (hyprec.precision.policy.resolve_matmul): auto | highest (float32 GEMMs) | high
     # (three bfloat16 products, float32-grade) | medium (one bfloat16 product).
     matmul_precision: str = "auto"
-    # Library of float32 GEMMs (hyprec.dtype_policy.FLOAT32_GEMMS): auto | torch (F.linear) | onednn (prepacked).
+    # Library of float32 GEMMs (hyprec.dtypes.FLOAT32_GEMMS): auto | torch (F.linear) | onednn (prepacked).
     float32_gemm: str = "auto"
-    # Weights kept in the checkpoint's stored format (hyprec.dtype_policy.WEIGHTS): auto | stored | float32.
+    # Weights kept in the checkpoint's stored format (hyprec.dtypes.WEIGHTS): auto | stored | float32.
     weights: str = "auto"
 
     def __post_init__(self) -> None:
@@ -140,18 +145,14 @@ class EngineConfig:
             _check_positive(name, getattr(self, name))
         if not isinstance(self.deterministic, bool):
             raise ConfigError(f"deterministic={self.deterministic!r}: expected True or False")
-        if self.on_nonfinite not in ("fallback", "raise", "ignore"):
-            raise ConfigError(f"on_nonfinite={self.on_nonfinite!r}: expected one of fallback, raise, ignore")
-        if self.matmul_precision not in MATMUL_PRECISIONS:
-            raise ConfigError(
-                f"matmul_precision={self.matmul_precision!r}: expected one of {', '.join(MATMUL_PRECISIONS)}"
-            )
-        if self.float32_gemm not in FLOAT32_GEMMS:
-            raise ConfigError(f"float32_gemm={self.float32_gemm!r}: expected one of {', '.join(FLOAT32_GEMMS)}")
-        if self.weights not in WEIGHTS:
-            raise ConfigError(f"weights={self.weights!r}: expected one of {', '.join(WEIGHTS)}")
-        if self.half_arithmetic not in HALF_ARITHMETIC:
-            raise ConfigError(f"half_arithmetic={self.half_arithmetic!r}: expected one of {', '.join(HALF_ARITHMETIC)}")
+        for name, valid in (
+            ("on_nonfinite", ON_NONFINITE),
+            ("matmul_precision", MATMUL_PRECISIONS),
+            ("float32_gemm", FLOAT32_GEMMS),
+            ("weights", WEIGHTS),
+            ("half_arithmetic", HALF_ARITHMETIC),
+        ):
+            check_choice(name, getattr(self, name), valid)
         for name in ("max_num_batched_tokens", "max_model_len", "num_kv_blocks"):
             if getattr(self, name) is not None:
                 _check_positive(name, getattr(self, name))

@@ -7,12 +7,7 @@ capability flags say what could be fast, and micro-benchmarks say what is:
 
 * :func:`kernel_profile`: the two kernels the dtype choices affect (a linear layer per dtype, and scaled-dot-product
   attention including its casts), once per device;
-* :func:`gemm_profile`: one forward pass's float32 linear layers at the model's own shapes, per kernel that can
-  compute them (MKL through ``F.linear``, oneDNN with a prepacked weight and fused activation, compensated bf16x3).
-  A single probe shape misleads here: bf16x3 splits every input into two bfloat16 tensors, a memory-bound pass that
-  costs little on a 768-wide projection but more than the three bfloat16 products save on a 3072-wide FFN input
-  (measured on a Xeon with AMX, torch 2.13: 1.12x float32 on a 768x768 probe, 0.89x on MPNet's FFN down projection
-  at 2,048 rows; chosen by the single probe, bf16x3 ran MPNet and MiniLM slower than float32).
+* :func:`hyprec.layers.gemm_probe.gemm_profile`: the model's own float32 linear layers per GEMM kernel.
 
 Both are cached per machine, torch version and thread count (the GEMM probe also per set of shapes) under the cache
 directory, so each costs well under a second once and nothing afterwards.
@@ -31,25 +26,23 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from hyprec.layers import onednn
-from hyprec.layers.compensated import bf16_gemm_available
-from hyprec.layers.linear import Linear
+from hyprec.dtypes import TORCH_DTYPES, full_name
+from hyprec.errors import ConfigError
+from hyprec.model_sources import cache_dir
 
 log = logging.getLogger("hyprec")
 
 #: CPU flags that decide which half-precision kernels exist (bfloat16/float16 dot products, AMX tiles).
 HALF_PRECISION_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16", "amx_tile")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_PROFILE_VERSION = 4
+PROFILE_VERSION = 4
 #: The compensated float32 linear layer (three bfloat16 products, :mod:`hyprec.layers.compensated`), timed by the
 #: GEMM probe where this PyTorch build has the GEMM it needs.
 BF16X3 = "bfloat16x3"
@@ -121,7 +114,8 @@ class KernelProfile:
         hardware: CPU model and half-precision flags, or the GPU name and compute capability.
         threads: intra-op threads the probe ran with (CPU).
         linear_ms / attention_ms: dtype name -> median milliseconds of the probe kernel (a pinned profile's
-            ``linear_ms`` may add :data:`BF16X3` and :data:`FLOAT32_ONEDNN`, which then pin :func:`gemm_profile`).
+            ``linear_ms`` may add :data:`BF16X3` and :data:`FLOAT32_ONEDNN`, which then pin the GEMM probe,
+            :func:`hyprec.layers.gemm_probe.gemm_profile`).
         source: where the numbers came from (measured now, the cache file, or ``HYPREC_KERNEL_PROFILE``).
     """
 
@@ -136,25 +130,21 @@ class KernelProfile:
     def speedup(self, kernel: str, dtype: torch.dtype) -> float:
         """How many times faster than float32 ``kernel`` (``linear`` or ``attention``) runs in ``dtype``."""
         times = self.linear_ms if kernel == "linear" else self.attention_ms
-        return times["float32"] / times[_name(dtype)]
+        return times["float32"] / times[full_name(dtype)]
 
     def describe(self, kernel: str) -> str:
         """E.g. ``attention fp32 3.1 ms, fp16 2.9 ms, bf16 1.2 ms``."""
         times = self.linear_ms if kernel == "linear" else self.attention_ms
-        return f"{kernel} {_describe_times(times)}"
+        return f"{kernel} {describe_times(times)}"
 
     def to_json(self) -> dict:
         out = asdict(self)
         out.pop("source")
-        return {"version": _PROFILE_VERSION, **out}
+        return {"version": PROFILE_VERSION, **out}
 
 
-def _describe_times(times: dict[str, float]) -> str:
+def describe_times(times: dict[str, float]) -> str:
     return ", ".join(f"{_SHORT_NAMES[k]} {v:.2f} ms" for k, v in times.items())
-
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _hardware(device: torch.device) -> str:
@@ -164,7 +154,7 @@ def _hardware(device: torch.device) -> str:
     return f"{cpu_model()} [{describe_flags()}]"
 
 
-def _interleaved_ms(
+def interleaved_ms(
     fns: dict[str, Callable[[], object]], device: torch.device, repeats: int = _REPEATS
 ) -> dict[str, float]:
     """Median milliseconds of each function, timed in interleaved rounds so that load on a shared machine hits every
@@ -193,7 +183,7 @@ def measure(device: torch.device) -> KernelProfile:
     w = (torch.randn(n, k, generator=gen) * k**-0.5).to(device)
     q, kk, v = (torch.randn(*_ATTENTION_SHAPE, generator=gen).to(device) for _ in range(3))
     linears, attentions = {}, {}
-    for name, dtype in _DTYPES.items():
+    for name, dtype in TORCH_DTYPES.items():
         xd, wd = x.to(dtype), w.to(dtype)
         linears[name] = lambda xd=xd, wd=wd: F.linear(xd, wd)
 
@@ -201,7 +191,7 @@ def measure(device: torch.device) -> KernelProfile:
             return F.scaled_dot_product_attention(q.to(dtype), kk.to(dtype), v.to(dtype)).float()
 
         attentions[name] = attention
-    linear_ms, attention_ms = _interleaved_ms(linears, device), _interleaved_ms(attentions, device)
+    linear_ms, attention_ms = interleaved_ms(linears, device), interleaved_ms(attentions, device)
     return KernelProfile(
         device=device.type,
         hardware=_hardware(device),
@@ -212,15 +202,13 @@ def measure(device: torch.device) -> KernelProfile:
     )
 
 
-def _cache_file(device: torch.device, kind: str = "", extra: str = "") -> Path:
-    from hyprec.model_sources import cache_dir
-
-    key = f"{_hardware(device)}|{torch.__version__}|{torch.get_num_threads()}|{_PROFILE_VERSION}{extra}"
+def cache_file(device: torch.device, kind: str = "", extra: str = "") -> Path:
+    key = f"{_hardware(device)}|{torch.__version__}|{torch.get_num_threads()}|{PROFILE_VERSION}{extra}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_dir() / "kernel-profiles" / f"{device.type}{kind}-{digest}.json"
 
 
-def _write_cache(path: Path, content: dict) -> None:
+def write_cache(path: Path, content: dict) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -234,11 +222,11 @@ def _read(path: Path, source: str) -> KernelProfile | None:
     try:
         raw = json.loads(path.read_text())
         raw.pop("note", None)  # a pinned profile may say why it exists
-        if raw.pop("version", None) != _PROFILE_VERSION:
+        if raw.pop("version", None) != PROFILE_VERSION:
             return None
         profile = KernelProfile(**raw, source=source)
         for times, optional in ((profile.linear_ms, _OPTIONAL_LINEAR), (profile.attention_ms, set())):
-            if not set(_DTYPES) <= set(times) <= set(_DTYPES) | optional:
+            if not set(TORCH_DTYPES) <= set(times) <= set(TORCH_DTYPES) | optional:
                 return None
             if not all(isinstance(t, (int, float)) and t > 0 for t in times.values()):
                 return None
@@ -251,7 +239,7 @@ def kernel_profile(device_name: str = "cpu") -> KernelProfile:
     """The kernel speeds of ``device_name``: from ``HYPREC_KERNEL_PROFILE``, else the per-machine cache, else
     measured now and cached. Memoised per process (and per pinned file and cache file)."""
     device = torch.device(device_name)
-    return _kernel_profile(device, os.environ.get("HYPREC_KERNEL_PROFILE") or None, _cache_file(device))
+    return _kernel_profile(device, os.environ.get("HYPREC_KERNEL_PROFILE") or None, cache_file(device))
 
 
 @cache
@@ -259,11 +247,9 @@ def _kernel_profile(device: torch.device, pinned: str | None, path: Path) -> Ker
     if pinned:
         profile = _read(Path(pinned), f"HYPREC_KERNEL_PROFILE={pinned}")
         if profile is None:
-            from hyprec.errors import ConfigError
-
             raise ConfigError(
                 f"HYPREC_KERNEL_PROFILE={pinned}: expected a readable kernel-profile JSON file "
-                f"(version {_PROFILE_VERSION}, linear_ms and attention_ms for float32, float16 and bfloat16; "
+                f"(version {PROFILE_VERSION}, linear_ms and attention_ms for float32, float16 and bfloat16; "
                 f"linear_ms may add {', '.join(sorted(_OPTIONAL_LINEAR))})"
             )
         return profile
@@ -273,109 +259,7 @@ def _kernel_profile(device: torch.device, pinned: str | None, path: Path) -> Ker
     start = time.perf_counter()
     profile = measure(device)
     profile.source = f"measured in {time.perf_counter() - start:.2f} s, cached in {path}"
-    _write_cache(path, profile.to_json())
-    return profile
-
-
-@dataclass(frozen=True, order=True)
-class LinearShape:
-    """The shape of a float32 linear layer as a GEMM kernel sees it; ``count``: how many layers of a model have it."""
-
-    in_features: int
-    out_features: int
-    bias: bool
-    activation: str
-    count: int = 1
-
-
-def linear_shapes(model: nn.Module) -> tuple[LinearShape, ...]:
-    """The distinct shapes of ``model``'s float32 :class:`~hyprec.layers.linear.Linear` layers, with their counts."""
-    counts: dict[tuple, int] = {}
-    for m in model.modules():
-        if isinstance(m, Linear) and m.weight.dtype == torch.float32:
-            key = (m.in_features, m.out_features, m.bias is not None, m.activation or "")
-            counts[key] = counts.get(key, 0) + 1
-    return tuple(sorted(LinearShape(*key, count) for key, count in counts.items()))
-
-
-#: Rows of the GEMM probe: half the CPU encoder's default token budget (:data:`hyprec.config.CPU_ENCODER_TOKEN_BUDGET`);
-#: GEMM efficiency has saturated long before, and the probe of BERT-base shapes stays near half a second.
-GEMM_ROWS = 1024
-
-
-@dataclass
-class GemmProfile:
-    """Milliseconds one probe pass over a model's float32 linear layers took per kernel (:data:`GEMM_KERNELS`):
-    every distinct shape of :func:`linear_shapes` run on :data:`GEMM_ROWS` rows as the model runs it (bias,
-    activation fused where the kernel fuses it), weighted by its count."""
-
-    ms: dict[str, float]
-    rows: int
-    source: str = "measured"
-
-    def describe(self) -> str:
-        """E.g. ``model GEMMs (1024 rows) fp32 9.10 ms, fp32-onednn 8.70 ms, bf16x3 10.20 ms``."""
-        return f"model GEMMs ({self.rows} rows) {_describe_times(self.ms)}"
-
-
-def _gemm_kernels(device: torch.device) -> list[str]:
-    kernels = ["float32"]
-    if device.type == "cpu" and onednn.available():
-        kernels.append(FLOAT32_ONEDNN)
-    if device.type == "cpu" and bf16_gemm_available():
-        kernels.append(BF16X3)
-    return kernels
-
-
-# Not inference mode: a Linear keys its prepared (packed, split) weight by the weight's version counter.
-@torch.no_grad()
-def measure_gemms(shapes: Iterable[LinearShape], device: torch.device, rows: int = GEMM_ROWS) -> dict[str, float]:
-    """Time every available kernel on every shape (median of 3), weighted by the shape's count."""
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    totals = dict.fromkeys(_gemm_kernels(device), 0.0)
-    for shape in shapes:
-        weight = torch.randn(shape.out_features, shape.in_features, generator=gen) * shape.in_features**-0.5
-        x = torch.randn(rows, shape.in_features, generator=gen).to(device)
-        calls = {}
-        for name in totals:  # one layer per kernel: each keeps its own prepared (packed, split) weight
-            layer = Linear(shape.in_features, shape.out_features, bias=shape.bias, activation=shape.activation or None)
-            layer.weight.copy_(weight)
-            layer = layer.to(device)
-            layer.kernel = GEMM_KERNELS[name]
-            calls[name] = lambda layer=layer, x=x: layer(x)
-        for name, ms in _interleaved_ms(calls, device, repeats=3).items():
-            totals[name] += shape.count * ms
-    return totals
-
-
-def gemm_profile(shapes: tuple[LinearShape, ...], device_name: str = "cpu") -> GemmProfile:
-    """The GEMM speeds of a model with these float32 linear ``shapes`` on ``device_name``: pinned by
-    ``HYPREC_KERNEL_PROFILE`` (its ``linear_ms``), else cached per machine and shapes, else measured now (~0.2 s for
-    MiniLM, ~0.6 s for BERT-base shapes on 2 cores) and cached."""
-    device = torch.device(device_name)
-    pinned = os.environ.get("HYPREC_KERNEL_PROFILE") or None
-    if pinned:
-        profile = kernel_profile(device_name)
-        times = {k: v for k, v in profile.linear_ms.items() if k in GEMM_KERNELS}
-        return GemmProfile(times, GEMM_ROWS, profile.source)
-    return _gemm_profile(device, shapes, _cache_file(device, "-gemm", f"|{GEMM_ROWS}|{shapes}"))
-
-
-@cache
-def _gemm_profile(device: torch.device, shapes: tuple[LinearShape, ...], path: Path) -> GemmProfile:
-    try:
-        raw = json.loads(path.read_text())
-        times = raw["ms"]
-        valid = all(isinstance(t, (int, float)) and t > 0 for t in times.values())
-        if valid and raw.get("version") == _PROFILE_VERSION and "float32" in times and set(times) <= set(GEMM_KERNELS):
-            return GemmProfile(times, raw["rows"], f"cached in {path}")
-    except (OSError, ValueError, TypeError, KeyError):
-        pass
-    start = time.perf_counter()
-    times = measure_gemms(shapes, device)
-    profile = GemmProfile(times, GEMM_ROWS, f"measured in {time.perf_counter() - start:.2f} s, cached in {path}")
-    shapes_json = [asdict(s) for s in shapes]
-    _write_cache(path, {"version": _PROFILE_VERSION, "rows": GEMM_ROWS, "shapes": shapes_json, "ms": times})
+    write_cache(path, profile.to_json())
     return profile
 
 

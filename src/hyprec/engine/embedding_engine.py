@@ -15,7 +15,6 @@ from tqdm.auto import tqdm
 
 from hyprec.allocator import tune_malloc
 from hyprec.config import EngineConfig, ModelConfig, read_json
-from hyprec.dtype_policy import DtypePolicy
 from hyprec.engine.batching import BatchStats, plan_batches
 from hyprec.engine.guarded import GuardedEngine
 from hyprec.engine.model_loading import model_summary
@@ -31,6 +30,7 @@ from hyprec.pooling import EmbeddingHead
 from hyprec.precision.emulation import arithmetic, kernel_dtype
 from hyprec.precision.guard import GuardEvent, PrecisionGuard
 from hyprec.precision.plan import load_plan
+from hyprec.precision.policy import DtypePolicy
 
 log = logging.getLogger("hyprec")
 
@@ -234,7 +234,6 @@ class EmbeddingEngine(GuardedEngine):
         flat = torch.tensor([t for seq in ids for t in seq], dtype=torch.long, device=self.device)
         meta = AttentionMetadata.for_sequences(
             lens,
-            attn_dtype=self.policy.attn_dtype,
             backend=self.backend,
             device=self.device,
             batch_invariant=self.engine_config.deterministic,

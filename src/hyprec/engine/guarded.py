@@ -8,12 +8,12 @@ import torch
 from torch import nn
 
 from hyprec.config import ModelConfig
-from hyprec.dtype_policy import DtypePolicy
 from hyprec.engine.model_loading import load_model
 from hyprec.loading.weights import WeightSource
 from hyprec.models.registry import model_class
 from hyprec.precision.guard import GuardEvent, PrecisionGuard, PrecisionOverflowError
 from hyprec.precision.plan import PrecisionPlan
+from hyprec.precision.policy import DtypePolicy
 
 log = logging.getLogger("hyprec")
 

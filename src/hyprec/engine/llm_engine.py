@@ -16,7 +16,6 @@ from torch import nn
 
 from hyprec.allocator import tune_malloc
 from hyprec.config import EngineConfig, ModelConfig
-from hyprec.dtype_policy import DtypePolicy
 from hyprec.engine.block_manager import BlockManager
 from hyprec.engine.detokenizer import IncrementalDetokenizer, find_stop
 from hyprec.engine.guarded import GuardedEngine
@@ -36,6 +35,7 @@ from hyprec.outputs import CompletionOutput, RequestOutput
 from hyprec.precision.emulation import arithmetic, kernel_dtype
 from hyprec.precision.guard import GuardEvent, PrecisionGuard
 from hyprec.precision.plan import load_plan
+from hyprec.precision.policy import DtypePolicy
 from hyprec.sampling.sampler import make_generator
 from hyprec.sampling_params import SamplingParams
 

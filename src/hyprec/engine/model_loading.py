@@ -12,15 +12,17 @@ import torch
 from torch import nn
 
 from hyprec.config import ModelConfig
-from hyprec.dtype_policy import DtypePolicy, plan_policy, resolve_matmul, resolve_policy
 from hyprec.errors import ConfigError
-from hyprec.hardware import gemm_profile, kernel_profile, linear_shapes
+from hyprec.hardware import kernel_profile
+from hyprec.layers.gemm_probe import gemm_profile, linear_shapes
 from hyprec.layers.linear import Linear, set_matmul_precision
 from hyprec.layers.quantized import FORMATS, StoredEmbedding, StoredLinear, stored_weight
 from hyprec.loading.weights import WeightSource, load_weights
 from hyprec.precision.attention_bounds import fp16_attention_check
+from hyprec.precision.casting import apply_plan, set_attention_dtypes
 from hyprec.precision.emulation import emulate, emulated_formats
 from hyprec.precision.plan import PrecisionPlan
+from hyprec.precision.policy import DtypePolicy, plan_policy, resolve_matmul, resolve_policy
 
 
 # Weights are ordinary tensors even when a guard fallback reloads them inside an inference-mode forward pass: layers
@@ -53,9 +55,9 @@ def load_model(
     applied to the float32 build (it checks that it was made for these weights). Half formats that
     ``half_arithmetic`` (:data:`hyprec.config.HALF_ARITHMETIC`) emulates stay float32 and are rounded to instead
     (:mod:`hyprec.precision.emulation`). Float32 linear layers then multiply at
-    ``matmul_precision``, their float32 GEMMs on ``float32_gemm`` (:func:`hyprec.dtype_policy.resolve_matmul`;
+    ``matmul_precision``, their float32 GEMMs on ``float32_gemm`` (:func:`hyprec.precision.policy.resolve_matmul`;
     emulation keeps ``F.linear``). Weights the checkpoint stores in a block format stay packed where ``weights``
-    (:data:`hyprec.dtype_policy.WEIGHTS`) allows and the policy computes them in float32 (:func:`_with_stored_weights`).
+    (:data:`hyprec.dtypes.WEIGHTS`) allows and the policy computes them in float32 (:func:`_with_stored_weights`).
     """
     matmul = (matmul_precision, float32_gemm)
 
@@ -81,9 +83,10 @@ def load_model(
         _check_stored_request(weights, _why_not_stored(policy, checkpoint, device))
         emulated = emulated_formats(half_arithmetic, policy, device)
         if emulated:
-            model = plan.apply(build(torch.float32, False), emulated=emulated)
+            model = apply_plan(plan, build(torch.float32, False), emulated=emulated)
         else:
-            model, policy = _with_matmul(plan.apply(build(torch.float32, False)), policy, matmul, device, generative)
+            model = apply_plan(plan, build(torch.float32, False))
+            model, policy = _with_matmul(model, policy, matmul, device, generative)
         return _with_stored_weights(model, policy, weights)
     # Whether float32 compute would keep blocks stored: the weight-only bound of the policy decision reads q/k/v
     # through the stored layers (dequantised on demand) rather than from a float32 build of its own.
@@ -100,9 +103,12 @@ def load_model(
     why_not = "weights='float32'" if weights == "float32" else _why_not_stored(policy, checkpoint, device)
     _check_stored_request(weights, why_not)
     stored = why_not is None
-    if emulated_formats(half_arithmetic, policy, device):  # a policy without a plan has one half format
-        return _with_stored_weights(emulate(build(torch.float32, stored), policy), policy, weights)
-    model, policy = _with_matmul(build(policy.compute_dtype, stored), policy, matmul, device, generative)
+    emulated = emulated_formats(half_arithmetic, policy, device)  # a policy without a plan has one half format
+    if emulated:
+        model = emulate(build(torch.float32, stored), policy)
+    else:
+        model, policy = _with_matmul(build(policy.compute_dtype, stored), policy, matmul, device, generative)
+    set_attention_dtypes(model, policy.layer_dtypes(len(model.blocks())), emulated)
     return _with_stored_weights(model, policy, weights)
 
 

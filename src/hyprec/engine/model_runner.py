@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import torch
 
-from hyprec.dtype_policy import DtypePolicy
 from hyprec.engine.block_manager import BlockManager
 from hyprec.engine.kv_cache import KVCache
 from hyprec.engine.scheduler import ScheduledSeq
 from hyprec.errors import NonFiniteOutputError
-from hyprec.layers.attention import AttentionMetadata, CacheGroupSlots, Packing
-from hyprec.layers.attention_backends import AttentionBackend
+from hyprec.layers.attention import AttentionBackend, AttentionMetadata, CacheGroupSlots, Packing
 from hyprec.layers.linear import leading_decode_rows
 from hyprec.models.base import DecoderModel
+from hyprec.precision.policy import DtypePolicy
 from hyprec.sampling.sampler import Sampler, SamplerOutput, SequenceSamplingState
 
 
@@ -95,7 +94,6 @@ class ModelRunner:
             ids.extend(item.seq.tokens(start, start + item.num_new_tokens))
             positions.extend(range(start, start + item.num_new_tokens))
         meta = AttentionMetadata(
-            attn_dtype=self.policy.attn_dtype,
             backend=self.backend,
             queries=Packing.of([item.num_new_tokens for item in batch], self.device),
             causal=True,

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from hyprec.config import HALF_ARITHMETIC
-from hyprec.dtype_policy import ATTN_DTYPES, DTYPES, FLOAT32_GEMMS, KV_CACHE_DTYPES, MATMUL_PRECISIONS, WEIGHTS
+from hyprec.dtypes import ATTN_DTYPES, DTYPES, FLOAT32_GEMMS, KV_CACHE_DTYPES, MATMUL_PRECISIONS, WEIGHTS
 from hyprec.errors import HyprecError, InvalidInputError
 from hyprec.output_files import check_output_file, write_output
 

@@ -10,7 +10,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from hyprec.config import EngineConfig
-from hyprec.dtype_policy import DtypePolicy
 from hyprec.engine.embedding_engine import EmbeddingEngine, validate_texts
 from hyprec.engine.embedding_engine import _positive_int as positive_int
 from hyprec.engine.llm_engine import LLMEngine
@@ -19,6 +18,7 @@ from hyprec.errors import InputTypeError, InvalidInputError
 from hyprec.model_sources import resolve_model
 from hyprec.outputs import RequestOutput
 from hyprec.pooling import truncate_and_normalize
+from hyprec.precision.policy import DtypePolicy
 from hyprec.sampling_params import SamplingParams
 
 PromptType = str | list[int] | dict[str, Any]

@@ -10,14 +10,39 @@ accumulation in float32 internally, which is why half-precision inputs cost so l
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from hyprec.engine.kv_cache import KVCache
-    from hyprec.layers.attention_backends import AttentionBackend
+
+class AttentionBackend(Protocol):
+    """A fused attention kernel over packed sequences (implementations: :mod:`hyprec.layers.attention_backends`)."""
+
+    name: str
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+        slots: CacheGroupSlots | None,
+        scale: float,
+    ) -> torch.Tensor:
+        """Packed q ``[N, H, D]`` and k/v ``[Nk, Hkv, D]`` in the attention dtype -> packed output ``[N, H, D]``.
+
+        ``slots`` is None when keys are the queries' own tokens (encoders), else it describes the keys' packing,
+        positions and window."""
+        ...
+
+
+class LayerCache(Protocol):
+    """The KV cache as attention layers see it (the engine's :class:`~hyprec.engine.kv_cache.KVCache`)."""
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``i``'s key and value tensors, ``[slots, kv_heads, head_dim]`` each."""
+        ...
 
 
 @dataclass
@@ -80,7 +105,6 @@ class AttentionMetadata:
     keys come from the KV cache per cache group.
 
     Attributes:
-        attn_dtype: dtype q/k/v are cast to before the kernel.
         backend: the kernel implementation (chosen once by :func:`select_backend`).
         queries: packing of the new tokens.
         causal: causal masking (decoders).
@@ -93,13 +117,12 @@ class AttentionMetadata:
             batch (backends group sequences of equal shape instead of padding them to the longest).
     """
 
-    attn_dtype: torch.dtype
     backend: AttentionBackend
     queries: Packing
     causal: bool = False
     bias: torch.Tensor | None = None
     query_start: torch.Tensor | None = None
-    kv_cache: KVCache | None = None
+    kv_cache: LayerCache | None = None
     groups: dict[str, CacheGroupSlots] = field(default_factory=dict)
     batch_invariant: bool = False
     # Per-batch tensors a backend derives once and reuses in every layer (masks), keyed by the backend.
@@ -110,7 +133,6 @@ class AttentionMetadata:
         cls,
         seq_lens: list[int],
         *,
-        attn_dtype: torch.dtype,
         backend: AttentionBackend,
         device: torch.device | str,
         causal: bool = False,
@@ -118,7 +140,6 @@ class AttentionMetadata:
     ) -> AttentionMetadata:
         """Metadata for a cache-less batch whose sequences attend to themselves (encoders)."""
         return cls(
-            attn_dtype=attn_dtype,
             backend=backend,
             queries=Packing.of(seq_lens, device),
             causal=causal,
@@ -172,8 +193,9 @@ class Attention(nn.Module):
         self.scale = scale if scale is not None else head_dim**-0.5
         self.layer_idx = layer_idx
         self.sliding_window = sliding_window
-        # Set by a precision plan that gives this layer its own attention dtype; None follows the batch's policy.
-        self.attn_dtype: torch.dtype | None = None
+        # The dtype q/k/v enter the kernel in: the one route of the policy's attention dtype to the kernel, set per
+        # layer when the engine installs a policy (hyprec.precision.casting.set_attention_dtypes).
+        self.attn_dtype = torch.float32
 
     @property
     def cache_group(self) -> str:
@@ -183,7 +205,7 @@ class Attention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q: ``[N, num_heads, head_dim]``, k/v: ``[N, num_kv_heads, head_dim]`` -> ``[N, num_heads * head_dim]``."""
         out_dtype = q.dtype
-        dt = self.attn_dtype or meta.attn_dtype
+        dt = self.attn_dtype
         q = q.to(dt)
         if meta.kv_cache is None:
             out = meta.backend.forward(q, k.to(dt), v.to(dt), meta, None, self.scale)

@@ -12,33 +12,12 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-from hyprec.layers.attention import AttentionMetadata, CacheGroupSlots, Packing
-
-HALF = (torch.float16, torch.bfloat16)
-
-
-class AttentionBackend(Protocol):
-    name: str
-
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        meta: AttentionMetadata,
-        slots: CacheGroupSlots | None,
-        scale: float,
-    ) -> torch.Tensor:
-        """Packed q ``[N, H, D]`` and k/v ``[Nk, Hkv, D]`` in the attention dtype -> packed output ``[N, H, D]``.
-
-        ``slots`` is None when keys are the queries' own tokens (encoders), else it describes the keys' packing,
-        positions and window."""
-        ...
+from hyprec.dtypes import HALF_DTYPES
+from hyprec.layers.attention import AttentionBackend, AttentionMetadata, CacheGroupSlots, Packing
 
 
 def _flat_rows(packing: Packing, meta: AttentionMetadata) -> torch.Tensor:
@@ -265,6 +244,6 @@ def select_backend(
     model needs no additive bias and batch invariance is not asked for (its split heuristics depend on the batch),
     otherwise the SDPA reference."""
     cuda = torch.device(device).type == "cuda"
-    if cuda and attn_dtype in HALF and not needs_bias and not batch_invariant and flash_attn_available():
+    if cuda and attn_dtype in HALF_DTYPES and not needs_bias and not batch_invariant and flash_attn_available():
         return FlashAttentionBackend()
     return _SDPA

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+from hyprec.dtypes import FP16_MAX
 from hyprec.models.base import AttentionInputs
 
-FP16_MAX = float(torch.finfo(torch.float16).max)  # 65504
 SAFETY_MARGIN = 2.0  # a worst-case bound needs little margin: only the fp32 round-off of the projection
 
 

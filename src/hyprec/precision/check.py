@@ -29,12 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from hyprec.dtypes import BF16_MAX, FP16_MAX
 from hyprec.errors import NonFiniteOutputError
 from hyprec.layers.attention import Attention, AttentionMetadata
 from hyprec.precision.attention_bounds import attention_input_bounds
 
-FP16_MAX = float(torch.finfo(torch.float16).max)
-BF16_MAX = float(torch.finfo(torch.bfloat16).max)
 RISK_MARGIN = 8.0
 LOGIT_ERROR_AT_RISK = 1.0  # estimated absolute logit error from rounding q/k
 POLICIES = ("float16", "bfloat16", "hybrid-fp16", "hybrid-bf16")

@@ -34,11 +34,11 @@ import functools
 import torch
 from torch import nn
 
-from hyprec.config import HALF_ARITHMETIC
-from hyprec.dtype_policy import HALF_DTYPES, TORCH_DTYPES, DtypePolicy
+from hyprec.dtypes import HALF_ARITHMETIC, HALF_DTYPES, full_name
 from hyprec.hardware import native_half
 from hyprec.layers.attention import Attention
 from hyprec.layers.norm import Float32Params, LayerNorm, RMSNorm
+from hyprec.precision.policy import DtypePolicy
 
 #: Modules whose inputs and outputs the native model holds in the dtype of the layer they belong to.
 _NORMS = (LayerNorm, RMSNorm)
@@ -46,13 +46,9 @@ _ROUNDED_MODULES = (nn.Linear, *_NORMS)
 _MARK = "hyprec_emulated_formats"  # on a model: the names of the half formats it emulates
 
 
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _edges_dtype(policy: DtypePolicy) -> torch.dtype:
     """The dtype of the embeddings and output head under ``policy``."""
-    return TORCH_DTYPES[policy.plan.edges] if policy.plan is not None else policy.compute_dtype
+    return policy.plan.edges_dtype if policy.plan is not None else policy.compute_dtype
 
 
 def half_dtypes(policy: DtypePolicy) -> set[torch.dtype]:
@@ -64,7 +60,7 @@ def half_dtypes(policy: DtypePolicy) -> set[torch.dtype]:
 
 def emulated_formats(choice: str, policy: DtypePolicy, device: torch.device | str) -> frozenset[torch.dtype]:
     """The half formats of ``policy`` to emulate on ``device`` under ``choice`` (one of
-    :data:`hyprec.config.HALF_ARITHMETIC`): none (``native``), all (``emulated``), or those without a hardware
+    :data:`hyprec.dtypes.HALF_ARITHMETIC`): none (``native``), all (``emulated``), or those without a hardware
     path (``auto``, :func:`hyprec.hardware.native_half`)."""
     if choice not in HALF_ARITHMETIC:
         raise ValueError(f"half_arithmetic={choice!r}")  # EngineConfig validates user input
@@ -76,7 +72,7 @@ def emulated_formats(choice: str, policy: DtypePolicy, device: torch.device | st
 
 def describe_arithmetic(policy: DtypePolicy, emulated: frozenset[torch.dtype]) -> list[str]:
     """Per half format of ``policy``: ``float16 emulated`` or ``bfloat16 native``, sorted."""
-    return sorted(f"{_name(d)} {'emulated' if d in emulated else 'native'}" for d in half_dtypes(policy))
+    return sorted(f"{full_name(d)} {'emulated' if d in emulated else 'native'}" for d in half_dtypes(policy))
 
 
 def arithmetic(model: nn.Module) -> str:
@@ -180,5 +176,5 @@ def emulate(model: nn.Module, policy: DtypePolicy, formats: frozenset[torch.dtyp
     if edges in formats and hasattr(model, "compute_logits"):
         # An instance attribute over the method; a partial (not a closure) so that deepcopy rebinds the model.
         model.compute_logits = functools.partial(_emulated_logits, model, edges)
-    setattr(model, _MARK, tuple(sorted(map(_name, formats))))
+    setattr(model, _MARK, tuple(sorted(map(full_name, formats))))
     return model

@@ -25,13 +25,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hyprec.dtype_policy import TORCH_DTYPES, DtypePolicy, LayerDtypes, dtype_name
-from hyprec.errors import ConfigError, NonFiniteOutputError
+from hyprec.dtypes import FP16_MAX, ON_NONFINITE, TORCH_DTYPES, LayerDtypes, check_choice, dtype_name
+from hyprec.errors import NonFiniteOutputError
 from hyprec.layers.attention import Attention
-from hyprec.precision.attention_bounds import FP16_MAX, SAFETY_MARGIN, attention_input_bounds
+from hyprec.precision.attention_bounds import SAFETY_MARGIN, attention_input_bounds
+from hyprec.precision.policy import DtypePolicy
 
 log = logging.getLogger("hyprec")
-ON_NONFINITE = ("fallback", "raise", "ignore")
 
 
 class PrecisionOverflowError(NonFiniteOutputError):
@@ -64,8 +64,7 @@ class GuardEvent:
 
 
 def check_on_nonfinite(value: str) -> str:
-    if value not in ON_NONFINITE:
-        raise ConfigError(f"on_nonfinite={value!r}: expected one of {', '.join(ON_NONFINITE)}")
+    check_choice("on_nonfinite", value, ON_NONFINITE)
     return value
 
 

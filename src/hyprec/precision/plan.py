@@ -28,13 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from hyprec.dtype_policy import TORCH_DTYPES, dtype_name, plan_policy
+from hyprec.dtypes import TORCH_DTYPES, LayerDtypes, dtype_name, full_name
 from hyprec.errors import ConfigError
-from hyprec.layers.attention import Attention
-from hyprec.layers.norm import Float32Params
 from hyprec.layers.quantized import StoredWeight
-from hyprec.precision.emulation import emulate
-from hyprec.precision.rescale import rescale_ffn, rescale_residual
 
 PLAN_FORMAT = "hyprec-precision-plan"
 PLAN_VERSION = 1
@@ -95,16 +91,10 @@ _RECORDS: dict[str, dict[str, str]] = {
 }
 
 
-@dataclass(frozen=True)
-class LayerPrecision:
-    """The dtypes of one transformer layer under a plan."""
-
-    linear: str  # weights and activations of the layer, including its residual add
-    attention: str  # q/k/v at the fused kernel, and this layer's KV cache
-
-    @property
-    def dtypes(self) -> tuple[torch.dtype, torch.dtype]:
-        return TORCH_DTYPES[self.linear], TORCH_DTYPES[self.attention]
+def plan_layer(linear: str, attention: str) -> LayerDtypes:
+    """The dtypes of a layer whose weights and activations (its residual add included) are ``linear`` and whose q/k/v
+    enter the fused kernel in ``attention`` (its KV cache stores the same): a plan's ``layers`` entry."""
+    return LayerDtypes(TORCH_DTYPES[linear], TORCH_DTYPES[attention], TORCH_DTYPES[attention])
 
 
 @dataclass
@@ -129,7 +119,7 @@ class PrecisionPlan:
     target: str
     residual_scale_log2: int
     ffn_scale_log2: list[int]
-    layers: list[LayerPrecision]
+    layers: list[LayerDtypes]
     edges: str
     tolerance: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)
@@ -145,13 +135,18 @@ class PrecisionPlan:
         return f"plan-{dtype_name(TORCH_DTYPES[self.target])}"
 
     @property
+    def edges_dtype(self) -> torch.dtype:
+        """The dtype of the embeddings and the output head."""
+        return TORCH_DTYPES[self.edges]
+
+    @property
     def widest_attention(self) -> torch.dtype:
         """float32 if any layer attends in float32, else the target half format (picks the attention backend)."""
-        dts = {layer.dtypes[1] for layer in self.layers}
+        dts = {layer.attn for layer in self.layers}
         return torch.float32 if torch.float32 in dts else TORCH_DTYPES[self.target]
 
     def summary(self) -> str:
-        fast = sum(layer.linear == self.target for layer in self.layers)
+        fast = sum(layer.compute == TORCH_DTYPES[self.target] for layer in self.layers)
         text = f"precision plan: {fast}/{len(self.layers)} layers and "
         text += f"{'the' if self.edges == self.target else 'not the'} embeddings/head in {self.target}"
         if self.residual_scale_log2:
@@ -166,6 +161,7 @@ class PrecisionPlan:
     def as_dict(self) -> dict[str, Any]:
         out = {"format": PLAN_FORMAT, "version": PLAN_VERSION, **asdict(self)}
         out.pop("path")
+        out["layers"] = [{"linear": full_name(x.compute), "attention": full_name(x.attn)} for x in self.layers]
         return out
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -249,7 +245,7 @@ class PrecisionPlan:
             if not isinstance(layer, dict) or set(layer) != {"linear", "attention"}:
                 raise fail(f"layers[{i}] = {layer!r:.60}: expected an object with 'linear' and 'attention'")
             layers.append(
-                LayerPrecision(
+                plan_layer(
                     dtype(layer.get("linear"), f"layers[{i}].linear"),
                     dtype(layer.get("attention"), f"layers[{i}].attention"),
                 )
@@ -289,53 +285,12 @@ class PrecisionPlan:
         if len(self.layers) != len(model.blocks()):
             raise ConfigError(f"{where} has {len(self.layers)} layers; the model has {len(model.blocks())}")
 
-    def apply(self, model: nn.Module, *, emulated: frozenset[torch.dtype] = frozenset()) -> nn.Module:
-        """Rescale and cast a freshly built float32 ``model`` in place according to the plan; returns it. The half
-        formats in ``emulated`` stay float32 and are rounded to instead (:mod:`hyprec.precision.emulation`)."""
-        self.check_model(model)
-        rescale_residual(model, self.residual_scale_log2)
-        for i, k in enumerate(self.ffn_scale_log2):
-            rescale_ffn(model, i, k)
-
-        def native(name: str) -> torch.dtype:
-            return torch.float32 if TORCH_DTYPES[name] in emulated else TORCH_DTYPES[name]
-
-        for module in model.edge_modules():
-            _cast_weights(module, native(self.edges))
-        for block, layer in zip(model.blocks(), self.layers, strict=True):
-            linear, attention = native(layer.linear), native(layer.attention)
-            _cast_weights(block, linear)
-            block.register_forward_pre_hook(_cast_input(linear))
-            for attn in block.modules():
-                if isinstance(attn, Attention):
-                    attn.attn_dtype = attention
-        return emulate(model, plan_policy(self), emulated) if emulated else model
-
 
 def load_plan(plan: str | os.PathLike | PrecisionPlan | None) -> PrecisionPlan | None:
     """A plan object from a path (or the object itself); None stays None."""
     if plan is None or isinstance(plan, PrecisionPlan):
         return plan
     return PrecisionPlan.load(plan)
-
-
-def _cast_weights(module: nn.Module, dtype: torch.dtype) -> None:
-    """Cast the floating parameters of ``module`` and its children, except float32-only modules (norms)."""
-    for sub in module.modules():
-        if isinstance(sub, Float32Params):
-            continue
-        for name, param in sub.named_parameters(recurse=False):
-            if param.is_floating_point() and param.dtype != dtype:
-                setattr(sub, name, nn.Parameter(param.detach().to(dtype), requires_grad=False))
-
-
-def _cast_input(dtype: torch.dtype):
-    """A plan point: the hidden state entering a layer is cast to the layer's dtype."""
-
-    def hook(_module: nn.Module, args: tuple) -> tuple:
-        return (args[0].to(dtype), *args[1:])
-
-    return hook
 
 
 @torch.no_grad()

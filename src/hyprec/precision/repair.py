@@ -35,13 +35,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from hyprec.dtype_policy import plan_policy
 from hyprec.errors import InvalidInputError, NonFiniteOutputError
 from hyprec.precision.attention_bounds import fp16_attention_check
+from hyprec.precision.casting import apply_plan
 from hyprec.precision.check import FP16_MAX, RISK_MARGIN, default_calibration_texts, record_activity
 from hyprec.precision.compare import row_cosines
 from hyprec.precision.emulation import describe_arithmetic, emulated_formats
-from hyprec.precision.plan import LayerPrecision, PrecisionPlan, model_fingerprint
+from hyprec.precision.plan import PrecisionPlan, model_fingerprint, plan_layer
+from hyprec.precision.policy import plan_policy
 
 log = logging.getLogger("hyprec")
 TARGETS = ("float16", "bfloat16")
@@ -175,11 +176,11 @@ class _Search:
 
     def plan(self, fast: set[str]) -> PrecisionPlan:
         b = self.base
-        safe = LayerPrecision("float32", b["safe_attention"])
+        safe = plan_layer("float32", b["safe_attention"])
         # A fast layer attends in float16 whenever float16 is certified for q/k/v, even under a bfloat16 target:
         # the fused kernel is no faster in bfloat16, and float16 keeps 3 more mantissa bits of q, k and v.
         attention = "float16" if b["safe_attention"] == "float16" else b["target"]
-        fast_layer = LayerPrecision(b["target"], attention)
+        fast_layer = plan_layer(b["target"], attention)
         layers = [fast_layer if str(i) in fast else safe for i in range(b["num_layers"])]
         return PrecisionPlan(
             model=b["model"],
@@ -194,7 +195,7 @@ class _Search:
         engine, policy = self.llm.engine, plan_policy(plan)
         emulated = emulated_formats(engine.engine_config.half_arithmetic, policy, engine.device)
         self.arithmetic.update(describe_arithmetic(policy, emulated))
-        engine.install(plan.apply(copy.deepcopy(self.master), emulated=emulated), policy)
+        engine.install(apply_plan(plan, copy.deepcopy(self.master), emulated=emulated), policy)
 
     def passes(self, metrics: dict[str, float], margin: float = 0.0) -> bool:
         value = metrics[self.metric]

@@ -18,66 +18,40 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import torch
 
+from hyprec.dtypes import (
+    ATTN_DTYPES,
+    DTYPES,
+    FLOAT32_GEMMS,
+    HALF_DTYPES,
+    KV_CACHE_DTYPES,
+    MATMUL_PRECISIONS,
+    TORCH_DTYPES,
+    LayerDtypes,
+    canonical,
+    dtype_name,
+)
 from hyprec.errors import ConfigError
 from hyprec.hardware import BF16X3, FLOAT32_ONEDNN
 from hyprec.layers import onednn
 from hyprec.layers.compensated import bf16_gemm_available
 
 if TYPE_CHECKING:
-    from hyprec.hardware import GemmProfile, KernelProfile
+    from hyprec.hardware import KernelProfile
+    from hyprec.layers.gemm_probe import GemmProfile
     from hyprec.precision.plan import PrecisionPlan
 
-DTYPES = ("auto", "float32", "float16", "bfloat16", "hybrid")
-ATTN_DTYPES = ("auto", "float32", "float16", "bfloat16")
-KV_CACHE_DTYPES = ATTN_DTYPES
-
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}
-_SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 #: A less accurate attention format is chosen by ``auto`` only when its measured kernel is at least this many times
 #: faster than the more accurate one (the run-time guard and timing noise eat smaller gains).
 SPEED_MARGIN = 1.1
-MATMUL_PRECISIONS = ("auto", "highest", "high", "medium")
-#: Which library computes float32 GEMMs (``highest`` matmul precision): ``torch`` (``F.linear``, MKL on x86) or
-#: ``onednn`` (prepacked weights, fused activations; :mod:`hyprec.layers.onednn`). Both are float32 GEMMs with float32
-#: accumulation: the choice changes only the order of the sums, so ``auto`` takes whichever the probe measured
-#: :data:`GEMM_MARGIN` times faster.
-FLOAT32_GEMMS = ("auto", "torch", "onednn")
-#: Whether weights a checkpoint stores in a block format stay as stored (``stored``: a GGUF file's linear weights and
-#: embedding tables, multiplied by :mod:`hyprec.layers.quantized` with float32 activations, exact up to the order of
-#: float32 sums) or are dequantised to float32 at load (``float32``). ``auto``: stored where it applies.
-WEIGHTS = ("auto", "stored", "float32")
+#: Under ``highest`` matmul precision, both GEMM libraries (:data:`~hyprec.dtypes.FLOAT32_GEMMS`) are float32 GEMMs
+#: with float32 accumulation: the choice changes only the order of the sums, so ``auto`` takes whichever the probe
+#: measured this many times faster.
 GEMM_MARGIN = 1.05
 _MATMUL_SUFFIX = {"highest": "", "high": "+bf16x3", "medium": "+bf16mm"}
-
-
-def _canonical(value: object, field: str, valid: tuple[str, ...]) -> str:
-    if isinstance(value, torch.dtype):
-        value = str(value).removeprefix("torch.")
-    if not isinstance(value, str):
-        raise ConfigError(f"{field}={value!r}: expected one of {', '.join(valid)}")
-    name = _ALIASES.get(value.lower(), value.lower())
-    if name not in valid:
-        raise ConfigError(f"{field}={value!r} is not valid; expected one of {', '.join(valid)}")
-    return name
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """Short name used in policy labels: fp32, fp16, bf16."""
-    return _SHORT[dtype]
-
-
-class LayerDtypes(NamedTuple):
-    """The dtypes one transformer layer runs in."""
-
-    compute: torch.dtype  # weights, activations and residual add
-    attn: torch.dtype  # q/k/v at the fused kernel
-    kv_cache: torch.dtype  # this layer's cached keys/values
 
 
 @dataclass(frozen=True)
@@ -110,7 +84,7 @@ class DtypePolicy:
     def layer_dtypes(self, num_layers: int) -> list[LayerDtypes]:
         """Per transformer layer: compute, attention and KV cache dtypes."""
         if self.plan is not None:
-            return [LayerDtypes(*layer.dtypes, layer.dtypes[1]) for layer in self.plan.layers]
+            return list(self.plan.layers)
         return [LayerDtypes(self.compute_dtype, self.attn_dtype, self.kv_cache_dtype)] * num_layers
 
     def as_dict(self) -> dict[str, str]:
@@ -167,9 +141,9 @@ def resolve_policy(
     Raises:
         ConfigError: for unknown names or combinations that make no sense (listed in the message).
     """
-    mode = _canonical(dtype, "dtype", DTYPES)
-    attn = _canonical(attn_dtype, "attn_dtype", ATTN_DTYPES)
-    kv = _canonical(kv_cache_dtype, "kv_cache_dtype", KV_CACHE_DTYPES)
+    mode = canonical(dtype, "dtype", DTYPES)
+    attn = canonical(attn_dtype, "attn_dtype", ATTN_DTYPES)
+    kv = canonical(kv_cache_dtype, "kv_cache_dtype", KV_CACHE_DTYPES)
     reasons = []
 
     if mode == "auto":
@@ -270,7 +244,8 @@ def resolve_matmul(
     """``policy`` with its float32 matmul precision and GEMM library resolved (:attr:`DtypePolicy.matmul`,
     :attr:`DtypePolicy.float32_gemm`).
 
-    ``gemm_speeds`` times the model's own float32 linear layers per kernel (:func:`hyprec.hardware.gemm_profile`).
+    ``gemm_speeds`` times the model's own float32 linear layers per kernel
+    (:func:`hyprec.layers.gemm_probe.gemm_profile`).
     ``auto`` precision picks ``high`` (compensated bf16x3, float32-grade) for encoders on a CPU where that probe
     measured it :data:`SPEED_MARGIN` times faster than the fastest float32 GEMM library, else ``highest``;
     ``medium`` is never automatic (one bfloat16 product: min cosine ~0.99994 on MiniLM, below float32 grade). Under
@@ -279,8 +254,8 @@ def resolve_matmul(
     reads every weight once (the bfloat16 parts weigh as much as float32), and a packed copy of every weight would
     double a decoder's memory.
     """
-    requested = _canonical(requested, "matmul_precision", MATMUL_PRECISIONS)
-    gemm = _canonical(float32_gemm, "float32_gemm", FLOAT32_GEMMS)
+    requested = canonical(requested, "matmul_precision", MATMUL_PRECISIONS)
+    gemm = canonical(float32_gemm, "float32_gemm", FLOAT32_GEMMS)
     uses_float32 = policy.compute_dtype == torch.float32 or policy.plan is not None
     on_cpu = torch.device(device).type == "cpu"
     automatic = uses_float32 and on_cpu and not generative and gemm_speeds is not None
