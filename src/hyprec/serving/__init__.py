@@ -1,1 +1,2 @@
-"""The OpenAI-compatible HTTP server (``hyprec serve``): request schema, engine loop, metrics and the app."""
+"""The OpenAI-compatible HTTP server (``hyprec serve``): request schema, engine loop, metrics, the serving classes,
+their routes and the app."""
