@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -111,28 +112,84 @@ class _Parser(argparse.ArgumentParser):
         )
 
 
-def _add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", default="auto", help=f"one of {', '.join(DTYPES)}")
-    p.add_argument("--attn-dtype", default="auto", help=f"one of {', '.join(ATTN_DTYPES)}")
-    p.add_argument("--kv-cache-dtype", default="auto", help=f"one of {', '.join(KV_CACHE_DTYPES)}")
-    p.add_argument(
-        "--matmul-precision",
-        default="auto",
-        help=f"one of {', '.join(MATMUL_PRECISIONS)}: how float32 linear layers multiply (highest: float32 GEMMs; "
-        "high: three bfloat16 products, float32-grade; medium: one); auto picks high where it was measured faster",
-    )
-    p.add_argument(
-        "--float32-gemm",
-        default="auto",
-        help=f"one of {', '.join(FLOAT32_GEMMS)}: the library of float32 GEMMs (torch: F.linear; onednn: prepacked "
-        "weights, fused activations); auto picks oneDNN for encoders where it was measured faster",
-    )
-    p.add_argument(
-        "--weights",
-        default="auto",
-        help=f"one of {', '.join(WEIGHTS)}: keep the weights a GGUF file stores in blocks as stored (stored: "
-        "multiplied with float32 activations) or dequantise them at load (float32); auto: stored where it applies",
-    )
+def _flag(name: str) -> str:
+    """The option that sets keyword argument ``name`` (``max_tokens``: ``--max-tokens``). Options passed on under
+    their own names are declared in the tables below by name alone, so name and option cannot drift apart."""
+    return "--" + name.replace("_", "-")
+
+
+def _add_options(p: argparse.ArgumentParser, options: dict[str, dict[str, Any]]) -> None:
+    """Add ``options`` (keyword name: ``add_argument`` keywords) to ``p``, each as ``_flag(name)``."""
+    for name, spec in options.items():
+        p.add_argument(_flag(name), **spec)
+
+
+def _values(args: argparse.Namespace, options: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The keyword arguments ``options`` (added by :func:`_add_options`) ask for: their parsed values by name."""
+    return {name: getattr(args, name) for name in options}
+
+
+def _auto_option(choices: tuple[str, ...], effect: str = "") -> dict[str, Any]:
+    """A precision setting that defaults to "auto": its help names the choices, then what it decides."""
+    accepts = f"one of {', '.join(choices)}"
+    return {"default": "auto", "help": f"{accepts}: {effect}" if effect else accepts}
+
+
+_POLICY_OPTIONS = {  # the dtype policy: hyprec.LLM keyword arguments
+    "dtype": _auto_option(DTYPES),
+    "attn_dtype": _auto_option(ATTN_DTYPES),
+    "kv_cache_dtype": _auto_option(KV_CACHE_DTYPES),
+    "matmul_precision": _auto_option(
+        MATMUL_PRECISIONS,
+        "how float32 linear layers multiply (highest: float32 GEMMs; high: three bfloat16 products, float32-grade; "
+        "medium: one); auto picks high where it was measured faster",
+    ),
+    "float32_gemm": _auto_option(
+        FLOAT32_GEMMS,
+        "the library of float32 GEMMs (torch: F.linear; onednn: prepacked weights, fused activations); auto picks "
+        "oneDNN for encoders where it was measured faster",
+    ),
+    "weights": _auto_option(
+        WEIGHTS,
+        "keep the weights a GGUF file stores in blocks as stored (stored: multiplied with float32 activations) or "
+        "dequantise them at load (float32); auto: stored where it applies",
+    ),
+}
+
+_SAMPLING_OPTIONS = {  # `generate` and `chat`: SamplingParams fields
+    "max_tokens": {"type": int, "default": 64, "help": "most tokens to generate"},
+    "temperature": {"type": float, "default": 0.0, "help": "0 = greedy (default)"},
+    "top_p": {"type": float, "default": 1.0, "help": "nucleus sampling: smallest set of tokens with this mass"},
+    "top_k": {"type": int, "default": 0, "help": "sample among the k likeliest tokens (0: all)"},
+    "min_p": {"type": float, "default": 0.0, "help": "drop tokens below this fraction of the likeliest's p"},
+    "seed": {"type": int, "help": "random seed (default: unseeded)"},
+    "stop": {"action": "append", "default": None, "help": "stop string (repeatable)"},
+    "repetition_penalty": {"type": float, "default": 1.0, "help": "> 1 discourages repeated tokens"},
+}
+
+_SERVER_LIMITS_HELP = {  # `serve`: ServerSettings limits, whose rules and defaults ServerSettings holds
+    "max_concurrent_requests": "429 beyond this many (counted once a request's body is in)",
+    "max_inputs_per_request": "413 beyond this many inputs",
+    "max_input_tokens": "400 for longer inputs (default: the model's limit)",
+    "request_timeout": "seconds; 504 beyond",
+    "max_body_bytes": "413 for larger bodies",
+    "body_timeout": "seconds to send a request body; 408 beyond",
+    "chat_template_timeout": "seconds a chat template may take to render; 400 beyond",
+    "shutdown_timeout": "seconds open requests get after SIGTERM/SIGINT; then they end with an error",
+}
+
+
+def _add_model_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None, help="model directory, .gguf file or alias (default: minilm)")
+
+
+def _add_embedding_model_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model directory or alias (default: minilm)")
+
+
+def _add_engine_options(p: argparse.ArgumentParser) -> None:
+    """The options :func:`_llm_options` turns into :class:`hyprec.LLM` keyword arguments."""
+    _add_options(p, _POLICY_OPTIONS)
     _add_device_option(p)
     p.add_argument("--precision-plan", type=Path, help="a plan written by `hyprec repair` (sets every dtype)")
     p.add_argument(
@@ -149,14 +206,21 @@ def _add_device_option(p: argparse.ArgumentParser) -> None:
 def _add_half_arithmetic_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--half-arithmetic",
-        default="auto",
-        help=f"one of {', '.join(HALF_ARITHMETIC)}: auto emulates float16/bfloat16 in float32 (rounding to the "
-        "format) where this device has no hardware path for it, which gives the same numbers at float32 speed",
+        **_auto_option(
+            HALF_ARITHMETIC,
+            "auto emulates float16/bfloat16 in float32 (rounding to the format) where this device has no hardware "
+            "path for it, which gives the same numbers at float32 speed",
+        ),
     )
 
 
-def _add_model_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", default=None, help="model directory, .gguf file or alias (default: minilm)")
+def _add_texts_option(p: argparse.ArgumentParser, what: str = "calibration texts") -> None:
+    """``--texts``, read by :func:`_texts_option`."""
+    p.add_argument("--texts", type=Path, help=f"{what} (.txt or .jsonl); default: built-in real text")
+
+
+def _add_json_option(p: argparse.ArgumentParser, text: str) -> None:
+    p.add_argument("--json", action="store_true", help=text)
 
 
 def _add_generation_options(p: argparse.ArgumentParser) -> None:
@@ -165,48 +229,44 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
         default="gemma",
         help="model directory, .gguf file or alias (default: gemma, Gemma-3-270M base: not instruction-tuned)",
     )
-    _add_model_options(p)
-    p.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: smallest set of tokens with this mass")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
-    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below this fraction of the likeliest's p")
-    p.add_argument("--seed", type=int, help="random seed (default: unseeded)")
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeated tokens")
+    _add_engine_options(p)
+    _add_options(p, _SAMPLING_OPTIONS)
     p.add_argument("--max-model-len", type=int, help="context window (default: the model's, at most 8192 on CPU)")
 
 
 def _sampling_params(args: argparse.Namespace):
     from hyprec.sampling_params import SamplingParams
 
-    return SamplingParams(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        min_p=args.min_p,
-        seed=args.seed,
-        stop=args.stop,
-        repetition_penalty=args.repetition_penalty,
-    )
+    return SamplingParams(**_values(args, _SAMPLING_OPTIONS))
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``hyprec`` parser: a subparser per command, each given the option groups it takes."""
     parser = _Parser(prog="hyprec", description="Hybrid-precision inference engine.", quiet_default=False)
     sub = parser.add_subparsers(dest="command", required=True)  # subcommands are _Parser too
+    _add_embed_command(sub)
+    _add_generation_commands(sub)
+    _add_check_command(sub)
+    _add_compare_command(sub)
+    _add_repair_command(sub)
+    _add_serve_command(sub)
+    _add_embed_dataset_command(sub)
+    _add_info_command(sub)
+    return parser
 
+
+def _add_embed_command(sub: argparse._SubParsersAction) -> None:
     embed = sub.add_parser("embed", help="embed texts (arguments, --input file)")
     embed.add_argument("texts", nargs="*", metavar="TEXT", help="texts to embed (before those of --input)")
-    embed.add_argument("--model", default=None, help="model directory or alias (default: minilm)")
-    _add_model_options(embed)
+    _add_embedding_model_option(embed)
+    _add_engine_options(embed)
     embed.add_argument("--input", type=Path, help=".txt (one text per line) or .jsonl")
     embed.add_argument(
         "--output",
         type=Path,
         help=".npy or .jsonl (default: JSON lines on stdout when piped, a readable summary on a terminal)",
     )
-    embed.add_argument("--json", action="store_true", help="JSON lines on stdout even on a terminal")
+    _add_json_option(embed, "JSON lines on stdout even on a terminal")
     embed.add_argument("--dimensions", type=int, help="Matryoshka truncation (re-normalised; default: all)")
     embed.add_argument("--prompt-name", help="a prompt defined by the model (encoders; default: the model's own)")
     embed.add_argument("--batch-size", type=int, help="most texts per forward pass (default: the token budget's)")
@@ -218,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip the model's Normalize step",
     )
 
+
+def _add_generation_commands(sub: argparse._SubParsersAction) -> None:
     gen = sub.add_parser("generate", help="complete a prompt with a generative model")
     gen.add_argument("prompt", metavar="PROMPT", help="the text to complete")
     _add_generation_options(gen)
@@ -232,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", help="a system message opening the conversation")
     _add_generation_options(chat)
 
+
+def _add_check_command(sub: argparse._SubParsersAction) -> None:
     check = sub.add_parser(
         "check",
         help="precision risk report: will this model overflow in float16/bfloat16?",
@@ -240,11 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
         "every policy fails).",
     )
     _add_model_argument(check)
-    check.add_argument("--texts", type=Path, help="calibration texts (.txt or .jsonl); default: built-in real text")
-    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_texts_option(check)
+    _add_json_option(check, "print the report as JSON")
     check.add_argument("--plot", type=Path, help="write a per-layer max-|x| chart (PNG)")
     _add_device_option(check)
 
+
+def _add_compare_command(sub: argparse._SubParsersAction) -> None:
     comp = sub.add_parser("compare", help="run dtype policies against a reference on real text")
     _add_model_argument(comp)
     comp.add_argument("--policies", nargs="+", help="default: float32 hybrid-fp16 hybrid-bf16 float16 bfloat16")
@@ -253,12 +319,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="float32",
         help="what the policies are measured against: float32 (hyprec's own), sentence-transformers or transformers",
     )
-    comp.add_argument("--texts", type=Path, help="texts (.txt or .jsonl); default: built-in real text")
-    comp.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
+    _add_texts_option(comp, "texts")
+    _add_json_option(comp, "print JSON instead of Markdown")
     comp.add_argument("--precision-plan", type=Path, help="also run this plan (from `hyprec repair`)")
     _add_device_option(comp)
     _add_half_arithmetic_option(comp)
 
+
+def _add_repair_command(sub: argparse._SubParsersAction) -> None:
     rep = sub.add_parser("repair", help="search a precision plan: as much as possible in float16/bfloat16")
     _add_model_argument(rep)
     rep.add_argument("--target", default="float16", help="float16 (default) or bfloat16")
@@ -272,18 +340,20 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="accept candidates only at tolerance + margin (default: one standard error of the top-1 rate)",
     )
-    rep.add_argument("--texts", type=Path, help="calibration texts (.txt or .jsonl); default: built-in real text")
+    _add_texts_option(rep)
     rep.add_argument("--max-tokens", type=int, default=256, help="tokens per calibration text (decoders)")
     rep.add_argument("--output", type=Path, default=Path("precision-plan.json"), help="plan file (.json)")
-    rep.add_argument("--json", action="store_true", help="print the plan as JSON")
+    _add_json_option(rep, "print the plan as JSON")
     _add_device_option(rep)
     _add_half_arithmetic_option(rep)
 
-    from hyprec.serving.settings import API_KEY_ENV, COUNT, PORT, SECONDS, ServerSettings
+
+def _add_serve_command(sub: argparse._SubParsersAction) -> None:
+    from hyprec.serving.settings import API_KEY_ENV, COUNT, LIMITS, PORT, ServerSettings
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (embeddings, completions, chat)")
-    serve.add_argument("model", nargs="?", default=None, help="model directory, .gguf file or alias (default: minilm)")
-    _add_model_options(serve)
+    _add_model_argument(serve)
+    _add_engine_options(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     serve.add_argument("--port", type=PORT, default=8000, help="TCP port, 1..65535")
     serve.add_argument(
@@ -296,36 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key-file", type=Path, help=f"read the API key from this file's first line (or set ${API_KEY_ENV})"
     )
     defaults = ServerSettings("-")
-    serve.add_argument(
-        "--max-concurrent-requests",
-        type=COUNT,
-        default=defaults.max_concurrent_requests,
-        help="429 beyond this many (counted once a request's body is in)",
-    )
-    serve.add_argument(
-        "--max-inputs-per-request",
-        type=COUNT,
-        default=defaults.max_inputs_per_request,
-        help="413 beyond this many inputs",
-    )
-    serve.add_argument("--max-input-tokens", type=COUNT, help="400 for longer inputs (default: the model's limit)")
-    serve.add_argument("--request-timeout", type=SECONDS, default=defaults.request_timeout, help="seconds; 504 beyond")
-    serve.add_argument("--max-body-bytes", type=COUNT, default=defaults.max_body_bytes, help="413 for larger bodies")
-    serve.add_argument(
-        "--body-timeout", type=SECONDS, default=defaults.body_timeout, help="seconds to send a request body; 408 beyond"
-    )
-    serve.add_argument(
-        "--chat-template-timeout",
-        type=SECONDS,
-        default=defaults.chat_template_timeout,
-        help="seconds a chat template may take to render; 400 beyond",
-    )
-    serve.add_argument(
-        "--shutdown-timeout",
-        type=SECONDS,
-        default=defaults.shutdown_timeout,
-        help="seconds open requests get after SIGTERM/SIGINT; then they end with an error",
-    )
+    limits = {
+        name: {"type": LIMITS[name], "default": getattr(defaults, name), "help": text}
+        for name, text in _SERVER_LIMITS_HELP.items()
+    }
+    _add_options(serve, limits)
     serve.add_argument(
         "--max-num-batched-tokens",
         type=COUNT,
@@ -333,11 +378,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--max-model-len", type=COUNT, help="context window (generative models)")
 
+
+def _add_embed_dataset_command(sub: argparse._SubParsersAction) -> None:
     eds = sub.add_parser("embed-dataset", help="embed a .jsonl/.parquet file's text column on Ray actors")
     eds.add_argument("--input", type=Path, required=True, help=".jsonl (JSON objects) or .parquet")
     eds.add_argument("--output", type=Path, required=True, help="directory; writes embeddings.parquet there")
-    eds.add_argument("--model", default=None, help="model directory or alias (default: minilm)")
-    _add_model_options(eds)
+    _add_embedding_model_option(eds)
+    _add_engine_options(eds)
     eds.add_argument("--column", default="text", help="the text column (default: text)")
     eds.add_argument("--ray-address", default="local", help="'local' (default) or a Ray cluster address")
     eds.add_argument("--concurrency", type=int, default=2, help="actors, one engine each")
@@ -348,25 +395,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPUs Ray reserves for each actor (default: sized to the runtime, at most 1, leaving room to read)",
     )
 
+
+def _add_info_command(sub: argparse._SubParsersAction) -> None:
     info = sub.add_parser("info", help="architecture, sizes, resolved policy and pooling pipeline")
     _add_model_argument(info)
-    _add_model_options(info)
-    info.add_argument("--json", action="store_true", help="print JSON")
-    return parser
+    _add_engine_options(info)
+    _add_json_option(info, "print JSON")
 
 
 def _llm_options(args: argparse.Namespace) -> dict[str, object]:
-    """The :class:`hyprec.LLM` keyword arguments a subcommand's model options ask for."""
-    options: dict[str, object] = {
-        "dtype": args.dtype,
-        "attn_dtype": args.attn_dtype,
-        "kv_cache_dtype": args.kv_cache_dtype,
-        "matmul_precision": args.matmul_precision,
-        "float32_gemm": args.float32_gemm,
-        "weights": args.weights,
-        "device": args.device,
-    }
-    if getattr(args, "deterministic", False):
+    """The :class:`hyprec.LLM` keyword arguments a subcommand's engine options ask for (with its context window and
+    token budget where it has those options)."""
+    options: dict[str, object] = {**_values(args, _POLICY_OPTIONS), "device": args.device}
+    if args.deterministic:
         options["deterministic"] = True
     for name in ("max_model_len", "max_num_batched_tokens", "precision_plan"):
         if getattr(args, name, None) is not None:
@@ -449,14 +490,23 @@ def cmd_embed(args: argparse.Namespace) -> None:
         write_embeddings(vectors, None)
 
 
+def _texts_option(args: argparse.Namespace, least: int = 1) -> list[str] | None:
+    """The texts of ``--texts``, at least ``least`` of them; None without the option (the tool's built-in text)."""
+    if args.texts is None:
+        return None
+    texts = read_texts(args.texts)
+    if len(texts) < least:
+        problem = "no texts in the file" if least == 1 else f"expected at least {least} texts"
+        raise InvalidInputError(f"--texts {args.texts}: {problem}")
+    return texts
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from hyprec.precision.check import check, plot, render
 
     if args.plot is not None:
         check_output_file(args.plot, "--plot", (".png",))
-    texts = read_texts(args.texts) if args.texts is not None else None
-    if texts is not None and not texts:
-        raise InvalidInputError(f"--texts {args.texts}: no texts in the file")
+    texts = _texts_option(args)
     report = check(args.model, texts, device=args.device)
     print(json.dumps(report.as_dict(), indent=2) if args.json else render(report), flush=True)  # before the plot
     if args.plot is not None:
@@ -471,9 +521,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> None:
     from hyprec.precision.compare import compare
 
-    texts = read_texts(args.texts) if args.texts is not None else None
-    if texts is not None and len(texts) < 2:
-        raise InvalidInputError(f"--texts {args.texts}: expected at least 2 texts")
+    texts = _texts_option(args, least=2)
     report = compare(
         args.model,
         policies=args.policies,
@@ -490,9 +538,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
     from hyprec.precision.repair import render, repair
 
     check_output_file(args.output, "--output", (".json",))
-    texts = read_texts(args.texts) if args.texts is not None else None
-    if texts is not None and not texts:
-        raise InvalidInputError(f"--texts {args.texts}: no texts in the file")
+    texts = _texts_option(args)
     plan = repair(
         args.model,
         target=args.target,

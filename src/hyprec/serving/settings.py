@@ -1,6 +1,6 @@
 """Identity and limits of one server (``hyprec serve`` options), validated when built.
 
-Each limit has a :class:`Rule`, used twice: by :class:`ServerSettings` (a bad value raises
+Each limit has a :class:`Rule` in :data:`LIMITS`, used twice: by :class:`ServerSettings` (a bad value raises
 :class:`~hyprec.errors.InvalidInputError` naming the field) and as the argparse ``type`` of the matching
 ``hyprec serve`` option (a bad value is a usage error naming the option).
 """
@@ -53,6 +53,19 @@ PORT = Rule(int, lambda v: 1 <= v <= 65535, "a TCP port in 1..65535")
 COUNT = Rule(int, lambda v: v >= 1, "an integer >= 1")
 SECONDS = Rule(float, lambda v: math.isfinite(v) and v > 0, "a finite number of seconds > 0")
 
+LIMITS = {
+    "max_concurrent_requests": COUNT,
+    "max_inputs_per_request": COUNT,
+    "max_body_bytes": COUNT,
+    "max_input_tokens": COUNT,
+    "request_timeout": SECONDS,
+    "body_timeout": SECONDS,
+    "chat_template_timeout": SECONDS,
+    "shutdown_timeout": SECONDS,
+}
+"""The numeric fields of :class:`ServerSettings` and their rules; ``hyprec serve`` has an option of the same name
+for each (``max_body_bytes``: ``--max-body-bytes``)."""
+
 
 @dataclass
 class ServerSettings:
@@ -93,12 +106,11 @@ class ServerSettings:
         if self.api_key is not None and self.api_key != self.api_key.strip():
             # A header's surrounding whitespace is not part of the token, so such a key could never match.
             raise InvalidInputError("api_key: expected no leading or trailing whitespace")
-        for name in ("max_concurrent_requests", "max_inputs_per_request", "max_body_bytes"):
-            setattr(self, name, COUNT.check(name, getattr(self, name)))
-        if self.max_input_tokens is not None:
-            self.max_input_tokens = COUNT.check("max_input_tokens", self.max_input_tokens)
-        for name in ("request_timeout", "body_timeout", "chat_template_timeout", "shutdown_timeout"):
-            setattr(self, name, SECONDS.check(name, getattr(self, name)))
+        for name, rule in LIMITS.items():
+            value = getattr(self, name)
+            if value is None and name == "max_input_tokens":
+                continue  # the model's own limit
+            setattr(self, name, rule.check(name, value))
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServerSettings:
@@ -106,14 +118,7 @@ class ServerSettings:
         return cls(
             model_name=args.served_model_name or served_name(args.model),
             api_key=resolve_api_key(args.api_key, args.api_key_file),
-            max_concurrent_requests=args.max_concurrent_requests,
-            max_inputs_per_request=args.max_inputs_per_request,
-            max_input_tokens=args.max_input_tokens,
-            request_timeout=args.request_timeout,
-            max_body_bytes=args.max_body_bytes,
-            body_timeout=args.body_timeout,
-            chat_template_timeout=args.chat_template_timeout,
-            shutdown_timeout=args.shutdown_timeout,
+            **{name: getattr(args, name) for name in LIMITS},
         )
 
 
