@@ -11,8 +11,15 @@ from typing import Any
 
 import numpy as np
 
-from hyprec.config import HALF_ARITHMETIC
-from hyprec.dtypes import ATTN_DTYPES, DTYPES, FLOAT32_GEMMS, KV_CACHE_DTYPES, MATMUL_PRECISIONS, WEIGHTS
+from hyprec.dtypes import (
+    ATTN_DTYPES,
+    DTYPES,
+    FLOAT32_GEMMS,
+    HALF_ARITHMETIC,
+    KV_CACHE_DTYPES,
+    MATMUL_PRECISIONS,
+    WEIGHTS,
+)
 from hyprec.errors import HyprecError, InvalidInputError
 from hyprec.output_files import check_output_file, write_output
 
