@@ -60,8 +60,8 @@ def main() -> None:
     import torch
 
     from hyprec import LLM, SamplingParams
-    from hyprec.precision.check import default_calibration_texts
-    from hyprec.precision.repair import repair
+    from hyprec.tools.check import default_calibration_texts
+    from hyprec.tools.repair import repair
 
     plans, plan_rows = {}, []
     for target in ("float16", "bfloat16"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hyprec.entrypoints.cli import main
-from hyprec.precision.check import check
+from hyprec.tools.check import check
 from zoo import ZOO, ZooModel
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -21,7 +21,7 @@ def _zoo_report(tmp_path, entry: ZooModel):
     entry.build(tmp_path)
     llm = LLM(tmp_path, dtype="float32", max_model_len=128, num_kv_blocks=16)
     # Random models have no tokenizer: calibrate on token ids through the engine directly.
-    from hyprec.precision.check import _add_weight_facts, judge, record_activity
+    from hyprec.tools.check import _add_weight_facts, judge, record_activity
 
     with record_activity(llm.engine.model) as rows, torch.no_grad():
         for ids in TOKENS:

@@ -201,8 +201,8 @@ def _forbid_work(monkeypatch) -> None:
         raise AssertionError("the work started before the output path was checked")
 
     monkeypatch.setattr(cli, "_load", work)
-    monkeypatch.setattr("hyprec.precision.check.check", work)
-    monkeypatch.setattr("hyprec.precision.repair.repair", work)
+    monkeypatch.setattr("hyprec.tools.check.check", work)
+    monkeypatch.setattr("hyprec.tools.repair.repair", work)
     try:
         import ray
 

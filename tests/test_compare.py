@@ -8,7 +8,7 @@ import json
 import pytest
 
 from hyprec.entrypoints.cli import main
-from hyprec.precision.compare import _compare_generation, _HyprecReference, _load, compare
+from hyprec.tools.compare import _compare_generation, _HyprecReference, _load, compare
 from zoo import clean_llama, massive_residual
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -20,11 +20,11 @@ from hyprec import LLM
 from hyprec.config import EngineConfig
 from hyprec.entrypoints.cli import main
 from hyprec.errors import ConfigError
-from hyprec.precision.compare import POLICY_ARGS, _compare_generation, _HyprecReference, _load, row_cosines
 from hyprec.precision.emulation import emulated_formats
 from hyprec.precision.guard import PrecisionOverflowError
 from hyprec.precision.policy import resolve_policy
-from hyprec.precision.repair import render, repair
+from hyprec.tools.compare import POLICY_ARGS, _compare_generation, _HyprecReference, _load, row_cosines
+from hyprec.tools.repair import render, repair
 from zoo import clean_llama, huge_norm_gain, massive_residual
 
 #: Unit roundoff of each half format (half the spacing of the numbers in [1, 2)).

@@ -150,7 +150,7 @@ def test_guard_raise_is_typed(gemma_path):
 
 
 def test_check_flags_float16_and_clears_hybrid(fp32):
-    from hyprec.precision.check import check, default_calibration_texts
+    from hyprec.tools.check import check, default_calibration_texts
 
     # The first two of the default calibration pages (eight): Gemma's residual stream peaks on every text, so
     # more text adds time, not coverage.
@@ -175,7 +175,7 @@ PLAN_TOLERANCE = 0.99
 
 @pytest.fixture(scope="module")
 def fp16_plan(tmp_path_factory, gemma_path, texts):
-    from hyprec.precision.repair import repair
+    from hyprec.tools.repair import repair
 
     plan = repair(gemma_path, target="float16", tolerance=PLAN_TOLERANCE, texts=texts[:2], validation_texts=texts[2:4])
     return plan.save(tmp_path_factory.mktemp("plan") / "gemma-fp16.json")

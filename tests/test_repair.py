@@ -12,9 +12,9 @@ from hyprec.entrypoints.cli import main
 from hyprec.errors import ConfigError
 from hyprec.precision.guard import PrecisionOverflowError
 from hyprec.precision.plan import PrecisionPlan
-from hyprec.precision.repair import repair
 from hyprec.precision.rescale import rescale_ffn, rescale_residual
 from hyprec.texts import evaluation_texts
+from hyprec.tools.repair import repair
 from test_decoder_parity import CASE_BY_NAME, _build_hf
 from zoo import ZOO, clean_bert, clean_llama
 

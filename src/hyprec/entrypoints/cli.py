@@ -509,7 +509,7 @@ def _texts_option(args: argparse.Namespace, least: int = 1) -> list[str] | None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from hyprec.precision.check import check, plot, render
+    from hyprec.tools.check import check, plot, render
 
     if args.plot is not None:
         check_output_file(args.plot, "--plot", (".png",))
@@ -526,7 +526,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from hyprec.precision.compare import compare
+    from hyprec.tools.compare import compare
 
     texts = _texts_option(args, least=2)
     report = compare(
@@ -542,7 +542,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
-    from hyprec.precision.repair import render, repair
+    from hyprec.tools.repair import render, repair
 
     check_output_file(args.output, "--output", (".json",))
     texts = _texts_option(args)

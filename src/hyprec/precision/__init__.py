@@ -1,1 +1,2 @@
-"""Precision analysis: what may overflow in half precision, and where."""
+"""What the engine needs to run a model in mixed precision: the dtype policy, precision plans and how they are applied,
+exact rescaling, attention-input bounds, emulated half arithmetic and the run-time guard."""

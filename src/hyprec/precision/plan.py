@@ -1,6 +1,6 @@
 """Precision plans: per-layer dtype choices plus exact rescaling, saved as JSON and loaded with ``--precision-plan``.
 
-A plan is what ``hyprec repair`` produces (:mod:`hyprec.precision.repair`). It says, for one specific model:
+A plan is what ``hyprec repair`` produces (:mod:`hyprec.tools.repair`). It says, for one specific model:
 
 * ``residual_scale_log2``: the residual stream is multiplied by ``2**k`` (exact, see :mod:`.rescale`);
 * ``ffn_scale_log2``: per layer, the gated FFN intermediate is multiplied by ``2**k`` (exact);

@@ -3,7 +3,7 @@ staying within a tolerance against float32 on real text.
 
 1. **Reference.** One float32 pass over calibration text records the reference outputs (next-token argmax and the
    targets' log-likelihood for decoders, embeddings for encoders) and the per-layer activity
-   (:func:`hyprec.precision.check.record_activity`).
+   (:func:`hyprec.tools.check.record_activity`).
 2. **Exact rescaling** (target float16 only; bfloat16 has float32's range). When the residual stream comes within
    ``RISK_MARGIN`` of 65504, it is multiplied by the power of two that brings it back; likewise each gated FFN
    intermediate (:mod:`hyprec.precision.rescale`). Float32 outputs are bit-for-bit unchanged.
@@ -38,11 +38,11 @@ from tqdm.auto import tqdm
 from hyprec.errors import InvalidInputError, NonFiniteOutputError
 from hyprec.precision.attention_bounds import fp16_attention_check
 from hyprec.precision.casting import apply_plan
-from hyprec.precision.check import FP16_MAX, RISK_MARGIN, default_calibration_texts, record_activity
-from hyprec.precision.compare import row_cosines
 from hyprec.precision.emulation import describe_arithmetic, emulated_formats
 from hyprec.precision.plan import PrecisionPlan, model_fingerprint, plan_layer
 from hyprec.precision.policy import plan_policy
+from hyprec.tools.check import FP16_MAX, RISK_MARGIN, default_calibration_texts, record_activity
+from hyprec.tools.compare import row_cosines
 
 log = logging.getLogger("hyprec")
 TARGETS = ("float16", "bfloat16")
