@@ -124,12 +124,12 @@ def main(argv: list[str] | None = None) -> None:
         ids = torch.randint(1000, 30000, (length,), generator=torch.Generator().manual_seed(length)).tolist()
         attention = rounds({k: attention_call(llm.policy, length) for k, llm in llms.items()}, args.repeats)
         encoder = rounds(
-            {k: (lambda llm=llm, ids=ids: llm.engine.last_hidden_states([ids])) for k, llm in llms.items()},
+            {k: (lambda llm=llm, ids=ids: llm.engine.hidden_states([ids])) for k, llm in llms.items()},
             args.repeats,
         )
-        reference = llms["float32"].engine.last_hidden_states([ids])[0]
+        reference = llms["float32"].engine.hidden_states([ids])[0]
         for label, llm in llms.items():
-            out = llm.engine.last_hidden_states([ids])[0]
+            out = llm.engine.hidden_states([ids])[0]
             err = float((out - reference).abs().max() / reference.abs().max())
             lines.append(
                 f"| {length} | {llm.policy.name} | {attention[label] * 1e3:.1f} | "

@@ -163,7 +163,7 @@ class Built:
         if self._hyprec_fp32 is None:
             eng = _engine(self.path, "float32")
             assert eng.policy.compute_dtype == torch.float32 and eng.policy.attn_dtype == torch.float32
-            self._hyprec_fp32 = eng.last_hidden_states(self.seqs)
+            self._hyprec_fp32 = eng.hidden_states(self.seqs)
         return self._hyprec_fp32
 
 
@@ -263,7 +263,7 @@ def test_hybrid_close_to_float32_reference(built, name, attn):
     assert eng.policy.mode == "hybrid"
     assert eng.policy.compute_dtype == torch.float32
     assert eng.policy.attn_dtype == getattr(torch, attn)
-    out = eng.last_hidden_states(b.seqs)
+    out = eng.hidden_states(b.seqs)
     assert all(o.dtype == torch.float32 for o in out)
     scale = max(r.abs().max().item() for r in b.reference)
     diff, tol = max_abs_diff(out, b.reference), hybrid_tol(b.case.config, attn, scale)
@@ -279,13 +279,13 @@ def test_hybrid_close_to_float32_reference(built, name, attn):
 def _batch_composition_diff(eng: EmbeddingEngine, seqs: list[list[int]], longest: list[int]) -> float:
     """Worst change of any sequence's hidden states between running alone and running in a batch: every
     order of ``seqs``, and next to ``longest`` (more padding than any of the others)."""
-    alone = [eng.last_hidden_states([s])[0] for s in seqs]
+    alone = [eng.hidden_states([s])[0] for s in seqs]
     worst = 0.0
     for order in itertools.permutations(range(len(seqs))):
-        out = eng.last_hidden_states([seqs[i] for i in order])
+        out = eng.hidden_states([seqs[i] for i in order])
         worst = max(worst, max_abs_diff(out, [alone[i] for i in order]))
-    out = eng.last_hidden_states([seqs[1], longest, *seqs[2:], seqs[0]])
-    return max(worst, max_abs_diff(out, [alone[1], eng.last_hidden_states([longest])[0], *alone[2:], alone[0]]))
+    out = eng.hidden_states([seqs[1], longest, *seqs[2:], seqs[0]])
+    return max(worst, max_abs_diff(out, [alone[1], eng.hidden_states([longest])[0], *alone[2:], alone[0]]))
 
 
 @pytest.mark.parametrize(
@@ -331,7 +331,7 @@ def test_roberta_positions_follow_pad_token_id(built, name):
     width = max(map(len, short))
     shifted_ids = (torch.arange(width) + pad + 2).expand(len(short), -1)
     shifted = transformers_hidden(b.encoder, short, pad, position_ids=shifted_ids)
-    out = _engine(b.path, "float32").last_hidden_states(short)
+    out = _engine(b.path, "float32").hidden_states(short)
     scale = max(r.abs().max().item() for r in b.reference)
     assert max_abs_diff(out, shifted) > 10 * fp32_tol(b.case.config, scale)
 
@@ -450,7 +450,7 @@ class OpRecorder(TorchDispatchMode):
 
 def record(eng: EmbeddingEngine, seqs: list[list[int]]) -> OpRecorder:
     with OpRecorder() as rec:
-        eng.last_hidden_states(seqs)
+        eng.hidden_states(seqs)
     return rec
 
 

@@ -21,15 +21,15 @@ def _zoo_report(tmp_path, entry: ZooModel):
     entry.build(tmp_path)
     llm = LLM(tmp_path, dtype="float32", max_model_len=128, num_kv_blocks=16)
     # Random models have no tokenizer: calibrate on token ids through the engine directly.
-    from hyprec.tools.check import _add_weight_facts, judge, record_activity
+    from hyprec.tools.check import add_weight_facts, judge, record_activity
 
     with record_activity(llm.engine.model) as rows, torch.no_grad():
         for ids in TOKENS:
             if llm.is_generative:
                 llm.engine.score(ids)
             else:
-                llm.engine.last_hidden_states([ids])
-    _add_weight_facts(llm.engine.model, rows)
+                llm.engine.hidden_states([ids])
+    add_weight_facts(llm.engine.model, rows)
     return judge(rows)
 
 

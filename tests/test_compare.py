@@ -8,7 +8,8 @@ import json
 import pytest
 
 from hyprec.entrypoints.cli import main
-from hyprec.tools.compare import _compare_generation, _HyprecReference, _load, compare
+from hyprec.tools.compare import HyprecReference, compare, compare_generation
+from hyprec.tools.measure import open_policy
 from zoo import clean_llama, massive_residual
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -30,8 +31,8 @@ def test_embedding_compare_against_float32(eval_texts):
 @pytest.mark.parametrize(("build", "policy"), [(clean_llama, "hybrid-fp16"), (massive_residual, "float16")])
 def test_generation_compare_against_float32(tmp_path, build, policy):
     build(tmp_path)
-    load = functools.partial(_load, tmp_path, device="cpu")
-    rows = _compare_generation(_HyprecReference(load("float32")), load, ["float32", policy], TEXTS, PROMPTS)
+    load = functools.partial(open_policy, tmp_path, device="cpu")
+    rows = compare_generation(HyprecReference(load("float32")), load, ["float32", policy], TEXTS, PROMPTS)
     same, other = rows
     # float32 against a float32 reference of the same weights: the same computation, so KL and log-perplexity
     # differences are float64 accumulation noise (~1e-15), far below these bounds.

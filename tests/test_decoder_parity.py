@@ -338,7 +338,7 @@ def test_score_matches_transformers(built, name):
     llm = b.llm("float32")
     for p, gen in zip(b.prompts, b.fp32().token_ids, strict=True):
         ids = p + gen
-        top, logprob = llm.engine.score(ids)
+        top, logprob, _ = llm.engine.score(ids)
         ref_logits = b.hf_logits(ids[:-1])
         ref = torch.log_softmax(ref_logits, dim=1)
         assert top.tolist() == ref.argmax(dim=1).tolist()

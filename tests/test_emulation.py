@@ -23,7 +23,8 @@ from hyprec.errors import ConfigError
 from hyprec.precision.emulation import emulated_formats
 from hyprec.precision.guard import PrecisionOverflowError
 from hyprec.precision.policy import resolve_policy
-from hyprec.tools.compare import POLICY_ARGS, _compare_generation, _HyprecReference, _load, row_cosines
+from hyprec.tools.compare import HyprecReference, compare_generation
+from hyprec.tools.measure import POLICY_ARGS, open_policy, row_cosines
 from hyprec.tools.repair import render, repair
 from zoo import clean_llama, huge_norm_gain, massive_residual
 
@@ -127,11 +128,11 @@ def test_guard_sees_the_same_overflow(zoo_dirs, model, policy):
 
 def test_compare_counts_the_same_non_finite_logits_and_names_the_arithmetic(zoo_dirs):
     path = zoo_dirs["massive_residual"]
-    reference = _HyprecReference(_load(path, "float32", "cpu"))
+    reference = HyprecReference(open_policy(path, "float32", device="cpu"))
     rows = {}
     for arithmetic in ("native", "emulated"):
-        load = functools.partial(_load, path, device="cpu", half_arithmetic=arithmetic)
-        rows[arithmetic] = _compare_generation(reference, load, ["float16"], TOKENS, PROMPTS)[0]
+        load = functools.partial(open_policy, path, device="cpu", half_arithmetic=arithmetic)
+        rows[arithmetic] = compare_generation(reference, load, ["float16"], TOKENS, PROMPTS)[0]
     assert rows["native"]["arithmetic"] == "native" and rows["emulated"]["arithmetic"] == "float16 emulated"
     for key in ("non_finite_logits", "greedy_identical_prefix", "top5_close"):
         assert rows["emulated"][key] == rows["native"][key]

@@ -657,7 +657,7 @@ def test_guard_records_stay_bounded_and_a_later_pass_is_still_checked(overflow_m
     guard = llm.engine.guard
     ids = llm.engine.tokenize(["a quiet morning"])
     for _ in range(50):
-        llm.engine.last_hidden_states(ids)  # forward passes nobody asks the guard about
+        llm.engine.hidden_states(ids)  # forward passes nobody asks the guard about
     assert len(guard._seen) <= 16 * len(guard.blocks)
     with pytest.raises(PrecisionOverflowError, match="residual stream"):
         llm.embed(["the zebra runs"])
@@ -667,7 +667,7 @@ def test_non_finite_guard_names_index_and_hybrid_policy(minilm_dir, monkeypatch)
     llm = LLM(minilm_dir, on_nonfinite="ignore")  # the guard only logs; the final barrier must still refuse
     engine = llm.engine
     marker = engine.tokenizer.encode(["zebra"])[0][1]
-    real = engine._run_batch
+    real = engine._pool
 
     def poisoned(ids, *args):
         out = real(ids, *args).clone()
@@ -676,7 +676,7 @@ def test_non_finite_guard_names_index_and_hybrid_policy(minilm_dir, monkeypatch)
                 out[j, 0] = float("inf")
         return out
 
-    monkeypatch.setattr(engine, "_run_batch", poisoned)
+    monkeypatch.setattr(engine, "_pool", poisoned)
     with pytest.raises(NonFiniteOutputError) as exc:
         llm.embed(["one", "two", "three", "a zebra", "five"], batch_size=2)
     assert "inputs [3]" in str(exc.value)

@@ -80,7 +80,7 @@ def _metrics(llm: LLM, texts: list[list[int]], reference: dict) -> tuple[float, 
     agree = total = 0
     nll = ref_nll = 0.0
     for ids, (ref_top, ref_logprob) in zip(texts, reference["scored"], strict=True):
-        top, logprob = llm.engine.score(ids)
+        top, logprob, _ = llm.engine.score(ids)
         agree += int((top == ref_top).sum())
         total += len(ids) - 1
         nll -= float(logprob.double().sum())

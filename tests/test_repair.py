@@ -172,7 +172,7 @@ def test_guard_falls_back_when_a_plan_overflows(zoo_plans, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="hyprec"):
         out = llm.generate([HELD_OUT[0][:20]], SamplingParams(temperature=0, max_tokens=4))
     assert llm.engine.guard_events[0].policy == "plan-fp16"
-    assert llm.policy.name == "hybrid-fp16" and llm.engine.plan is None  # remembered
+    assert llm.policy.name == "hybrid-fp16" and llm.policy.plan is None  # remembered
     ref = LLM(path, dtype="hybrid", attn_dtype="float16", **ENGINE)
     assert (
         out[0].outputs[0].token_ids

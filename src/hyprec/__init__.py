@@ -5,8 +5,8 @@ from hyprec.errors import HyprecError
 from hyprec.outputs import CompletionOutput, RequestOutput
 from hyprec.precision.policy import DtypePolicy, resolve_policy
 from hyprec.sampling_params import SamplingParams
+from hyprec.version import __version__
 
-__version__ = "0.1.0"
 __all__ = [
     "LLM",
     "CompletionOutput",

@@ -1,7 +1,10 @@
-"""Token-budget batching of length-sorted sequences."""
+"""Token-budget batching: consecutive groups of sequences under a budget (:func:`greedy_groups`), and the encoder's
+padding-aware batches of length-sorted sequences (:func:`plan_batches`)."""
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -26,6 +29,27 @@ class BatchStats:
 MAX_PADDING = 0.1
 
 
+def greedy_groups(n: int, fits: Callable[[int, int], bool]) -> list[list[int]]:
+    """Items ``0 .. n-1`` in order, in consecutive groups: item ``i`` joins the group that starts at ``first`` when
+    ``fits(first, i)`` (items ``first .. i`` together keep within the budget), else it opens the next group (an item
+    alone always forms one: an item larger than any budget runs alone). Every token-budget batching is this walk with
+    its own rule; with prefix sums a rule costs O(1)."""
+    groups: list[list[int]] = []
+    first = 0
+    for i in range(1, n):
+        if not fits(first, i):
+            groups.append(list(range(first, i)))
+            first = i
+    if n:
+        groups.append(list(range(first, n)))
+    return groups
+
+
+def prefix_sums(values: list[int]) -> list[int]:
+    """``[0, v0, v0 + v1, ...]``: the sum of ``values[a:b]`` is ``sums[b] - sums[a]``."""
+    return [0, *itertools.accumulate(values)]
+
+
 def plan_batches(
     lengths: list[int], max_tokens: int, max_seqs: int, max_padding: float = MAX_PADDING
 ) -> list[list[int]]:
@@ -37,17 +61,12 @@ def plan_batches(
     its padded share would pass ``max_padding``. A sequence longer than the budget runs alone.
     """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    current: list[int] = []
-    real = 0
-    for i in order:
-        if current:
-            padded = (len(current) + 1) * lengths[current[0]]
-            if len(current) >= max_seqs or padded > max_tokens or 1 - (real + lengths[i]) / padded > max_padding:
-                batches.append(current)
-                current, real = [], 0
-        current.append(i)
-        real += lengths[i]
-    if current:
-        batches.append(current)
-    return batches
+    sizes = [lengths[i] for i in order]
+    sums = prefix_sums(sizes)
+
+    def fits(first: int, i: int) -> bool:
+        padded = (i - first + 1) * sizes[first]  # the first is the longest
+        real = sums[i + 1] - sums[first]
+        return i - first < max_seqs and padded <= max_tokens and 1 - real / padded <= max_padding
+
+    return [[order[j] for j in group] for group in greedy_groups(len(order), fits)]

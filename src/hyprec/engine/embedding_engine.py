@@ -10,16 +10,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
-from hyprec.allocator import tune_malloc
 from hyprec.config import EngineConfig, ModelConfig, read_json
+from hyprec.engine.base import ModelEngine
 from hyprec.engine.batching import BatchStats, plan_batches
-from hyprec.engine.guarded import GuardedEngine
-from hyprec.engine.model_loading import model_summary
+from hyprec.engine.model_loading import PolicyRequest
 from hyprec.errors import InputTypeError, InvalidInputError, ModelLoadError, NonFiniteOutputError
-from hyprec.hardware import hardware_summary
+from hyprec.finite import finite_rows
 from hyprec.layers.attention import AttentionMetadata
 from hyprec.layers.attention_backends import select_backend
 from hyprec.layers.linear import set_batch_invariant, set_matmul_precision
@@ -27,10 +25,7 @@ from hyprec.loading.st_pipeline import read_pipeline
 from hyprec.loading.tokenizer import TextTokenizer
 from hyprec.loading.weights import Checkpoint
 from hyprec.pooling import EmbeddingHead
-from hyprec.precision.emulation import arithmetic, kernel_dtype
-from hyprec.precision.guard import GuardEvent, PrecisionGuard
-from hyprec.precision.plan import load_plan
-from hyprec.precision.policy import DtypePolicy
+from hyprec.precision.emulation import kernel_dtype
 
 log = logging.getLogger("hyprec")
 
@@ -61,7 +56,7 @@ def _positive_int(value: object, name: str, upper: int | None = None) -> int:
     return int(value)
 
 
-class EmbeddingEngine(GuardedEngine):
+class EmbeddingEngine(ModelEngine):
     """Owns one encoder model, its tokenizer and pooling head, and the resolved dtype policy."""
 
     def __init__(
@@ -73,19 +68,12 @@ class EmbeddingEngine(GuardedEngine):
         kv_cache_dtype: str = "auto",
         engine_config: EngineConfig | None = None,
     ):
-        tune_malloc()
         self.model_dir = model_dir
+        self.name = str(model_dir)
         self.engine_config = (engine_config or EngineConfig()).with_token_budget(generative=False)
-        self.device = torch.device(self.engine_config.device)
         self.pipeline = read_pipeline(model_dir)
         tdir = self.pipeline.transformer_dir
-        self.model_config = ModelConfig.from_dir(tdir)
-        self.checkpoint = Checkpoint.open(tdir)
-        self.checkpoint_dtype = self.checkpoint.floating_dtype()
-        self.guard: PrecisionGuard | None = None
-        self.guard_events: list[GuardEvent] = []
-        self.plan = load_plan(self.engine_config.precision_plan)
-        self._set_policy(dtype, attn_dtype, kv_cache_dtype)
+        self._open(ModelConfig.from_dir(tdir), Checkpoint.open(tdir), PolicyRequest(dtype, attn_dtype, kv_cache_dtype))
         self.head = EmbeddingHead(self.pipeline).to(self.device).eval()
         set_batch_invariant(self.head, self.engine_config.deterministic)
         set_matmul_precision(self.head, self.policy.matmul, self.policy.float32_gemm)
@@ -93,18 +81,16 @@ class EmbeddingEngine(GuardedEngine):
         self.dimension = self._output_dimension()
         self.last_stats = BatchStats()
 
-    def install(self, model: nn.Module, policy: DtypePolicy) -> None:
-        """Run on ``model`` under ``policy`` (at load, on guard fallback, and for ``repair``'s candidate plans)."""
-        self.model, self.policy = model, policy
+    def _rebuild(self) -> None:
+        """The attention backend for the current model and policy."""
+        model = self.model
         set_batch_invariant(model, self.engine_config.deterministic)
-        needs_bias = type(model).uses_attention_bias
         self.backend = select_backend(
             self.device,
-            kernel_dtype(model, policy),
-            needs_bias=needs_bias,
+            kernel_dtype(model, self.policy),
+            needs_bias=type(model).uses_attention_bias,
             batch_invariant=self.engine_config.deterministic,
         )
-        self.guard = self._make_guard()
         log.info("hyprec: %s: policy %s, attention backend %s", self.model_dir.name, self.policy, self.backend.name)
 
     @functools.cached_property
@@ -173,8 +159,10 @@ class EmbeddingEngine(GuardedEngine):
         prompt: str | None = None,
         batch_size: int | None = None,
         show_progress: bool = False,
+        allow_nonfinite: bool = False,
     ) -> np.ndarray:
-        """Embeddings ``float32 [len(texts), dim]`` in input order. See :meth:`hyprec.LLM.embed`."""
+        """Embeddings ``float32 [len(texts), dim]`` in input order. See :meth:`hyprec.LLM.embed`;
+        ``allow_nonfinite`` as :meth:`embed_ids` (for the tools)."""
         items = validate_texts(texts)
         if dimensions is not None:
             dimensions = _positive_int(dimensions, "dimensions", self.dimension)  # before tokenising
@@ -185,17 +173,18 @@ class EmbeddingEngine(GuardedEngine):
         prompt_len = self.prompt_length(prompt_text)
 
         ids = self.tokenize(items, prompt_text)
-        return self.embed_token_ids(
+        return self.embed_ids(
             ids,
             prompt_len=prompt_len,
             normalize=normalize,
             dimensions=dimensions,
             max_seqs=max_seqs,
             show_progress=show_progress,
+            allow_nonfinite=allow_nonfinite,
         )
 
     @torch.inference_mode()
-    def embed_token_ids(
+    def embed_ids(
         self,
         ids: list[list[int]],
         *,
@@ -204,9 +193,11 @@ class EmbeddingEngine(GuardedEngine):
         dimensions: int | None = None,
         max_seqs: int | None = None,
         show_progress: bool = False,
+        allow_nonfinite: bool = False,
     ) -> np.ndarray:
         """Embeddings of already tokenised inputs (special tokens included), in input order. ``prompt_len``
-        leading tokens of every input belong to a prompt (excluded from pooling when the pipeline says so)."""
+        leading tokens of every input belong to a prompt (excluded from pooling when the pipeline says so).
+        Non-finite embeddings raise, naming the inputs, unless ``allow_nonfinite`` (the tools measure them)."""
         if dimensions is not None:
             dimensions = _positive_int(dimensions, "dimensions", self.dimension)
         ids = self._check_ids(ids)
@@ -217,9 +208,13 @@ class EmbeddingEngine(GuardedEngine):
         for batch in tqdm(batches, desc="embed", unit="batch", disable=not show_progress):
             lens = [len(ids[i]) for i in batch]
             stats.add(lens)
-            vectors = self._guarded_batch([ids[i] for i in batch], [prompt_len] * len(batch), normalize, dimensions)
-            if not torch.isfinite(vectors).all():
-                bad = [batch[j] for j in torch.nonzero(~torch.isfinite(vectors).all(dim=1)).flatten().tolist()]
+            batch_ids = [ids[i] for i in batch]
+            vectors = self.state.run(
+                lambda batch_ids=batch_ids: self._pool(batch_ids, prompt_len, normalize, dimensions)
+            )
+            finite = finite_rows(vectors)
+            if not allow_nonfinite and not finite.all():
+                bad = [batch[j] for j in torch.nonzero(~finite).flatten().tolist()]
                 raise NonFiniteOutputError(
                     f"non-finite embeddings for inputs {bad[:10]} under policy {self.policy.name}; "
                     "retry with dtype='float32' or dtype='hybrid'"
@@ -240,24 +235,15 @@ class EmbeddingEngine(GuardedEngine):
         )
         return self.model(flat, meta)
 
-    def _guarded_batch(
-        self, ids: list[list[int]], prompt_lens: list[int], normalize: bool | None, dimensions: int | None
+    def _pool(
+        self, ids: list[list[int]], prompt_len: int, normalize: bool | None, dimensions: int | None
     ) -> torch.Tensor:
-        """One batch under the precision guard: recomputed under a safer policy if it overflowed."""
-        while True:
-            self._guard_begin()
-            vectors = self._run_batch(ids, prompt_lens, normalize, dimensions)
-            if not self._guard_check(vectors):
-                return vectors
-
-    def _run_batch(
-        self, ids: list[list[int]], prompt_lens: list[int], normalize: bool | None, dimensions: int | None
-    ) -> torch.Tensor:
-        hidden = self._forward(ids)
-        return self.head(hidden, [len(x) for x in ids], prompt_lens, normalize=normalize, dimensions=dimensions)
+        """The pooled (and normalised, cut) embeddings of one batch."""
+        lens = [len(x) for x in ids]
+        return self.head(self._forward(ids), lens, [prompt_len] * len(ids), normalize=normalize, dimensions=dimensions)
 
     @torch.inference_mode()
-    def last_hidden_states(self, token_ids: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    def hidden_states(self, token_ids: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """Float32 last hidden states ``[len_i, hidden]`` of each token-id list, all run as one batch."""
         if not token_ids:
             raise InvalidInputError("token_ids: expected a non-empty list of non-empty token-id lists")
@@ -278,17 +264,11 @@ class EmbeddingEngine(GuardedEngine):
         return ids
 
     def info(self) -> dict[str, Any]:
-        return {
-            **model_summary(str(self.model_dir), self.model_config, self.model, self.checkpoint_dtype),
-            "max_seq_length": self.max_seq_length,
-            "embedding_dimension": self.dimension,
-            "pipeline": self.pipeline.describe(),
-            "prompts": sorted(self.pipeline.prompts),
-            "device": str(self.device),
-            **hardware_summary(self.device),
-            "malloc": tune_malloc(),
-            "attention_backend": self.backend.name,
-            "deterministic": self.engine_config.deterministic,
-            "half_arithmetic": arithmetic(self.model),
-            "policy": self.policy.as_dict(),
-        }
+        return self._info(
+            {
+                "max_seq_length": self.max_seq_length,
+                "embedding_dimension": self.dimension,
+                "pipeline": self.pipeline.describe(),
+                "prompts": sorted(self.pipeline.prompts),
+            }
+        )

@@ -7,35 +7,32 @@ so requests added between steps join the running batch (continuous batching).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from tqdm.auto import tqdm
 
-from hyprec.allocator import tune_malloc
 from hyprec.config import EngineConfig, ModelConfig
+from hyprec.engine.base import ModelEngine
+from hyprec.engine.batching import greedy_groups, prefix_sums
 from hyprec.engine.block_manager import BlockManager
 from hyprec.engine.detokenizer import IncrementalDetokenizer, find_stop
-from hyprec.engine.guarded import GuardedEngine
 from hyprec.engine.kv_cache import KVCache, cache_groups
-from hyprec.engine.model_loading import model_summary
+from hyprec.engine.model_loading import PolicyRequest
 from hyprec.engine.model_runner import ModelRunner
 from hyprec.engine.scheduler import ScheduledSeq, Scheduler
+from hyprec.engine.scoring import TokenScores, score_logits
 from hyprec.engine.sequence import Sequence
 from hyprec.errors import ConfigError, InvalidInputError, NonFiniteOutputError
-from hyprec.hardware import hardware_summary
+from hyprec.finite import finite_rows
 from hyprec.layers.attention_backends import select_backend
 from hyprec.layers.linear import set_batch_invariant
 from hyprec.loading.generation_tokenizer import GenerationTokenizer
 from hyprec.loading.weights import WeightSource
-from hyprec.models.base import DecoderModel
 from hyprec.outputs import CompletionOutput, RequestOutput
-from hyprec.precision.emulation import arithmetic, kernel_dtype
-from hyprec.precision.guard import GuardEvent, PrecisionGuard
-from hyprec.precision.plan import load_plan
-from hyprec.precision.policy import DtypePolicy
+from hyprec.precision.emulation import kernel_dtype
 from hyprec.sampling.sampler import make_generator
 from hyprec.sampling_params import SamplingParams
 
@@ -52,7 +49,7 @@ class Request:
     seqs: list[Sequence]
 
 
-class LLMEngine(GuardedEngine):
+class LLMEngine(ModelEngine):
     """Owns one decoder model, its KV cache and scheduler."""
 
     generative = True
@@ -69,28 +66,18 @@ class LLMEngine(GuardedEngine):
         kv_cache_dtype: str = "auto",
         engine_config: EngineConfig | None = None,
     ):
-        tune_malloc()
         self.name = name
-        self.model_config = config
         self.tokenizer = tokenizer
-        self.checkpoint = checkpoint
         self.engine_config = ec = (engine_config or EngineConfig()).with_token_budget(generative=True)
-        self.device = torch.device(ec.device)
-        self.checkpoint_dtype = checkpoint.floating_dtype()
         self.scheduler = Scheduler(None, ec.max_num_seqs, ec.max_num_batched_tokens, deterministic=ec.deterministic)
-        self.guard: PrecisionGuard | None = None
-        self.guard_events: list[GuardEvent] = []
-        self.plan = load_plan(ec.precision_plan)
-        self._set_policy(dtype, attn_dtype, kv_cache_dtype)
         self.requests: dict[str, Request] = {}
         self._next_id = 0
+        self._open(config, checkpoint, PolicyRequest(dtype, attn_dtype, kv_cache_dtype))
 
-    def install(self, model: nn.Module, policy: DtypePolicy) -> None:
-        """Run on ``model`` under ``policy``: rebuilds KV cache, runner and guard; sequences in flight restart from
-        their tokens. (Used at load, on guard fallback, and by ``repair`` to try candidate plans.)"""
-        ec = self.engine_config
-        self.model: DecoderModel = model
-        self.policy = policy
+    def _rebuild(self) -> None:
+        """KV cache, block manager, backend and runner for the current model and policy; sequences in flight
+        restart from their tokens."""
+        ec, model = self.engine_config, self.model
         set_batch_invariant(model, ec.deterministic)
         self.max_model_len = self._max_model_len()
         layers = self.model.attention_layers()
@@ -107,11 +94,10 @@ class LLMEngine(GuardedEngine):
         self.kv_cache = KVCache(layers, groups, ec.block_size, kv_dtypes, self.device)
         self.blocks = BlockManager(groups, ec.block_size)
         self.scheduler.restart(self.blocks)
-        self.backend = select_backend(self.device, kernel_dtype(model, policy), batch_invariant=ec.deterministic)
+        self.backend = select_backend(self.device, kernel_dtype(model, self.policy), batch_invariant=ec.deterministic)
         self.runner = ModelRunner(
-            self.model, self.kv_cache, self.blocks, self.backend, self.policy, self.device, ec.deterministic
+            model, self.kv_cache, self.blocks, self.backend, self.policy, self.device, ec.deterministic
         )
-        self.guard = self._make_guard()
         log.info("hyprec: %s: policy %s, attention backend %s", self.name, self.policy, self.backend.name)
 
     def _max_model_len(self) -> int:
@@ -199,9 +185,9 @@ class LLMEngine(GuardedEngine):
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             return []
-        self._guard_begin()
+        self.state.begin()
         logits = self.runner.forward(plan.scheduled)
-        if self._guard_check(logits):
+        if self.state.check(logits):
             return []  # the engine fell back to a safer policy; the scheduled work is recomputed from the next step
         sampled = self.runner.sample(logits, plan.scheduled)
         sampling = [item.seq for item in plan.scheduled if item.samples]
@@ -299,118 +285,132 @@ class LLMEngine(GuardedEngine):
             )
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, error)
 
-    @torch.inference_mode()
-    def score(self, token_ids: list[int], chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher-forced scoring of one token sequence (what perplexity and agreement metrics need).
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, as generation encodes a prompt."""
+        if self.tokenizer is None:
+            raise InvalidInputError("this model has no tokenizer; pass token-id lists")
+        return [self.tokenizer.encode(t) for t in texts]
 
-        Returns, for every position ``i < len - 1``: the model's most likely next token, and the float32
-        log-probability it assigns to the actual next token ``token_ids[i + 1]``. Non-finite logits raise.
-        """
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, *, progress: bool = False
+    ) -> list[RequestOutput]:
+        """Run token-id ``prompts`` to completion together (continuous batching); one output per prompt, in order.
+        Every prompt is validated before any is queued."""
+        for i, ids in enumerate(prompts):
+            self.validate_request(ids, params, where=f"prompts[{i}]")
+        return self.run_to_completion([self.add_request(ids, params) for ids in prompts], progress=progress)
+
+    def run_to_completion(self, request_ids: list[str], *, progress: bool = False) -> list[RequestOutput]:
+        """Step until the queued ``request_ids`` finish; their final outputs in order. A request that fails raises
+        its error, and every one of them is aborted (so is everything on any other exception)."""
+        done: dict[str, RequestOutput] = {}
+        try:
+            with tqdm(total=len(request_ids), desc="generate", unit="req", disable=not progress) as bar:
+                while len(done) < len(request_ids):
+                    for out in self.step():
+                        if out.error is not None and out.request_id in request_ids:
+                            raise out.error  # this request failed on its own; the others are aborted below
+                        if out.finished and out.request_id in request_ids:
+                            done[out.request_id] = out
+                            bar.update(1)
+        except BaseException:
+            for rid in request_ids:
+                self.abort(rid)
+            raise
+        return [done[rid] for rid in request_ids]
+
+    # ------------------------------------------------------------------ prefill-only passes
+
+    def _prefill(self, seqs: list[Sequence], run: Callable[[list[ScheduledSeq]], torch.Tensor]) -> torch.Tensor:
+        """One prefill-only pass of whole sequences outside the scheduler (scoring, embedding), under the guard:
+        their cache blocks are allocated, ``run`` computes the pass, the blocks are freed, and a pass that made the
+        guard fall back is recomputed under the safer policy."""
+        if self.scheduler.has_unfinished():
+            raise InvalidInputError("prefill-only passes need an idle engine; finish or abort running generations")
+
+        def forward() -> torch.Tensor:
+            try:
+                for seq in seqs:
+                    if not self.blocks.can_grow(seq.seq_id, seq.num_tokens, 0):
+                        tokens = f"sequence {seq.index} ({seq.num_tokens} tokens)"
+                        raise InvalidInputError(f"{seq.request_id}: {tokens} does not fit the KV cache")
+                    self.blocks.grow(seq.seq_id, seq.num_tokens, 0)
+                return run([ScheduledSeq(seq, seq.num_tokens) for seq in seqs])
+            finally:
+                for seq in seqs:
+                    self.blocks.free(seq.seq_id)
+
+        return self.state.run(forward)
+
+    @torch.inference_mode()
+    def score(self, token_ids: list[int], chunk: int = 256, *, allow_nonfinite: bool = False) -> TokenScores:
+        """Teacher-forced scores of one token sequence (perplexity, agreement): at every position ``i < len - 1``,
+        the most likely next token, the log-probability of the actual next token ``token_ids[i + 1]``, and whether
+        the logits were finite. Non-finite logits raise unless ``allow_nonfinite`` (the tools measure them)."""
         targets = torch.tensor(token_ids[1:])
-        top, logprob = [], []
+        parts = []
         for start, logits in self.logits(token_ids, chunk):
-            if not torch.isfinite(logits).all():
+            part = score_logits(logits, targets[start : start + len(logits)])[1]
+            if not allow_nonfinite and not part.finite.all():
                 raise NonFiniteOutputError(
                     f"non-finite logits at positions >= {start} under policy {self.policy.name}; the activations "
                     "overflowed. Use dtype='hybrid' or dtype='float32'"
                 )
-            top.append(logits.argmax(dim=1).cpu())
-            rows = targets[start : start + len(logits), None].to(logits.device)
-            logprob.append(torch.log_softmax(logits, dim=1).gather(1, rows)[:, 0].cpu())
-        return torch.cat(top), torch.cat(logprob)
+            parts.append(part)
+        return TokenScores.cat(parts)
 
     @torch.inference_mode()
     def logits(self, token_ids: list[int], chunk: int = 256) -> Iterator[tuple[int, torch.Tensor]]:
         """Teacher-forced float32 logits predicting positions ``1 .. len-1``, as ``(start, [rows, vocab])`` chunks,
         so a 262k vocabulary never materialises for the whole sequence. The prefill runs under the precision
         guard; the logits are returned as computed (finite or not: callers decide)."""
-        if self.scheduler.has_unfinished():
-            raise InvalidInputError("scoring needs an idle engine; finish or abort running generations first")
         if len(token_ids) < 2:
             raise InvalidInputError(f"score: {len(token_ids)} tokens; expected at least 2")
         self._one_pass(token_ids, "score")
         self.validate_request(token_ids[:-1], SamplingParams(), where="score")
         seq = Sequence(request_id="score", index=0, prompt_token_ids=list(token_ids), params=SamplingParams())
-        while True:
-            if not self.blocks.can_grow(seq.seq_id, seq.num_tokens, 0):
-                raise InvalidInputError(f"score: {len(token_ids)} tokens do not fit the KV cache")
-            self.blocks.grow(seq.seq_id, seq.num_tokens, 0)
-            try:
-                self._guard_begin()
-                hidden, _ = self.runner.run([ScheduledSeq(seq, seq.num_tokens)])
-            finally:
-                self.blocks.free(seq.seq_id)
-            if not self._guard_check(hidden):
-                break
+        hidden = self._prefill([seq], lambda batch: self.runner.run(batch)[0])
         for start in range(0, len(token_ids) - 1, chunk):
             yield start, self.model.compute_logits(hidden[start : min(start + chunk, len(token_ids) - 1)])
 
     @torch.inference_mode()
-    def embed(self, token_ids: list[list[int]], *, normalize: bool = True) -> torch.Tensor:
+    def embed_ids(self, token_ids: list[list[int]], *, normalize: bool = True) -> torch.Tensor:
         """Last-token pooled float32 embeddings (Qwen3-Embedding style) of token-id lists, ``[n, hidden]``.
 
-        Runs prefill-only passes through the same KV cache path as generation, one token-budget batch at a time;
-        the engine must be idle (no generation in flight) so the cache is free.
+        Runs prefill-only passes through the same KV cache path as generation, longest first, as many sequences a
+        pass as the token budget, ``max_num_seqs`` and the free cache blocks allow; the engine must be idle (no
+        generation in flight) so the cache is free.
         """
-        if self.scheduler.has_unfinished():
-            raise InvalidInputError("embed() needs an idle engine; finish or abort running generations first")
+        for i, ids in enumerate(token_ids):
+            self._one_pass(ids, f"embed: text {i}")
+        ec = self.engine_config
+        order = sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i]))
+        tokens = prefix_sums([len(token_ids[i]) for i in order])
+        blocks = prefix_sums([-(-len(token_ids[i]) // ec.block_size) for i in order])
+        free = min(self.blocks.num_free_blocks().values())
+
+        def fits(first: int, i: int) -> bool:
+            within_budget = tokens[i + 1] - tokens[first] <= ec.max_num_batched_tokens
+            return i - first < ec.max_num_seqs and within_budget and blocks[i + 1] - blocks[first] <= free
+
         out = torch.empty(len(token_ids), self.model_config.get("hidden_size"))
         params = SamplingParams(max_tokens=1)
-        order = sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i]))
-        batch: list[int] = []
-
-        def flush() -> None:
+        for group in greedy_groups(len(order), fits):
+            batch = [order[j] for j in group]
             seqs = [Sequence(request_id="embed", index=i, prompt_token_ids=token_ids[i], params=params) for i in batch]
-            try:
-                for seq in seqs:
-                    if not self.blocks.can_grow(seq.seq_id, seq.num_tokens, 0):
-                        raise InvalidInputError(
-                            f"embed: text {seq.index} ({seq.num_tokens} tokens) does not fit the KV cache"
-                        )
-                    self.blocks.grow(seq.seq_id, seq.num_tokens, 0)
-                self._guard_begin()
-                hidden = self.runner.last_hidden([ScheduledSeq(s, s.num_tokens) for s in seqs]).float()
-            finally:
-                for seq in seqs:
-                    self.blocks.free(seq.seq_id)
-            if self._guard_check(hidden):
-                return flush()  # recompute this batch under the safer policy
-            out[batch] = hidden.cpu()
-            batch.clear()
-
-        for i in order:
-            ids = token_ids[i]
-            self._one_pass(ids, f"embed: text {i}")
-            bs = self.engine_config.block_size
-            tokens = sum(len(token_ids[j]) for j in batch) + len(ids)
-            blocks = sum(-(-len(token_ids[j]) // bs) for j in [*batch, i])
-            fits = blocks <= min(self.blocks.num_free_blocks().values())
-            too_big = (
-                len(batch) >= self.engine_config.max_num_seqs or tokens > self.engine_config.max_num_batched_tokens
-            )
-            if batch and (too_big or not fits):
-                flush()
-            batch.append(i)
-        if batch:
-            flush()
-        if not torch.isfinite(out).all():
+            out[batch] = self._prefill(seqs, lambda scheduled: self.runner.last_hidden(scheduled).float()).cpu()
+        if not finite_rows(out).all():
             raise NonFiniteOutputError(f"non-finite embeddings under policy {self.policy.name}")
         return torch.nn.functional.normalize(out, dim=1) if normalize else out
 
     def info(self) -> dict[str, Any]:
         cfg = self.model_config
-        return {
-            **model_summary(self.name, cfg, self.model, self.checkpoint_dtype),
-            "num_kv_heads": cfg.get("num_key_value_heads", cfg.get("num_attention_heads")),
-            "max_model_len": self.max_model_len,
-            "kv_cache_groups": {n: (g.window, g.num_blocks) for n, g in self.kv_cache.groups.items()},
-            "kv_cache_bytes": self.kv_cache.nbytes,
-            "kv_cache_bytes_per_token": self.kv_cache.bytes_per_token(),
-            "device": str(self.device),
-            **hardware_summary(self.device),
-            "malloc": tune_malloc(),
-            "attention_backend": self.backend.name,
-            "deterministic": self.engine_config.deterministic,
-            "half_arithmetic": arithmetic(self.model),
-            "policy": self.policy.as_dict(),
-        }
+        return self._info(
+            {
+                "num_kv_heads": cfg.get("num_key_value_heads", cfg.get("num_attention_heads")),
+                "max_model_len": self.max_model_len,
+                "kv_cache_groups": {n: (g.window, g.num_blocks) for n, g in self.kv_cache.groups.items()},
+                "kv_cache_bytes": self.kv_cache.nbytes,
+                "kv_cache_bytes_per_token": self.kv_cache.bytes_per_token(),
+            }
+        )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import math
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -28,26 +28,33 @@ from hyprec.precision.policy import DtypePolicy, plan_policy, resolve_matmul, re
 # Weights are ordinary tensors even when a guard fallback reloads them inside an inference-mode forward pass: layers
 # that keep a prepared copy of a weight (packed, split) key it by the weight's version counter, which inference
 # tensors do not have.
+@dataclass(frozen=True)
+class PolicyRequest:
+    """The dtype names a user asked for (resolved at load), and a precision plan that sets them per layer."""
+
+    dtype: str = "auto"
+    attn_dtype: str = "auto"
+    kv_cache_dtype: str = "auto"
+    plan: PrecisionPlan | None = None
+
+
 @torch.inference_mode(False)
 @torch.no_grad()
 def load_model(
     cls: type[nn.Module],
     config: ModelConfig,
     checkpoint: WeightSource,
+    request: PolicyRequest | DtypePolicy,
     *,
-    dtype: str,
-    attn_dtype: str,
-    kv_cache_dtype: str,
     device: torch.device,
     checkpoint_dtype: torch.dtype,
-    plan: PrecisionPlan | None = None,
     half_arithmetic: str = "native",
     matmul_precision: str = "auto",
     float32_gemm: str = "auto",
     weights: str = "auto",
     generative: bool = False,
 ) -> tuple[nn.Module, DtypePolicy]:
-    """Resolve the dtype policy and load the model in its compute dtype.
+    """Resolve the dtype policy ``request`` asks for (or take an already resolved one) and load the model in it.
 
     ``attn_dtype='auto'`` in hybrid mode needs the weights (a weight-only bound decides whether float16 is safe) and
     the device's measured kernel speeds (which format is fast), so the float32 model is built lazily for that check
@@ -78,8 +85,13 @@ def load_model(
         )
         return model.eval().requires_grad_(False)  # inference only; also keeps .item() and float() quiet
 
+    policy: DtypePolicy | None = None
+    if isinstance(request, DtypePolicy):
+        policy = request
+    elif request.plan is not None:
+        policy = plan_policy(request.plan, request.dtype, request.attn_dtype, request.kv_cache_dtype)
+    plan = policy.plan if policy is not None else None
     if plan is not None:
-        policy = plan_policy(plan, dtype, attn_dtype, kv_cache_dtype)
         _check_stored_request(weights, _why_not_stored(policy, checkpoint, device))
         emulated = emulated_formats(half_arithmetic, policy, device)
         if emulated:
@@ -91,15 +103,16 @@ def load_model(
     # Whether float32 compute would keep blocks stored: the weight-only bound of the policy decision reads q/k/v
     # through the stored layers (dequantised on demand) rather than from a float32 build of its own.
     maybe_stored = weights != "float32" and _why_not_stored(None, checkpoint, device) is None
-    policy = resolve_policy(
-        dtype,
-        attn_dtype,
-        kv_cache_dtype,
-        checkpoint_dtype=checkpoint_dtype,
-        checkpoint_storage=checkpoint.storage(),
-        fp16_attention_safe=lambda: fp16_attention_check(build(torch.float32, maybe_stored)),
-        kernel_speeds=lambda: kernel_profile(device.type),
-    )
+    if policy is None:
+        policy = resolve_policy(
+            request.dtype,
+            request.attn_dtype,
+            request.kv_cache_dtype,
+            checkpoint_dtype=checkpoint_dtype,
+            checkpoint_storage=checkpoint.storage(),
+            fp16_attention_safe=lambda: fp16_attention_check(build(torch.float32, maybe_stored)),
+            kernel_speeds=lambda: kernel_profile(device.type),
+        )
     why_not = "weights='float32'" if weights == "float32" else _why_not_stored(policy, checkpoint, device)
     _check_stored_request(weights, why_not)
     stored = why_not is None

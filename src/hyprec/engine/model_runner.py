@@ -9,6 +9,7 @@ from hyprec.engine.block_manager import BlockManager
 from hyprec.engine.kv_cache import KVCache
 from hyprec.engine.scheduler import ScheduledSeq
 from hyprec.errors import NonFiniteOutputError
+from hyprec.finite import finite_rows
 from hyprec.layers.attention import AttentionBackend, AttentionMetadata, CacheGroupSlots, Packing
 from hyprec.layers.linear import leading_decode_rows
 from hyprec.models.base import DecoderModel
@@ -116,10 +117,7 @@ class ModelRunner:
         sampling = [item.seq for item in batch if item.samples]
         if not sampling:
             return None
-        # A row is finite iff its min and max are (NaN propagates into both): no boolean temporary. Measured on
-        # [8, 262144] logits: amax + amin 0.3 ms, isfinite().all(dim=1) 2.8 ms (2% of a decode step), and
-        # aminmax(dim=1) 1.9 ms.
-        finite = (torch.isfinite(logits.amax(dim=1)) & torch.isfinite(logits.amin(dim=1))).tolist()
+        finite = finite_rows(logits).tolist()
         failed: dict[int, Exception] = {
             row: NonFiniteOutputError(
                 f"non-finite logits for request {seq.request_id!r} under policy {self.policy.name} "

@@ -7,7 +7,6 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from hyprec.config import EngineConfig
 from hyprec.engine.embedding_engine import EmbeddingEngine, validate_texts
@@ -174,7 +173,7 @@ class LLM:
         if dimensions is not None:
             dimensions = positive_int(dimensions, "dimensions", engine.model_config.get("hidden_size"))
         ids = [self._tokenizer().encode((prompt or "") + t) for t in validate_texts(texts)]
-        vectors = engine.embed(ids, normalize=False)
+        vectors = engine.embed_ids(ids, normalize=False)
         return truncate_and_normalize(vectors, dimensions, normalize is not False).numpy()
 
     # ------------------------------------------------------------------ generation
@@ -232,26 +231,7 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate completions for one prompt or a list (strings, token-id lists, or dicts), run together with
         continuous batching. Returns one :class:`RequestOutput` per prompt, in order."""
-        ids = self._add(prompts, sampling_params)
-        return self._run(ids, use_tqdm)
-
-    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
-        engine = self._generator()
-        done: dict[str, RequestOutput] = {}
-        try:
-            with tqdm(total=len(ids), desc="generate", unit="req", disable=not use_tqdm) as bar:
-                while len(done) < len(ids):
-                    for out in engine.step():
-                        if out.error is not None and out.request_id in ids:
-                            raise out.error  # this request failed on its own; the others are aborted below
-                        if out.finished and out.request_id in ids:
-                            done[out.request_id] = out
-                            bar.update(1)
-        except BaseException:
-            for rid in ids:
-                engine.abort(rid)
-            raise
-        return [done[rid] for rid in ids]
+        return self._generator().run_to_completion(self._add(prompts, sampling_params), progress=use_tqdm)
 
     def chat(
         self,

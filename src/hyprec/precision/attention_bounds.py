@@ -27,7 +27,8 @@ class LayerBound:
     bound: float  # worst-case max |q|, |k| or |v| over all inputs
 
 
-def _norm_affine(norm: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+def norm_affine(norm: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The float32 per-channel gain and bias a norm applies to its normalised input (bias None for RMSNorm)."""
     gain = norm.gain() if hasattr(norm, "gain") else norm.weight.detach().float()
     bias = getattr(norm, "bias", None)
     return gain.detach().float(), None if bias is None else bias.detach().float()
@@ -69,7 +70,7 @@ def attention_input_bounds(model: torch.nn.Module) -> list[LayerBound]:
     """Per layer, the largest |q|, |k| or |v| any input can produce (from the weights alone)."""
     bounds = []
     for item in model.attention_inputs():
-        gain, shift = _norm_affine(item.norm)
+        gain, shift = norm_affine(item.norm)
         rows = [_projection_rows(p, gain, shift) for p in item.projections]
         rows = [_after_qk_transforms(r, item, i) if i < 2 else r for i, r in enumerate(rows)]
         bounds.append(LayerBound(item.layer, max(float(r.max()) for r in rows)))

@@ -20,16 +20,16 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from hyprec.dtypes import FP16_MAX, ON_NONFINITE, TORCH_DTYPES, LayerDtypes, check_choice, dtype_name
+from hyprec.dtypes import FP16_MAX, ON_NONFINITE, LayerDtypes, check_choice
 from hyprec.errors import NonFiniteOutputError
 from hyprec.layers.attention import Attention
 from hyprec.precision.attention_bounds import SAFETY_MARGIN, attention_input_bounds
-from hyprec.precision.policy import DtypePolicy
+from hyprec.precision.policy import DtypePolicy, resolve_policy
 
 log = logging.getLogger("hyprec")
 
@@ -50,8 +50,12 @@ class GuardEvent:
     value: float
     limit: float
     action: str = ""
-    new_policy: str | None = None  # label of the policy a fallback switches to
-    fallback: tuple[str, str, str] | None = None  # its (dtype, attn_dtype, kv_cache_dtype)
+    fallback: DtypePolicy | None = None  # the policy a fallback switches to
+
+    @property
+    def new_policy(self) -> str | None:
+        """The label of the policy a fallback switches to."""
+        return self.fallback.name if self.fallback is not None else None
 
     def describe(self) -> str:
         text = (
@@ -68,19 +72,22 @@ def check_on_nonfinite(value: str) -> str:
     return value
 
 
-def safer_policy(policy: DtypePolicy, quantity: str) -> tuple[str, str, str] | None:
-    """``(dtype, attn_dtype, kv_cache_dtype)`` one step safer than ``policy``, or None from float32."""
+def safer_policy(policy: DtypePolicy, quantity: str) -> DtypePolicy | None:
+    """The policy one step safer than ``policy`` after ``quantity`` overflowed, or None from float32."""
     if policy.mode in ("float16", "bfloat16", "plan"):
         # The residual stream / FFN overflowed (or a precision plan no longer fits this input): keep them float32;
         # attention stays in the half format unless q/k/v themselves overflowed float16.
         half = policy.plan.target if policy.plan is not None else policy.mode
         attn = "bfloat16" if quantity == "q/k/v" and half == "float16" else half
-        return "hybrid", attn, attn
-    if policy.mode == "hybrid" and policy.attn_dtype == torch.float16:
-        return "hybrid", "bfloat16", "bfloat16"
-    if policy.mode == "hybrid":
-        return "float32", "float32", "float32"
-    return None
+        step = ("hybrid", attn, attn)
+    elif policy.mode == "hybrid" and policy.attn_dtype == torch.float16:
+        step = ("hybrid", "bfloat16", "bfloat16")
+    elif policy.mode == "hybrid":
+        step = ("float32", "float32", "float32")
+    else:
+        return None
+    safer = resolve_policy(*step)
+    return replace(safer, reason=f"precision guard fallback from {policy.name}: {quantity} overflowed")
 
 
 def _limit(dtype: torch.dtype) -> float:
@@ -179,9 +186,7 @@ class PrecisionGuard:
     def _event(self, layer: str, quantity: str, value: float, limit: float) -> GuardEvent:
         half = "residual stream" if quantity == "residual" else quantity
         event = GuardEvent(self.policy.name, layer, half, value, limit, action=self.on_nonfinite)
-        step = safer_policy(self.policy, quantity)
-        if self.on_nonfinite == "fallback" and step is not None:
-            event.fallback = step
-            event.new_policy = step[0] if step[0] != "hybrid" else f"hybrid-{dtype_name(TORCH_DTYPES[step[1]])}"
+        if self.on_nonfinite == "fallback":
+            event.fallback = safer_policy(self.policy, quantity)
         self.events.append(event)
         return event

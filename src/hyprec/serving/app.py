@@ -21,7 +21,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from hyprec import __version__
 from hyprec.config import GENERATION_TOKEN_BUDGET
 from hyprec.serving.api_error import ApiError, error_response
 from hyprec.serving.completions import ServingChat, ServingCompletion
@@ -33,6 +32,7 @@ from hyprec.serving.routes import router
 from hyprec.serving.settings import ServerSettings
 from hyprec.serving.shutdown import GracefulShutdown, on_termination
 from hyprec.serving.worker import EngineWorker
+from hyprec.version import __version__
 
 if TYPE_CHECKING:
     from hyprec.entrypoints.llm import LLM

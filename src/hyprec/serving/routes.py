@@ -12,9 +12,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from hyprec import __version__
 from hyprec.serving.api_error import error_response
 from hyprec.serving.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from hyprec.version import __version__
 
 router = APIRouter()
 

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from hyprec.config import GENERATION_TOKEN_BUDGET
+from hyprec.engine.batching import greedy_groups, prefix_sums
 from hyprec.errors import HyprecError
 from hyprec.outputs import RequestOutput
 from hyprec.sampling_params import SamplingParams
@@ -205,21 +206,16 @@ class EngineWorker:
             groups.setdefault(job.key, []).append(job)
         for group in groups.values():
             # Split a group that exceeds the token budget of one turn into several engine calls.
-            batch: list[EmbedJob] = []
-            tokens = 0
-            for job in group:
-                if batch and tokens + job.tokens > self.max_batch_tokens:
-                    self._embed_group(batch)
-                    batch, tokens = [], 0
-                batch.append(job)
-                tokens += job.tokens
-            self._embed_group(batch)
+            sums = prefix_sums([job.tokens for job in group])
+            fits = lambda first, i, sums=sums: sums[i + 1] - sums[first] <= self.max_batch_tokens  # noqa: E731
+            for batch in greedy_groups(len(group), fits):
+                self._embed_group([group[j] for j in batch])
 
     def _embed_group(self, jobs: list[EmbedJob]) -> None:
         ids = [x for job in jobs for x in job.ids]
         first = jobs[0]
         try:
-            vectors = self.engine.embed_token_ids(
+            vectors = self.engine.embed_ids(
                 ids, prompt_len=first.prompt_len, normalize=first.normalize, dimensions=first.dimensions
             )
         except Exception as exc:  # any failure stays with the job that caused it; the loop goes on

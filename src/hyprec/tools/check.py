@@ -30,9 +30,11 @@ import torch
 from torch import nn
 
 from hyprec.dtypes import BF16_MAX, FP16_MAX
+from hyprec.engine.base import ModelEngine
 from hyprec.errors import NonFiniteOutputError
 from hyprec.layers.attention import Attention, AttentionMetadata
-from hyprec.precision.attention_bounds import attention_input_bounds
+from hyprec.precision.attention_bounds import attention_input_bounds, norm_affine
+from hyprec.tools.measure import open_model, token_ids
 
 RISK_MARGIN = 8.0
 LOGIT_ERROR_AT_RISK = 1.0  # estimated absolute logit error from rounding q/k
@@ -170,11 +172,11 @@ def record_activity(model: nn.Module) -> Iterator[list[LayerActivity]]:
             h.remove()
 
 
-def _add_weight_facts(model: nn.Module, rows: list[LayerActivity]) -> None:
+def add_weight_facts(model: nn.Module, rows: list[LayerActivity]) -> None:
+    """Each layer's weight-only facts on its calibration row: the q/k/v bound and the largest norm gain."""
     for row, bound, item in zip(rows[1:], attention_input_bounds(model), model.attention_inputs(), strict=True):
         row.qkv_bound = bound.bound
-        gain = item.norm.gain() if hasattr(item.norm, "gain") else item.norm.weight.float()
-        row.norm_gain = float(gain.abs().max())
+        row.norm_gain = float(norm_affine(item.norm)[0].abs().max())
 
 
 @torch.no_grad()
@@ -320,46 +322,48 @@ def default_calibration_texts(generative: bool, n: int = 8) -> list[str]:
 
 @torch.no_grad()
 def calibrate(
-    llm: Any, texts: list[str], max_tokens: int = 256, *, errors: list[NonFinite] | None = None
+    engine: ModelEngine, texts: list[str], max_tokens: int = 256, *, errors: list[NonFinite] | None = None
 ) -> tuple[list[LayerActivity], int]:
-    """Run ``texts`` through an already loaded LLM with recording hooks; returns the rows and the token count.
+    """Run ``texts`` through a loaded engine with recording hooks; returns the rows and the token count.
 
-    With ``errors``, a pass whose outputs are NaN/inf (decoders refuse to return such logits) is recorded there and
-    ends the calibration, instead of raising: the rows keep what the hooks saw up to it.
+    A pass whose outputs are NaN/inf is recorded in ``errors`` (when given) and ends the calibration: the rows keep
+    what the hooks saw up to it. Without ``errors`` it raises :class:`NonFiniteOutputError`.
     """
-    engine = llm.engine
     with record_activity(engine.model) as rows:
-        if llm.is_generative:
-            ids = [engine.tokenizer.encode(t)[:max_tokens] for t in texts]
-            passes = [functools.partial(engine.score, seq) for seq in ids if len(seq) >= 2]
+        ids = token_ids(engine, texts, max_tokens if engine.generative else None)
+        if engine.generative:
+            passes = [functools.partial(engine.score, seq, allow_nonfinite=True) for seq in ids if len(seq) >= 2]
         else:
-            ids = engine.tokenize(texts)
-            passes = [functools.partial(engine.last_hidden_states, ids[s : s + 16]) for s in range(0, len(ids), 16)]
-        try:
-            for run in passes:
-                run()
-        except NonFiniteOutputError as exc:
+            passes = [functools.partial(engine.hidden_states, ids[s : s + 16]) for s in range(0, len(ids), 16)]
+        for run in passes:
+            result = run()
+            # Decoders' logits are outputs a user would get; encoders' hidden states feed pooling, and their NaN/inf
+            # show in the recorded activity.
+            if not engine.generative or result.finite.all():
+                continue
+            first = int((~result.finite).nonzero()[0])
+            message = f"non-finite logits at position {first} under policy {engine.policy.name}"
             if errors is None:
-                raise
-            errors.append(NonFinite("output", "logits" if llm.is_generative else "hidden states", str(exc)))
+                raise NonFiniteOutputError(message)
+            errors.append(NonFinite("output", "logits", message))
+            break
     return rows, sum(len(s) for s in ids)
 
 
 def check(model: Any = None, texts: list[str] | None = None, *, device: str = "cpu") -> CheckReport:
-    """Precision risk report for ``model`` (a name/path as :class:`hyprec.LLM` takes, or a loaded float32 LLM).
+    """Precision risk report for ``model`` (a name/path as :class:`hyprec.LLM` takes, or a loaded float32 engine or
+    LLM).
 
     The model runs in float32 for calibration, so the recorded magnitudes are the true ones.
     """
-    from hyprec.entrypoints.llm import LLM
-
     # No run-time guard: calibration measures what float32 computes, NaN included, rather than falling back.
-    llm = model if isinstance(model, LLM) else LLM(model, dtype="float32", device=device, precision_guard=False)
-    texts = texts if texts is not None else default_calibration_texts(llm.is_generative)
-    problems = non_finite_weights(llm.engine.model)
-    rows, tokens = calibrate(llm, texts, errors=problems)
-    _add_weight_facts(llm.engine.model, rows)
+    engine = open_model(model, dtype="float32", device=device, precision_guard=False)
+    texts = texts if texts is not None else default_calibration_texts(engine.generative)
+    problems = non_finite_weights(engine.model)
+    rows, tokens = calibrate(engine, texts, errors=problems)
+    add_weight_facts(engine.model, rows)
     problems += non_finite_activity(rows)
-    info = llm.info()
+    info = engine.info()
     report = CheckReport(
         model=str(info["model"]),
         architecture=str(info["architecture"]),

@@ -23,16 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from hyprec.engine.base import ModelEngine
+from hyprec.engine.scoring import score_logits
 from hyprec.errors import InvalidInputError
 from hyprec.precision.emulation import arithmetic
+from hyprec.sampling_params import SamplingParams
+from hyprec.tools.measure import POLICY_ARGS, open_policy, row_cosines, token_ids
 
-POLICY_ARGS: dict[str, dict[str, str]] = {
-    "float32": {"dtype": "float32"},
-    "hybrid-fp16": {"dtype": "hybrid", "attn_dtype": "float16", "kv_cache_dtype": "float16"},
-    "hybrid-bf16": {"dtype": "hybrid", "attn_dtype": "bfloat16", "kv_cache_dtype": "bfloat16"},
-    "float16": {"dtype": "float16"},
-    "bfloat16": {"dtype": "bfloat16"},
-}
 REFERENCES = ("float32", "sentence-transformers", "transformers")
 TOP_K = 10
 GREEDY_TOKENS = 48
@@ -79,21 +76,9 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _load(model: Any, policy: str, device: str, plan: Any = None, half_arithmetic: str = "auto"):
-    """The model under a named policy, or under ``plan`` (a precision plan file) when ``policy`` is ``plan``."""
-    from hyprec.entrypoints.llm import LLM
-
-    options = {"device": device, "precision_guard": False, "half_arithmetic": half_arithmetic}
-    if policy == "plan":
-        return LLM(model, precision_plan=plan, **options)
-    if policy not in POLICY_ARGS:
-        raise InvalidInputError(f"policy {policy!r}: expected one of {', '.join(POLICY_ARGS)}")
-    return LLM(model, **options, **POLICY_ARGS[policy])
-
-
-def _row_start(llm: Any) -> dict[str, Any]:
+def _row_start(engine: ModelEngine) -> dict[str, Any]:
     """The first columns of a policy's row: its name and the arithmetic it ran in."""
-    return {"policy": llm.policy.name, "arithmetic": arithmetic(llm.engine.model)}
+    return {"policy": engine.policy.name, "arithmetic": arithmetic(engine.model)}
 
 
 # ------------------------------------------------------------------ embeddings
@@ -104,12 +89,6 @@ def _neighbours(x: np.ndarray, k: int) -> np.ndarray:
     sim = x @ x.T
     np.fill_diagonal(sim, -np.inf)
     return np.argsort(-sim, axis=1, kind="stable")[:, :k]
-
-
-def row_cosines(ours: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    """Cosine similarity of each row of ``ours`` with the same row of ``ref``, computed in float64."""
-    a, b = ours.astype(np.float64), ref.astype(np.float64)
-    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
 
 
 def embedding_metrics(ours: np.ndarray, ref: np.ndarray) -> dict[str, float]:
@@ -128,38 +107,28 @@ def embedding_metrics(ours: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     }
 
 
-def _compare_embeddings(
-    load: Callable, llm_ref: Any, policies: list[str], reference: str, texts: list[str], device: str
-):
+def _compare_embeddings(load: Callable, ref_engine: ModelEngine, policies: list[str], reference: str, texts: list[str]):
     if reference == "sentence-transformers":
         from sentence_transformers import SentenceTransformer
 
-        ref = SentenceTransformer(str(llm_ref.engine.model_dir), device=device).encode(texts, convert_to_numpy=True)
+        st = SentenceTransformer(str(ref_engine.model_dir), device=str(ref_engine.device))
+        ref = st.encode(texts, convert_to_numpy=True)
     else:
-        ref = llm_ref.embed(texts)
+        ref = ref_engine.embed(texts)
     rows = []
     for policy in policies:
-        llm = load(policy)
+        engine = load(policy)
         start = time.perf_counter()
-        try:
-            ours = llm.embed(texts)
-        except Exception:  # non-finite results are refused; measure them anyway for the report
-            ours = _raw_embeddings(llm, texts)
+        ours = engine.embed(texts, allow_nonfinite=True)  # refused to users; the report measures them
         seconds = time.perf_counter() - start
-        rows.append({**_row_start(llm), **embedding_metrics(ours, ref), "texts_per_s": len(texts) / seconds})
+        rows.append({**_row_start(engine), **embedding_metrics(ours, ref), "texts_per_s": len(texts) / seconds})
     return rows
-
-
-def _raw_embeddings(llm: Any, texts: list[str]) -> np.ndarray:
-    engine = llm.engine
-    ids = engine.tokenize(texts)
-    return np.stack([engine._run_batch([x], [0], None, None)[0].float().cpu().numpy() for x in ids])
 
 
 # ------------------------------------------------------------------ generation
 
 
-class _TransformersReference:
+class TransformersReference:
     """transformers float32 on the same weights (HF directory or GGUF file)."""
 
     def __init__(self, path: Any):
@@ -193,22 +162,22 @@ class _TransformersReference:
         return tokens, tops
 
 
-class _HyprecReference:
-    def __init__(self, llm: Any):
-        self.llm = llm
+class HyprecReference:
+    """A hyprec engine (float32) as the reference."""
+
+    def __init__(self, engine: ModelEngine):
+        self.engine = engine
 
     def logits(self, ids: list[int], chunk: int = 256):
-        yield from self.llm.engine.logits(ids, chunk)
+        yield from self.engine.logits(ids, chunk)
 
     def greedy(self, ids: list[int], n: int) -> tuple[list[int], list[dict[int, float]]]:
-        return _hyprec_greedy(self.llm, ids, n)
+        return _hyprec_greedy(self.engine, ids, n)
 
 
-def _hyprec_greedy(llm: Any, ids: list[int], n: int) -> tuple[list[int], list[dict[int, float]]]:
-    from hyprec.sampling_params import SamplingParams
-
+def _hyprec_greedy(engine: ModelEngine, ids: list[int], n: int) -> tuple[list[int], list[dict[int, float]]]:
     try:
-        out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=5))[0]
+        out = engine.generate([ids], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=5))[0]
     except Exception:  # non-finite logits: nothing generated
         return [], []
     comp = out.outputs[0]
@@ -230,34 +199,42 @@ def _top5_close(a: tuple[list[int], list[dict]], b: tuple[list[int], list[dict]]
     return ta[i] in lb[i] and tb[i] in la[i]
 
 
-def _compare_generation(llm_ref_obj, load: Callable, policies, texts_ids, prompts_ids):
-    ref_greedy = [llm_ref_obj.greedy(p, GREEDY_TOKENS) for p in prompts_ids]
+def compare_generation(
+    reference: TransformersReference | HyprecReference,
+    load: Callable[[str], ModelEngine],
+    policies: list[str],
+    texts_ids: list[list[int]],
+    prompts_ids: list[list[int]],
+) -> list[dict[str, Any]]:
+    """One row per policy (``load(policy)`` opens the model under it): teacher-forced metrics on ``texts_ids``
+    against ``reference``'s logits, and greedy continuations of ``prompts_ids`` against the reference's."""
+    ref_greedy = [reference.greedy(p, GREEDY_TOKENS) for p in prompts_ids]
     rows = []
     for policy in policies:
-        llm = load(policy)
+        engine = load(policy)
         agree = total = non_finite = 0
         kl = nll = ref_nll = 0.0
         start_t = time.perf_counter()
         for ids in texts_ids:
             targets = torch.tensor(ids[1:])
-            for (start, ours), (_, ref) in zip(llm.engine.logits(ids), llm_ref_obj.logits(ids), strict=True):
-                ref_lp = torch.log_softmax(ref.float(), dim=1)
-                ours_lp = torch.log_softmax(ours.float().to(ref.device), dim=1)
-                finite = torch.isfinite(ours_lp).all(dim=1)
+            for (start, ours), (_, ref) in zip(engine.logits(ids), reference.logits(ids), strict=True):
+                rows_t = targets[start : start + len(ref)]
+                ref_lp, ref_scores = score_logits(ref, rows_t)
+                ours_lp, scores = score_logits(ours.to(ref.device), rows_t)
+                finite = scores.finite
                 non_finite += int((~finite).sum())
-                rows_t = targets[start : start + len(ref), None]
-                agree += int((ours_lp.argmax(1) == ref_lp.argmax(1))[finite].sum())
+                agree += int(((scores.argmax == ref_scores.argmax) & finite).sum())
                 total += len(ref)
-                kl += float((ref_lp.exp() * (ref_lp - ours_lp)).sum(1)[finite].sum())
-                nll -= float(ours_lp.gather(1, rows_t)[:, 0][finite].double().sum())
-                ref_nll -= float(ref_lp.gather(1, rows_t)[:, 0].double().sum())
+                kl += float((ref_lp.exp() * (ref_lp - ours_lp)).sum(1)[finite.to(ref_lp.device)].sum())
+                nll += scores.nll()
+                ref_nll += ref_scores.nll()
         seconds = time.perf_counter() - start_t
         finite_total = total - non_finite
-        greedy = [_hyprec_greedy(llm, p, GREEDY_TOKENS) for p in prompts_ids]
+        greedy = [_hyprec_greedy(engine, p, GREEDY_TOKENS) for p in prompts_ids]
         ppl = math.exp(nll / finite_total) if finite_total else float("nan")
         rows.append(
             {
-                **_row_start(llm),
+                **_row_start(engine),
                 "top1_agreement": agree / total,
                 "mean_kl": kl / finite_total if finite_total else float("nan"),
                 "perplexity": ppl,
@@ -279,16 +256,17 @@ def compare(
     *,
     policies: list[str] | None = None,
     reference: str = "float32",
-    texts: list[str] | None = None,
-    prompts: list[str] | None = None,
+    texts: list[str] | list[list[int]] | None = None,
+    prompts: list[str] | list[list[int]] | None = None,
     device: str = "cpu",
     precision_plan: Any = None,
     half_arithmetic: str = "auto",
 ) -> CompareReport:
     """Run ``policies`` against ``reference`` on real texts (built-in defaults) and return the report.
 
-    ``precision_plan`` (a plan file from ``hyprec repair``) adds a row for the plan. ``half_arithmetic``: ``auto``
-    (emulate half formats the device has no hardware path for), ``native`` or ``emulated``."""
+    ``texts`` and ``prompts`` may be token-id lists (a model without a tokenizer). ``precision_plan`` (a plan file
+    from ``hyprec repair``) adds a row for the plan. ``half_arithmetic``: ``auto`` (emulate half formats the device
+    has no hardware path for), ``native`` or ``emulated``."""
     from hyprec.model_sources import resolve_model
     from hyprec.texts import evaluation_texts, pydoc_topics
 
@@ -296,17 +274,16 @@ def compare(
     if reference not in REFERENCES:
         raise InvalidInputError(f"reference {reference!r}: expected one of {', '.join(REFERENCES)}")
     path = resolve_model(model)
-    load = functools.partial(_load, path, device=device, plan=precision_plan, half_arithmetic=half_arithmetic)
-    llm_ref = load("float32")
-    if not llm_ref.is_generative:
+    load = functools.partial(open_policy, path, device=device, plan=precision_plan, half_arithmetic=half_arithmetic)
+    ref_engine = load("float32")
+    if not ref_engine.generative:
         if reference == "transformers":
             raise InvalidInputError("embedding models compare against 'sentence-transformers' or 'float32'")
         texts = texts or evaluation_texts(200)
-        rows = _compare_embeddings(load, llm_ref, policies, reference, texts, device)
+        rows = _compare_embeddings(load, ref_engine, policies, reference, texts)
         return CompareReport(str(model or path.name), "embedding", reference, len(texts), rows)
     if reference == "sentence-transformers":
         raise InvalidInputError("generative models compare against 'transformers' or 'float32'")
-    tok = llm_ref.engine.tokenizer
     texts = texts or sorted(pydoc_topics().values(), key=len, reverse=True)[:8]
     prompts = prompts or [
         "The capital of France is",
@@ -315,8 +292,8 @@ def compare(
         "The three primary colours are",
         "Water boils at a temperature of",
     ]
-    texts_ids = [tok.encode(t)[:TEXT_TOKENS] for t in texts]
-    prompts_ids = [tok.encode(p) for p in prompts]
-    ref_obj = _TransformersReference(path) if reference == "transformers" else _HyprecReference(llm_ref)
-    rows = _compare_generation(ref_obj, load, policies, texts_ids, prompts_ids)
+    texts_ids = token_ids(ref_engine, texts, TEXT_TOKENS)
+    prompts_ids = token_ids(ref_engine, prompts)
+    ref = TransformersReference(path) if reference == "transformers" else HyprecReference(ref_engine)
+    rows = compare_generation(ref, load, policies, texts_ids, prompts_ids)
     return CompareReport(str(model or path.name), "generation", reference, len(texts_ids), rows)

@@ -28,21 +28,23 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from hyprec.errors import InvalidInputError, NonFiniteOutputError
+from hyprec.dtypes import FP16_MAX
+from hyprec.engine.base import ModelEngine
+from hyprec.errors import InvalidInputError
 from hyprec.precision.attention_bounds import fp16_attention_check
 from hyprec.precision.casting import apply_plan
 from hyprec.precision.emulation import describe_arithmetic, emulated_formats
 from hyprec.precision.plan import PrecisionPlan, model_fingerprint, plan_layer
 from hyprec.precision.policy import plan_policy
-from hyprec.tools.check import FP16_MAX, RISK_MARGIN, default_calibration_texts, record_activity
-from hyprec.tools.compare import row_cosines
+from hyprec.tools.check import RISK_MARGIN, default_calibration_texts, record_activity
+from hyprec.tools.measure import open_model, row_cosines, token_ids
 
 log = logging.getLogger("hyprec")
 TARGETS = ("float16", "bfloat16")
@@ -58,66 +60,44 @@ class _Reference:
     """Float32 reference outputs on fixed inputs (texts, or token-id lists), and the metric of the engine's
     current model on them."""
 
-    def __init__(self, llm: Any, inputs: list[str] | list[list[int]], max_tokens: int):
-        self.llm = llm
+    def __init__(self, engine: ModelEngine, inputs: list[str] | list[list[int]], max_tokens: int):
+        self.engine = engine
         self.texts = inputs if isinstance(inputs[0], str) else None
-        engine = llm.engine
-        if llm.is_generative:
-            ids = [engine.tokenizer.encode(t) for t in inputs] if self.texts is not None else inputs
-            self.ids = [x[:max_tokens] for x in ids if len(x) >= 2]
+        if engine.generative:
+            self.ids = [x for x in token_ids(engine, inputs, max_tokens) if len(x) >= 2]
             if not self.ids:
                 raise InvalidInputError("repair: every calibration input is shorter than 2 tokens")
-            self.argmax, self.nll = [], 0.0
-            for x in self.ids:
-                top, nll, _ = self._score_sequence(x)
-                self.argmax.append(top)
-                self.nll += nll
+            self.scores = [engine.score(x, allow_nonfinite=True) for x in self.ids]
         else:
-            self.ids = engine.tokenize(inputs) if self.texts is not None else [list(x) for x in inputs]
+            self.ids = token_ids(engine, inputs)
             self.embeddings = self._embed()
 
     def _embed(self) -> np.ndarray:
         """The model's embeddings of the texts; for token-id inputs, mean-pooled last hidden states."""
         if self.texts is not None:
-            return self.llm.embed(self.texts)
-        hidden = self.llm.engine.last_hidden_states(self.ids)
+            return self.engine.embed(self.texts, allow_nonfinite=True)
+        hidden = self.engine.hidden_states(self.ids)
         return torch.stack([h.mean(0) for h in hidden]).numpy()
 
     @property
     def tokens(self) -> int:
         return sum(len(x) for x in self.ids)
 
-    def _score_sequence(self, ids: list[int]) -> tuple[torch.Tensor, float, int]:
-        """(argmax per position, NLL of the targets over finite rows, non-finite rows) under the current model."""
-        targets = torch.tensor(ids[1:])
-        tops, nll, bad = [], 0.0, 0
-        for start, logits in self.llm.engine.logits(ids):
-            lp = torch.log_softmax(logits.float(), dim=1)
-            finite = torch.isfinite(lp).all(dim=1)
-            bad += int((~finite).sum())
-            tops.append(torch.where(finite, lp.argmax(1), -1))
-            rows = targets[start : start + len(lp), None].to(lp.device)
-            nll -= float(lp.gather(1, rows)[:, 0][finite].double().sum())
-        return torch.cat(tops).cpu(), nll, bad
-
     def measure(self) -> dict[str, float]:
         """The current model against the reference."""
-        if self.llm.is_generative:
+        if self.engine.generative:
             agree = total = bad = 0
-            nll = 0.0
-            for ids, ref_top in zip(self.ids, self.argmax, strict=True):
-                top, seq_nll, seq_bad = self._score_sequence(ids)
-                agree += int((top == ref_top).sum())
-                total += len(ref_top)
-                nll += seq_nll
-                bad += seq_bad
-            ppl_ratio = math.exp((nll - self.nll) / total) if not bad else float("nan")
+            nll = ref_nll = 0.0
+            for ids, ref in zip(self.ids, self.scores, strict=True):
+                scores = self.engine.score(ids, allow_nonfinite=True)
+                agree += int(((scores.argmax == ref.argmax) & scores.finite).sum())
+                total += len(ref.argmax)
+                bad += int((~scores.finite).sum())
+                nll += scores.nll()
+                ref_nll += ref.nll()
+            ppl_ratio = math.exp((nll - ref_nll) / total) if not bad else float("nan")
             return {"top1_agreement": agree / total, "ppl_ratio": ppl_ratio, "non_finite": bad, "tokens": total}
-        try:
-            ours = self._embed()
-        except NonFiniteOutputError:
-            return {"min_cosine": float("nan"), "mean_cosine": float("nan"), "non_finite": len(self.ids)}
-        cos = row_cosines(ours, self.embeddings)
+        cos = row_cosines(self._embed(), self.embeddings)
         bad = int((~np.isfinite(cos)).sum())
         return {
             "min_cosine": float(np.nanmin(cos)) if not bad else float("nan"),
@@ -156,6 +136,18 @@ def choose_scales(model: torch.nn.Module, rows: list[Any], target: str) -> tuple
 # ------------------------------------------------------------------ search
 
 
+@dataclass(frozen=True)
+class _Base:
+    """What every candidate plan of one search shares."""
+
+    model: dict[str, str]  # name, architecture, fingerprint
+    target: str  # the half format fast units move to
+    residual: int  # residual-stream scale (log2)
+    ffn: list[int]  # per-layer FFN scales (log2)
+    num_layers: int
+    safe_attention: str  # the attention format of units kept out of the target
+
+
 @dataclass
 class _Trial:
     units: list[str]
@@ -164,38 +156,40 @@ class _Trial:
 
 
 class _Search:
-    """Builds candidate plans over one float32 master model and validates them in the LLM's engine."""
+    """Builds candidate plans over one float32 master model and validates them in the engine."""
 
     def __init__(
-        self, llm: Any, master: torch.nn.Module, base: dict[str, Any], tolerance: float, metric: str, margin: float
+        self, engine: ModelEngine, master: torch.nn.Module, base: _Base, tolerance: float, metric: str, margin: float
     ):
-        self.llm, self.master, self.base = llm, master, base
+        self.engine, self.master, self.base = engine, master, base
         self.tolerance, self.metric, self.margin = tolerance, metric, margin
         self.trials: list[_Trial] = []
         self.arithmetic: set[str] = set()  # how candidates ran each half format: "float16 emulated", ...
 
     def plan(self, fast: set[str]) -> PrecisionPlan:
         b = self.base
-        safe = plan_layer("float32", b["safe_attention"])
+        safe = plan_layer("float32", b.safe_attention)
         # A fast layer attends in float16 whenever float16 is certified for q/k/v, even under a bfloat16 target:
         # the fused kernel is no faster in bfloat16, and float16 keeps 3 more mantissa bits of q, k and v.
-        attention = "float16" if b["safe_attention"] == "float16" else b["target"]
-        fast_layer = plan_layer(b["target"], attention)
-        layers = [fast_layer if str(i) in fast else safe for i in range(b["num_layers"])]
+        attention = "float16" if b.safe_attention == "float16" else b.target
+        fast_layer = plan_layer(b.target, attention)
+        layers = [fast_layer if str(i) in fast else safe for i in range(b.num_layers)]
         return PrecisionPlan(
-            model=b["model"],
-            target=b["target"],
-            residual_scale_log2=b["residual"],
-            ffn_scale_log2=b["ffn"],
+            model=b.model,
+            target=b.target,
+            residual_scale_log2=b.residual,
+            ffn_scale_log2=b.ffn,
             layers=layers,
-            edges=b["target"] if EDGES in fast else "float32",
+            edges=b.target if EDGES in fast else "float32",
         )
 
     def install(self, plan: PrecisionPlan) -> None:
-        engine, policy = self.llm.engine, plan_policy(plan)
+        """Run the engine on ``plan`` applied to a copy of the float32 master (a reload would read the weights again
+        for every candidate)."""
+        engine, policy = self.engine, plan_policy(plan)
         emulated = emulated_formats(engine.engine_config.half_arithmetic, policy, engine.device)
         self.arithmetic.update(describe_arithmetic(policy, emulated))
-        engine.install(apply_plan(plan, copy.deepcopy(self.master), emulated=emulated), policy)
+        engine.with_policy(policy, apply_plan(plan, copy.deepcopy(self.master), emulated=emulated))
 
     def passes(self, metrics: dict[str, float], margin: float = 0.0) -> bool:
         value = metrics[self.metric]
@@ -265,15 +259,13 @@ def repair(
         half_arithmetic: how candidates compute in half precision: ``auto`` (emulated in float32 where the device
             has no hardware path for a format, else native), ``native`` or ``emulated``.
     """
-    from hyprec.entrypoints.llm import LLM
-
     if target not in TARGETS:
         raise InvalidInputError(f"target={target!r}: expected one of {', '.join(TARGETS)}")
     start_time = time.perf_counter()
     # Just enough KV cache for one calibration text: candidates rebuild it at every validation. Float32 GEMMs: the
     # reference is float32 itself, and candidates (deep copies of this model) must compute from their own weights,
     # not from bfloat16 parts of the float32 ones.
-    llm = LLM(
+    engine = open_model(
         model,
         dtype="float32",
         matmul_precision="highest",
@@ -283,43 +275,44 @@ def repair(
         num_kv_blocks=-(-max_tokens // 16) + 1,
         half_arithmetic=half_arithmetic,
     )
-    kind = "generation" if llm.is_generative else "embedding"
+    kind = "generation" if engine.generative else "embedding"
     metric = METRIC[kind]
     tolerance = DEFAULT_TOLERANCE[kind] if tolerance is None else float(tolerance)
     if not 0 < tolerance <= 1:
         raise InvalidInputError(f"tolerance={tolerance!r}: expected a {metric} in (0, 1]")
-    texts, validation_texts = _split_texts(llm.is_generative, texts, validation_texts)
+    texts, validation_texts = _split_texts(engine.generative, texts, validation_texts)
 
-    master = llm.engine.model
+    master = engine.model
     with record_activity(master) as rows:
-        calibration = _Reference(llm, texts, max_tokens)
-    validation = _Reference(llm, validation_texts, max_tokens)
+        calibration = _Reference(engine, texts, max_tokens)
+    validation = _Reference(engine, validation_texts, max_tokens)
     residual, ffn = choose_scales(master, rows, target)
     safe, why = fp16_attention_check(master)
-    info = llm.info()
-    base = {
-        "model": {
+    info = engine.info()
+    base = _Base(
+        model={
             "name": str(info["model"]),
             "architecture": str(info["architecture"]),
             "fingerprint": model_fingerprint(master),
         },
-        "target": target,
-        "residual": residual,
-        "ffn": ffn,
-        "num_layers": len(master.blocks()),
-        "safe_attention": "float16" if safe else "bfloat16",
-    }
+        target=target,
+        residual=residual,
+        ffn=ffn,
+        num_layers=len(master.blocks()),
+        safe_attention="float16" if safe else "bfloat16",
+    )
     if search_margin is None:
         # One standard error of an agreement rate near the tolerance over the search text's predictions: a plan
         # that just scrapes past the tolerance on the search text tends to miss it on unseen text.
         positions = calibration.tokens - len(calibration.ids)
-        search_margin = math.sqrt(tolerance * (1 - tolerance) / positions) if llm.is_generative else 0.0
-    search = _Search(llm, master, base, tolerance, metric, float(search_margin))
+        search_margin = math.sqrt(tolerance * (1 - tolerance) / positions) if engine.generative else 0.0
+    search = _Search(engine, master, base, tolerance, metric, float(search_margin))
     with tqdm(desc="repair: baseline", unit="validation", disable=not show_progress) as bar:
         if not search.validate(set(), calibration, ["no layer (hybrid baseline)"], bar):
-            base["safe_attention"] = "float32"  # hybrid itself misses the tolerance: safe layers go all-float32
+            # hybrid itself misses the tolerance: safe layers go all-float32
+            search.base = replace(base, safe_attention="float32")
             why = "hybrid attention misses the tolerance"
-    units = [EDGES] + [str(i) for i in range(base["num_layers"])]
+    units = [EDGES] + [str(i) for i in range(base.num_layers)]
     fast = search.run(units, calibration, show_progress)
 
     plan = search.plan(fast)
@@ -344,7 +337,7 @@ def repair(
         "validations": len(search.trials),
         "seconds": round(time.perf_counter() - start_time, 1),
         "kept_out": [u for u in units if u not in fast],
-        "safe_layers": f"float32 weights, {base['safe_attention']} attention ({why})",
+        "safe_layers": f"float32 weights, {search.base.safe_attention} attention ({why})",
         "peak_residual_float32": max(r.residual for r in rows),
         "arithmetic": ", ".join(sorted(search.arithmetic)) or "float32 only",
         "trials": [
