@@ -60,6 +60,7 @@ def main() -> None:
     import torch
 
     from hyprec import LLM, SamplingParams
+    from hyprec.dtypes import full_name
     from hyprec.tools.check import default_calibration_texts
     from hyprec.tools.repair import repair
 
@@ -67,7 +68,7 @@ def main() -> None:
     for target in ("float16", "bfloat16"):
         plan = repair(args.model, target=target, tolerance=args.tolerance)
         plans[plan.name] = plan
-        fast = sum(layer.linear == target for layer in plan.layers)
+        fast = sum(full_name(layer.compute) == target for layer in plan.layers)
         plan_rows.append(
             f"| {plan.name} | {fast}/{len(plan.layers)} | {plan.edges} | 2^{plan.residual_scale_log2} | "
             f"{', '.join(plan.search['kept_out']) or '-'} | {plan.search['validations']} | "

@@ -406,7 +406,7 @@ def test_a_bad_prompt_in_a_batch_queues_nothing(llama):
 def test_decoder_embed_of_a_long_text_leaves_the_engine_usable(gemma_dir):
     llm = _llm(gemma_dir, max_num_batched_tokens=16, max_num_seqs=1)
     with contextlib.suppress(HyprecError):
-        llm.engine.embed([_prompt(60, 130)])  # either embeds it or refuses it with a clear error
+        llm.engine.embed_ids([_prompt(60, 130)])  # either embeds it or refuses it with a clear error
     _assert_cache_empty(llm)
     assert len(llm.generate([_prompt(20, 131)], greedy(3))[0].outputs[0].token_ids) == 3
 
