@@ -1,6 +1,6 @@
 """Token-budget batching of length-sorted sequences (``hyprec.engine.batching``), without a model.
 
-``plan_batches`` sorts sequences longest first and closes a batch when its padded size (``batch * longest``)
+``length_batches`` sorts sequences longest first and closes a batch when its padded size (``batch * longest``)
 would pass the token budget, when it holds ``max_seqs`` sequences, or when its padded share would pass
 ``max_padding``; a sequence longer than the budget runs alone. The property test checks every rule on every
 batch of many random inputs, plus that each batch is *maximal*: the next sequence in length order was left out
@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hyprec.engine.batching import MAX_PADDING, BatchStats, plan_batches
+from hyprec.engine.batching import MAX_PADDING, BatchStats, length_batches
 
 
 def _padded(lengths: list[int], batch: list[int]) -> int:
@@ -27,7 +27,7 @@ def _padding_share(lengths: list[int], batch: list[int]) -> float:
 
 
 def _check_plan(lengths: list[int], max_tokens: int, max_seqs: int, max_padding: float) -> list[list[int]]:
-    batches = plan_batches(lengths, max_tokens, max_seqs, max_padding)
+    batches = length_batches(lengths, max_tokens, max_seqs, max_padding)
     flat = [i for b in batches for i in b]
     # Every index exactly once.
     assert sorted(flat) == list(range(len(lengths)))
@@ -38,7 +38,7 @@ def _check_plan(lengths: list[int], max_tokens: int, max_seqs: int, max_padding:
         assert len(b) <= max_seqs
         if len(b) > 1:  # a single sequence may exceed the budget (it runs alone); a batch of several may not
             assert _padded(lengths, b) <= max_tokens
-            # Exact rational comparison would be nicer, but plan_batches decides with the same float
+            # Exact rational comparison would be nicer, but length_batches decides with the same float
             # expression, so the same expression here is exact agreement, not a tolerance.
             assert not 1 - sum(lengths[i] for i in b) / _padded(lengths, b) > max_padding
     # Maximal: adding the next sequence (in length order) to a batch would have broken a rule.
@@ -52,44 +52,44 @@ def _check_plan(lengths: list[int], max_tokens: int, max_seqs: int, max_padding:
 
 
 def test_empty_input_gives_no_batches():
-    assert plan_batches([], 100, 8) == []
+    assert length_batches([], 100, 8) == []
 
 
 def test_token_budget_closes_batches():
     # 8 sequences of 4 tokens, budget 16: exactly 4 per batch (4 x 4 = 16 fits, 5 x 4 = 20 does not).
-    assert plan_batches([4] * 8, max_tokens=16, max_seqs=100) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert length_batches([4] * 8, max_tokens=16, max_seqs=100) == [[0, 1, 2, 3], [4, 5, 6, 7]]
     # One token less of budget: 3 per batch.
-    assert plan_batches([4] * 8, max_tokens=15, max_seqs=100) == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert length_batches([4] * 8, max_tokens=15, max_seqs=100) == [[0, 1, 2], [3, 4, 5], [6, 7]]
 
 
 def test_max_seqs_closes_batches():
-    assert plan_batches([3] * 5, max_tokens=1000, max_seqs=2) == [[0, 1], [2, 3], [4]]
-    assert plan_batches([3] * 5, max_tokens=1000, max_seqs=1) == [[0], [1], [2], [3], [4]]
+    assert length_batches([3] * 5, max_tokens=1000, max_seqs=2) == [[0, 1], [2, 3], [4]]
+    assert length_batches([3] * 5, max_tokens=1000, max_seqs=1) == [[0], [1], [2], [3], [4]]
 
 
 def test_padding_cap_closes_batches():
     # Lengths 10 and 8 together: 20 padded positions, 18 real, padding 10%: allowed at max_padding=0.1 ...
-    assert plan_batches([10, 8], max_tokens=1000, max_seqs=8, max_padding=0.1) == [[0, 1]]
+    assert length_batches([10, 8], max_tokens=1000, max_seqs=8, max_padding=0.1) == [[0, 1]]
     # ... but not at 0.05; the shorter one starts its own batch.
-    assert plan_batches([10, 8], max_tokens=1000, max_seqs=8, max_padding=0.05) == [[0], [1]]
+    assert length_batches([10, 8], max_tokens=1000, max_seqs=8, max_padding=0.05) == [[0], [1]]
     # The default cap is the module's MAX_PADDING: 10 and 1 (45% padding) never share a batch.
-    assert plan_batches([1, 10], max_tokens=1000, max_seqs=8) == [[1], [0]]
+    assert length_batches([1, 10], max_tokens=1000, max_seqs=8) == [[1], [0]]
     assert MAX_PADDING < 0.45
 
 
 def test_long_sequence_runs_alone():
     # 50 tokens against a budget of 16: alone, and it does not drag the short ones into an oversized batch.
     lengths = [3, 50, 3, 3]
-    batches = plan_batches(lengths, max_tokens=16, max_seqs=8, max_padding=1.0)
+    batches = length_batches(lengths, max_tokens=16, max_seqs=8, max_padding=1.0)
     assert batches[0] == [1]
     assert batches[1:] == [[0, 2, 3]]
     # Two sequences over the budget: each alone.
-    assert plan_batches([40, 50], max_tokens=16, max_seqs=8, max_padding=1.0) == [[1], [0]]
+    assert length_batches([40, 50], max_tokens=16, max_seqs=8, max_padding=1.0) == [[1], [0]]
 
 
 def test_longest_first_and_stable_for_ties():
     lengths = [5, 9, 5, 9, 7]
-    batches = plan_batches(lengths, max_tokens=10_000, max_seqs=100, max_padding=1.0)
+    batches = length_batches(lengths, max_tokens=10_000, max_seqs=100, max_padding=1.0)
     assert batches == [[1, 3, 4, 0, 2]]
 
 

@@ -123,8 +123,8 @@ def _drain(engine) -> dict[str, list[int]]:
 def _assert_cache_empty(llm: LLM) -> None:
     engine = llm.engine
     assert not engine.has_unfinished() and not engine.requests
-    assert engine.blocks.tables == {}
-    assert engine.blocks.num_free_blocks() == {n: g.num_blocks for n, g in engine.kv_cache.groups.items()}
+    assert engine.block_manager.tables == {}
+    assert engine.block_manager.num_free_blocks() == {n: g.num_blocks for n, g in engine.kv_cache.groups.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -249,14 +249,14 @@ def test_sliding_window_layers_keep_only_their_window(gemma_dir):
     for _ in range(20):  # prefill 13 tokens (one step under the 16-token budget), then 19 decode steps
         engine.step()
     assert seq.num_computed_tokens == 32 and not seq.finished
-    tables = engine.blocks.tables[seq.seq_id]
+    tables = engine.block_manager.tables[seq.seq_id]
     # The full group holds every computed position: blocks 0-7.
     assert len(tables[full]) == 8 and RELEASED not in tables[full]
     # The last query (position 31) saw keys 24-31 only, so blocks 0-5 (positions 0-23) went back to the pool.
     assert tables[sliding][:6] == [RELEASED] * 6
     live = tables[sliding][6:]
     assert len(live) == 2 and RELEASED not in live
-    free = engine.blocks.num_free_blocks()
+    free = engine.block_manager.num_free_blocks()
     assert free[sliding] == groups[sliding].num_blocks - 2
     assert free[full] == 64 - 8
     done = _drain(engine)

@@ -62,7 +62,7 @@ def _plan(out: SchedulerOutput) -> list[tuple[str, int]]:
 def _check_cache(sched: Scheduler) -> None:
     """After a step: every running sequence holds exactly the blocks its computed tokens need, nothing else holds
     blocks, and no block is lost."""
-    bm = sched.blocks
+    bm = sched.block_manager
     assert set(bm.tables) == {s.seq_id for s in sched.running}
     for seq in sched.running:
         table = bm.tables[seq.seq_id]["full"]
@@ -142,7 +142,7 @@ def test_a_prompt_longer_than_the_budget_is_prefilled_in_chunks():
     # 7 + 7 + 7 + 2 = 23; only the last chunk samples.
     assert chunks == [(7, False), (7, False), (7, False), (2, True)]
     assert seq.num_computed_tokens == 23
-    assert len(sched.blocks.tables[seq.seq_id]["full"]) == 6  # ceil(23 / 4)
+    assert len(sched.block_manager.tables[seq.seq_id]["full"]) == 6  # ceil(23 / 4)
 
 
 def test_chunked_prefill_shares_steps_with_decoding_sequences():
@@ -160,7 +160,7 @@ def test_chunked_prefill_shares_steps_with_decoding_sequences():
         _advance(sched, out)
     # a decodes one token every step while b's 20-token prompt goes through in chunks of 7.
     assert plans == [[("a", 1), ("b", 7)], [("a", 1), ("b", 7)], [("a", 1), ("b", 6)]]
-    assert b.finish_reason == "length" and b.seq_id not in sched.blocks.tables
+    assert b.finish_reason == "length" and b.seq_id not in sched.block_manager.tables
 
 
 # ---------------------------------------------------------------------------------------- preemption, recompute
@@ -174,14 +174,14 @@ def test_cache_exhaustion_preempts_the_newest_sequence_and_recomputes_it():
     sched.add(a)
     sched.add(b)
     _advance(sched, sched.schedule())
-    assert sched.blocks.num_free_blocks() == {"full": 0}
+    assert sched.block_manager.num_free_blocks() == {"full": 0}
     out = sched.schedule()
     assert out.preempted == [b] and _plan(out) == [("a", 1)]
     assert sched.num_preemptions == 1
     # b lost its blocks and its progress, and waits at the front of the queue; its sampled token is kept.
     assert b.status is SequenceStatus.WAITING and b.num_computed_tokens == 0 and b.output_token_ids == [1000]
     assert list(sched.waiting) == [b] and sched.running == [a]
-    assert b.seq_id not in sched.blocks.tables
+    assert b.seq_id not in sched.block_manager.tables
     _advance(sched, out)
     _check_cache(sched)
     # While a runs, b cannot come back (a needs no new block at 14 tokens, but b needs 4 blocks for 13 tokens).
@@ -197,7 +197,7 @@ def test_cache_exhaustion_preempts_the_newest_sequence_and_recomputes_it():
     while sched.has_unfinished():
         _advance(sched, sched.schedule())
     assert len(b.output_token_ids) == 6 and b.finish_reason == "length"
-    assert sched.blocks.num_free_blocks() == {"full": 6}
+    assert sched.block_manager.num_free_blocks() == {"full": 6}
 
 
 def test_nothing_is_admitted_in_a_step_that_preempted():
@@ -327,10 +327,10 @@ def test_sliding_window_blocks_are_released_as_sequences_decode():
     for _ in range(20):
         _advance(sched, sched.schedule())
     assert seq.num_computed_tokens == 32
-    table = sched.blocks.tables[seq.seq_id]["sliding-8"]
+    table = sched.block_manager.tables[seq.seq_id]["sliding-8"]
     # The last query (position 31) sees keys 24..31: blocks 0-5 went back to the pool.
     assert table[:6] == [RELEASED] * 6 and RELEASED not in table[6:]
-    assert sched.blocks.num_free_blocks() == {"full": 32 - 8, "sliding-8": 32 - len(table[6:])}
+    assert sched.block_manager.num_free_blocks() == {"full": 32 - 8, "sliding-8": 32 - len(table[6:])}
 
 
 # ------------------------------------------------------------------------------------------ restart and abort
@@ -346,7 +346,7 @@ def test_restart_requeues_running_sequences_in_arrival_order():
     sched.add(late)
     fresh = _blocks(64)
     sched.restart(fresh)
-    assert sched.blocks is fresh and not sched.running
+    assert sched.block_manager is fresh and not sched.running
     assert list(sched.waiting) == [*seqs, late]
     assert all(s.num_computed_tokens == 0 and s.status is SequenceStatus.WAITING for s in seqs)
     out = sched.schedule()
@@ -361,12 +361,12 @@ def test_abort_drops_a_request_wherever_it_is_and_frees_its_blocks():
     for s in waiting:
         sched.add(s)
     _advance(sched, sched.schedule())
-    assert sched.running == [running] and sched.blocks.tables
+    assert sched.running == [running] and sched.block_manager.tables
     dropped = sched.abort("x")
     assert set(map(id, dropped)) == {id(running), id(waiting[0])}
     assert all(s.finished and s.finish_reason == "abort" for s in dropped)
     assert not sched.running and list(sched.waiting) == [waiting[1]]
-    assert sched.blocks.tables == {} and sched.blocks.num_free_blocks() == {"full": 64}
+    assert sched.block_manager.tables == {} and sched.block_manager.num_free_blocks() == {"full": 64}
     assert sched.abort("nobody") == []
 
 
@@ -405,7 +405,7 @@ def test_random_workloads_keep_every_invariant_and_finish_everything(budget, max
     else:
         pytest.fail("the workload did not finish in 2000 steps")
     assert all(s.finished and len(s.output_token_ids) == s.params.max_tokens for s in everyone)
-    assert sched.blocks.num_free_blocks() == {"full": num_blocks}
+    assert sched.block_manager.num_free_blocks() == {"full": num_blocks}
     if num_blocks == 12 and max_seqs > 1:
         assert sched.num_preemptions > 0, "the tight cache was meant to force preemptions"
 

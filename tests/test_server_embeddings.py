@@ -98,7 +98,7 @@ def test_truncate_prompt_tokens(url, offline, eval_texts):
     ok = _post(url, {"input": [long_text], "truncate_prompt_tokens": 16, "encoding_format": "float"})
     assert ok.status_code == 200 and ok.json()["usage"]["prompt_tokens"] == 16
     ids = offline.engine.tokenize([long_text])[0]
-    expected = offline.engine.embed_token_ids([ids[:15] + ids[-1:]])
+    expected = offline.engine.embed_ids([ids[:15] + ids[-1:]])
     assert_same_rows(np.array([ok.json()["data"][0]["embedding"]], dtype=np.float32), expected)
 
 

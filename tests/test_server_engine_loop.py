@@ -83,14 +83,14 @@ def test_queued_embedding_requests_share_one_engine_call(tmp_path):
     clean_bert(tmp_path)
     llm = LLM(tmp_path)
     app = build_app(llm, ServerSettings("zoo"))
-    real, gate, calls = llm.engine.embed_token_ids, threading.Event(), []
+    real, gate, calls = llm.engine.embed_ids, threading.Event(), []
 
     def gated(ids, **kwargs):
         calls.append(len(ids))
         assert gate.wait(timeout=60), "the test never opened the gate"
         return real(ids, **kwargs)
 
-    llm.engine.embed_token_ids = gated
+    llm.engine.embed_ids = gated
     worker = app.state.worker
 
     async def scenario():

@@ -65,6 +65,11 @@ class ModelEngine:
         return self.state.policy
 
     @property
+    def checkpoint(self) -> WeightSource:
+        """The weights the model is loaded from (and reloaded from when a guard fallback must change them)."""
+        return self.state.checkpoint
+
+    @property
     def guard(self) -> PrecisionGuard | None:
         return self.state.guard
 

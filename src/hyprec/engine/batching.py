@@ -1,5 +1,5 @@
 """Token-budget batching: consecutive groups of sequences under a budget (:func:`greedy_groups`), and the encoder's
-padding-aware batches of length-sorted sequences (:func:`plan_batches`)."""
+padding-aware batches of length-sorted sequences (:func:`length_batches`)."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def prefix_sums(values: list[int]) -> list[int]:
     return [0, *itertools.accumulate(values)]
 
 
-def plan_batches(
+def length_batches(
     lengths: list[int], max_tokens: int, max_seqs: int, max_padding: float = MAX_PADDING
 ) -> list[list[int]]:
     """Group sequence indices into batches, longest first.

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from hyprec.config import EngineConfig, ModelConfig, read_json
 from hyprec.engine.base import ModelEngine
-from hyprec.engine.batching import BatchStats, plan_batches
+from hyprec.engine.batching import BatchStats, length_batches
 from hyprec.engine.model_loading import PolicyRequest
 from hyprec.errors import InputTypeError, InvalidInputError, ModelLoadError, NonFiniteOutputError
 from hyprec.finite import finite_rows
@@ -204,7 +204,7 @@ class EmbeddingEngine(ModelEngine):
         out = np.empty((len(ids), dimensions or self.dimension), dtype=np.float32)
         stats = BatchStats()
         max_seqs = max_seqs or self.engine_config.max_num_seqs
-        batches = plan_batches([len(x) for x in ids], self.engine_config.max_num_batched_tokens, max_seqs)
+        batches = length_batches([len(x) for x in ids], self.engine_config.max_num_batched_tokens, max_seqs)
         for batch in tqdm(batches, desc="embed", unit="batch", disable=not show_progress):
             lens = [len(ids[i]) for i in batch]
             stats.add(lens)

@@ -92,11 +92,11 @@ class LLMEngine(ModelEngine):
         groups = cache_groups(layers, num_blocks, ec.block_size, ec.max_num_seqs, ec.max_num_batched_tokens)
         self.kv_cache = None  # free the old cache before allocating the new one
         self.kv_cache = KVCache(layers, groups, ec.block_size, kv_dtypes, self.device)
-        self.blocks = BlockManager(groups, ec.block_size)
-        self.scheduler.restart(self.blocks)
+        self.block_manager = BlockManager(groups, ec.block_size)
+        self.scheduler.restart(self.block_manager)
         self.backend = select_backend(self.device, kernel_dtype(model, self.policy), batch_invariant=ec.deterministic)
         self.runner = ModelRunner(
-            model, self.kv_cache, self.blocks, self.backend, self.policy, self.device, ec.deterministic
+            model, self.kv_cache, self.block_manager, self.backend, self.policy, self.device, ec.deterministic
         )
         log.info("hyprec: %s: policy %s, attention backend %s", self.name, self.policy, self.backend.name)
 
@@ -182,16 +182,16 @@ class LLMEngine(ModelEngine):
         A request that fails on its own (its logits cannot be sampled, or detokenising it raises) is dropped and
         returned with ``error`` set; the other requests of the batch go on as if it had never been there.
         """
-        plan = self.scheduler.schedule()
-        if not plan.scheduled:
+        scheduled = self.scheduler.schedule().scheduled
+        if not scheduled:
             return []
         self.state.begin()
-        logits = self.runner.forward(plan.scheduled)
+        logits = self.runner.forward(scheduled)
         if self.state.check(logits):
             return []  # the engine fell back to a safer policy; the scheduled work is recomputed from the next step
-        sampled = self.runner.sample(logits, plan.scheduled)
-        sampling = [item.seq for item in plan.scheduled if item.samples]
-        for item in plan.scheduled:
+        sampled = self.runner.sample(logits, scheduled)
+        sampling = [item.seq for item in scheduled if item.samples]
+        for item in scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
         failed: dict[str, Exception] = {}  # request id -> why it failed; the other requests go on
         if sampled is not None:
@@ -206,7 +206,7 @@ class LLMEngine(ModelEngine):
                         error = exc
                 if error is not None:
                     failed[seq.request_id] = error
-        touched = dict.fromkeys(item.seq.request_id for item in plan.scheduled)
+        touched = dict.fromkeys(item.seq.request_id for item in scheduled)
         outputs = []
         for rid in touched:
             request = self.requests[rid]
@@ -331,14 +331,14 @@ class LLMEngine(ModelEngine):
         def forward() -> torch.Tensor:
             try:
                 for seq in seqs:
-                    if not self.blocks.can_grow(seq.seq_id, seq.num_tokens, 0):
+                    if not self.block_manager.can_grow(seq.seq_id, seq.num_tokens, 0):
                         tokens = f"sequence {seq.index} ({seq.num_tokens} tokens)"
                         raise InvalidInputError(f"{seq.request_id}: {tokens} does not fit the KV cache")
-                    self.blocks.grow(seq.seq_id, seq.num_tokens, 0)
+                    self.block_manager.grow(seq.seq_id, seq.num_tokens, 0)
                 return run([ScheduledSeq(seq, seq.num_tokens) for seq in seqs])
             finally:
                 for seq in seqs:
-                    self.blocks.free(seq.seq_id)
+                    self.block_manager.free(seq.seq_id)
 
         return self.state.run(forward)
 
@@ -387,7 +387,7 @@ class LLMEngine(ModelEngine):
         order = sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i]))
         tokens = prefix_sums([len(token_ids[i]) for i in order])
         blocks = prefix_sums([-(-len(token_ids[i]) // ec.block_size) for i in order])
-        free = min(self.blocks.num_free_blocks().values())
+        free = min(self.block_manager.num_free_blocks().values())
 
         def fits(first: int, i: int) -> bool:
             within_budget = tokens[i + 1] - tokens[first] <= ec.max_num_batched_tokens

@@ -22,7 +22,7 @@ class ModelRunner:
         self,
         model: DecoderModel,
         kv_cache: KVCache,
-        blocks: BlockManager,
+        block_manager: BlockManager,
         backend: AttentionBackend,
         policy: DtypePolicy,
         device: torch.device,
@@ -30,7 +30,7 @@ class ModelRunner:
     ):
         self.model = model
         self.kv_cache = kv_cache
-        self.blocks = blocks
+        self.block_manager = block_manager
         self.backend = backend
         self.policy = policy
         self.device = device
@@ -45,8 +45,8 @@ class ModelRunner:
                 seq, start = item.seq, item.seq.num_computed_tokens
                 end = start + item.num_new_tokens
                 first_key = 0 if spec.window is None else max(0, start - spec.window + 1)
-                write.append(self.blocks.slots(seq.seq_id, name, start, end))
-                read.append(self.blocks.slots(seq.seq_id, name, first_key, end))
+                write.append(self.block_manager.slots(seq.seq_id, name, start, end))
+                read.append(self.block_manager.slots(seq.seq_id, name, first_key, end))
                 key_lens.append(end - first_key)
                 key_start.append(first_key)
             groups[name] = CacheGroupSlots(

@@ -58,7 +58,7 @@ class Scheduler:
         *,
         deterministic: bool = False,
     ):
-        self.blocks = block_manager
+        self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         chunk = min(DETERMINISTIC_PREFILL_CHUNK, max(1, max_num_batched_tokens // 2))
@@ -70,7 +70,7 @@ class Scheduler:
     def restart(self, block_manager: BlockManager) -> None:
         """Use a new block manager (a rebuilt KV cache): running sequences go back to the queue, in arrival order,
         and are recomputed from their tokens."""
-        self.blocks = block_manager
+        self.block_manager = block_manager
         for seq in sorted(self.running, key=lambda s: s.arrival, reverse=True):
             seq.status = SequenceStatus.WAITING
             seq.num_computed_tokens = 0
@@ -93,14 +93,14 @@ class Scheduler:
 
     def _try_grow(self, seq: Sequence, num_new: int) -> bool:
         total = seq.num_computed_tokens + num_new
-        if not self.blocks.can_grow(seq.seq_id, total, seq.num_computed_tokens):
+        if not self.block_manager.can_grow(seq.seq_id, total, seq.num_computed_tokens):
             return False
-        self.blocks.grow(seq.seq_id, total, seq.num_computed_tokens)
+        self.block_manager.grow(seq.seq_id, total, seq.num_computed_tokens)
         return True
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.blocks.free(seq.seq_id)
+        self.block_manager.free(seq.seq_id)
         seq.status = SequenceStatus.WAITING
         seq.num_computed_tokens = 0
         self.waiting.appendleft(seq)
@@ -137,7 +137,7 @@ class Scheduler:
             if not self._try_grow(seq, num_new):
                 if not self.running:  # nothing to wait for: this sequence can never fit
                     raise RuntimeError(
-                        f"the KV cache ({self.blocks.num_free_blocks()} free blocks) cannot hold "
+                        f"the KV cache ({self.block_manager.num_free_blocks()} free blocks) cannot hold "
                         f"{seq.num_tokens} tokens of request {seq.request_id}; raise num_kv_blocks"
                     )
                 break
@@ -155,7 +155,7 @@ class Scheduler:
         seq.stop_reason = stop_reason
         if seq in self.running:
             self.running.remove(seq)
-        self.blocks.free(seq.seq_id)
+        self.block_manager.free(seq.seq_id)
 
     def abort(self, request_id: str) -> list[Sequence]:
         """Drop every sequence of a request, wherever it is."""

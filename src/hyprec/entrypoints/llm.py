@@ -11,8 +11,8 @@ import numpy as np
 from hyprec.config import EngineConfig
 from hyprec.engine.embedding_engine import EmbeddingEngine, validate_texts
 from hyprec.engine.embedding_engine import _positive_int as positive_int
+from hyprec.engine.factory import open_engine
 from hyprec.engine.llm_engine import LLMEngine
-from hyprec.engine.sources import open_engine
 from hyprec.errors import InputTypeError, InvalidInputError
 from hyprec.model_sources import resolve_model
 from hyprec.outputs import RequestOutput

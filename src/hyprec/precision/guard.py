@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from hyprec.dtypes import FP16_MAX, ON_NONFINITE, LayerDtypes, check_choice
+from hyprec.dtypes import FP16_MAX, LayerDtypes
 from hyprec.errors import NonFiniteOutputError
 from hyprec.layers.attention import Attention
 from hyprec.precision.attention_bounds import SAFETY_MARGIN, attention_input_bounds
@@ -67,11 +67,6 @@ class GuardEvent:
         return text
 
 
-def check_on_nonfinite(value: str) -> str:
-    check_choice("on_nonfinite", value, ON_NONFINITE)
-    return value
-
-
 def safer_policy(policy: DtypePolicy, quantity: str) -> DtypePolicy | None:
     """The policy one step safer than ``policy`` after ``quantity`` overflowed, or None from float32."""
     if policy.mode in ("float16", "bfloat16", "plan"):
@@ -109,7 +104,7 @@ class PrecisionGuard:
 
     def __init__(self, model: nn.Module, policy: DtypePolicy, on_nonfinite: str = "fallback"):
         self.policy = policy
-        self.on_nonfinite = check_on_nonfinite(on_nonfinite)
+        self.on_nonfinite = on_nonfinite  # one of ON_NONFINITE (EngineConfig validates it)
         self.blocks = model.blocks()
         self.limit = float(torch.finfo(policy.attn_dtype).max)
         # Per layer: the limits of the residual stream and of q/k/v (a precision plan mixes dtypes); tensors a layer

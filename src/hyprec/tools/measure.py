@@ -12,7 +12,7 @@ import numpy as np
 
 from hyprec.config import EngineConfig
 from hyprec.engine.base import ModelEngine
-from hyprec.engine.sources import open_engine
+from hyprec.engine.factory import open_engine
 from hyprec.errors import InvalidInputError
 from hyprec.model_sources import resolve_model
 
