@@ -13,7 +13,7 @@ import pytest
 
 from hyprec.entrypoints import cli
 from hyprec.entrypoints.cli import main
-from test_errors import assert_same_rows
+from tests.helpers import assert_same_rows
 
 DIM = 384
 # The CLI runs the same engine (the cached minilm_hybrid) on the same inputs in the same batch as the in-process

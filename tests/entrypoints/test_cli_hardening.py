@@ -22,15 +22,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import test_generation_cli
 from hyprec import LLM
 from hyprec.entrypoints import cli
 from hyprec.entrypoints.cli import build_parser, main
 from hyprec.errors import ConfigError, InvalidInputError
 from hyprec.precision.plan import PLAN_FORMAT, PLAN_VERSION, PrecisionPlan
-from test_errors import assert_same_rows, model_copy
+from tests.helpers import assert_same_rows, model_copy, write_gguf
 
-tiny_dir = test_generation_cli.tiny_dir  # the fixture: a tiny Llama with a word-level tokenizer
 F32_EPS = float(np.finfo(np.float32).eps)
 NAN_WEIGHT = "encoder.layer.2.attention.self.query.weight"
 
@@ -473,28 +471,20 @@ def test_generate_on_an_embedding_model_names_the_embed_command(capsys, minilm_l
     assert "`hyprec embed --model minilm TEXT...`" in err and "embed()" not in err
 
 
-def test_quantised_gguf_is_logged_as_such(tmp_path, caplog, monkeypatch):
+def test_quantised_gguf_is_logged_as_such(tmp_path, caplog):
     pytest.importorskip("gguf", reason="the gguf extra is not installed")
-    from gguf import GGUFWriter, LlamaFileType
-
-    import test_gguf
+    from gguf import LlamaFileType
 
     path = tmp_path / "mixed.gguf"
-    test_gguf.write_gguf(path, "llama")  # Q8_0, Q4_0, Q5_0, ... without a general.file_type
+    write_gguf(path, "llama")  # Q8_0, Q4_0, Q5_0, ... without a general.file_type
     with caplog.at_level("INFO", logger="hyprec"):
         llm = LLM(path, max_model_len=64, num_kv_blocks=8)
     assert llm.policy.reason.startswith("GGUF Q")
     assert "checkpoint (a quantized float32 model) -> hybrid" in llm.policy.reason
     assert "float32 checkpoint" not in caplog.text and "a quantized float32 model" in caplog.text
 
-    class Q4KMWriter(GGUFWriter):
-        def write_header_to_file(self, *args, **kwargs) -> None:
-            self.add_file_type(LlamaFileType.MOSTLY_Q4_K_M)  # what llama.cpp's quantizer records
-            super().write_header_to_file(*args, **kwargs)
-
-    monkeypatch.setattr(test_gguf, "GGUFWriter", Q4KMWriter)
     path = tmp_path / "q4_k_m.gguf"
-    test_gguf.write_gguf(path, "llama")
+    write_gguf(path, "llama", file_type=LlamaFileType.MOSTLY_Q4_K_M)  # what llama.cpp's quantizer records
     llm = LLM(path, max_model_len=64, num_kv_blocks=8)
     assert llm.policy.reason.startswith("GGUF Q4_K_M checkpoint (a quantized float32 model) -> hybrid")
     assert "GGUF Q4_K_M checkpoint" in LLM(path, dtype="float32", max_model_len=64, num_kv_blocks=8).policy.reason

@@ -148,9 +148,9 @@ def test_malformed_blocks_are_refused():
 
 def test_stored_rows_of_a_synthetic_llama_equal_its_float32_tensors(tmp_path):
     """Every quantized type gguf-py writes, q/k rows interleaved by llama.cpp's converter: the stored rows, put back
-    in HF order, dequantise to exactly the float32 tensors the loader gives (and transformers' loader, test_gguf)."""
+    in HF order, dequantise to exactly the float32 tensors the loader gives (and transformers' loader, test_gguf.py)."""
     from hyprec.loading.gguf import GGUFCheckpoint
-    from test_gguf import write_gguf
+    from tests.helpers import write_gguf
 
     path = tmp_path / "llama.gguf"
     write_gguf(path, "llama")

@@ -25,7 +25,7 @@ from hyprec.precision.guard import PrecisionOverflowError
 from hyprec.precision.policy import resolve_policy
 from hyprec.tools.compare import POLICY_ARGS, _compare_generation, _HyprecReference, _load, row_cosines
 from hyprec.tools.repair import render, repair
-from zoo import clean_llama, huge_norm_gain, massive_residual
+from tests.helpers import clean_llama, huge_norm_gain, massive_residual
 
 #: Unit roundoff of each half format (half the spacing of the numbers in [1, 2)).
 UNIT_ROUNDOFF = {"float16": 2**-11, "bfloat16": 2**-8}

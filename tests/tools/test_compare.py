@@ -9,7 +9,7 @@ import pytest
 
 from hyprec.entrypoints.cli import main
 from hyprec.tools.compare import _compare_generation, _HyprecReference, _load, compare
-from zoo import clean_llama, massive_residual
+from tests.helpers import clean_llama, massive_residual
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 TEXTS = [list(range(3, 60)), list(range(10, 90, 2))]
