@@ -42,13 +42,13 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
 @pytest.fixture
 def minilm_loads(monkeypatch, minilm_hybrid):
     """The CLI's default model is the session's minilm (loading it again costs seconds); other models load."""
-    real = cli._load
+    real = cli.load_llm
 
     def load(args, model):
         default = model is None and (args.dtype, args.attn_dtype, args.kv_cache_dtype) == ("auto",) * 3
         return minilm_hybrid if default and args.precision_plan is None else real(args, model)
 
-    monkeypatch.setattr(cli, "_load", load)
+    monkeypatch.setattr(cli, "load_llm", load)
 
 
 def _subcommands() -> dict[str, argparse.ArgumentParser]:
@@ -198,7 +198,7 @@ def _forbid_work(monkeypatch) -> None:
     def work(*_args, **_kwargs):
         raise AssertionError("the work started before the output path was checked")
 
-    monkeypatch.setattr(cli, "_load", work)
+    monkeypatch.setattr(cli, "load_llm", work)
     monkeypatch.setattr("hyprec.tools.check.check", work)
     monkeypatch.setattr("hyprec.tools.repair.repair", work)
     try:
@@ -273,7 +273,7 @@ def test_a_late_write_failure_keeps_the_embeddings(monkeypatch, capsys, tmp_path
         shutil.rmtree(out_dir)
         return minilm_hybrid
 
-    monkeypatch.setattr(cli, "_load", load_then_lose_the_directory)
+    monkeypatch.setattr(cli, "load_llm", load_then_lose_the_directory)
     rc, _, err = run_cli(capsys, "-q", "embed", "one", "two", "--output", str(out_dir / "v.npy"))
     assert rc == 2 and "Traceback" not in err
     assert f"cannot write the embeddings to {out_dir / 'v.npy'}" in err

@@ -74,7 +74,7 @@ def test_llama_qk_unpermute_round_trip(tiny_llama):
             assert torch.equal(ckpt.get(name), torch.from_numpy(expected)), name
     # k is stored exactly (F32), and permuted: the round trip must be exact, and the file really is permuted
     k = "model.layers.0.self_attn.k_proj.weight"
-    raw = ckpt._tensors[k].data
+    raw = ckpt.raw_tensor(k).data
     assert not np.array_equal(raw, weights[k]) and np.array_equal(llama_permute(weights[k], KV_HEADS), raw)
 
 
@@ -181,7 +181,7 @@ def test_k_quant_blocks_match_transformers_kernels(tmp_path):
     for hf in ckpt.names():
         module = ckpt.source(hf).split("blk.0.")[1].split(".weight")[0]
         got = ckpt.get(hf)
-        expected = torch_dequantize(torch.from_numpy(blocks[module]).flatten(), int(ckpt._tensors[hf].tensor_type))
+        expected = torch_dequantize(torch.from_numpy(blocks[module]).flatten(), int(ckpt.raw_tensor(hf).tensor_type))
         assert torch.equal(got, expected.reshape(got.shape)), (hf, ckpt.tensor_type(hf))
 
 
@@ -294,7 +294,7 @@ def test_gemma_names_and_shapes(gemma, gemma_tensors):
 
 def test_gemma_values_are_the_file_values_minus_the_norm_offset(gemma, gemma_tensors):
     """Against gguf's dequantize of the raw tensors: linear weights as stored, norms stored as 1 + w."""
-    raw = {t.name: t for t in gemma._header.tensors}
+    raw = {t.name: t for t in gemma.header.tensors}
     linear = {
         "model.layers.3.self_attn.q_proj.weight": "blk.3.attn_q.weight",  # Q5_0; gemma's q/k are not permuted
         "model.layers.3.self_attn.v_proj.weight": "blk.3.attn_v.weight",  # Q8_0
