@@ -418,7 +418,7 @@ def test_decoder_prompts(tiny_llm):
 def test_chat_help_and_readme_say_gemma_is_a_base_model():
     chat_help = _subcommands()["chat"].format_help()
     assert "not instruction-tuned" in " ".join(chat_help.split())
-    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
     assert "base model (not instruction-tuned)" in readme
 
 
