@@ -188,7 +188,7 @@ def test_repair_runs_the_residual_stream_in_float16(gemma_path, fp16_plan, texts
     assert plan.residual_scale_log2 < 0  # the stream reaches ~1e5 in float32: rescaled by a power of two
     assert plan.measured["meets_tolerance"], plan.measured  # on the search text and on the held-out text
     assert plan.calibration["validation_tokens"] == 2 * TEXT_TOKENS
-    fp16_layers = [i for i, layer in enumerate(plan.layers) if layer.linear == "float16"]
+    fp16_layers = [i for i, layer in enumerate(plan.layers) if layer.compute == torch.float16]
     assert len(fp16_layers) >= 16, f"only layers {fp16_layers} run in float16 ({plan.search['kept_out']} kept out)"
     # Measured again, independently of repair's bookkeeping: the plan file in a fresh engine, on the held-out
     # pages, against transformers float32.

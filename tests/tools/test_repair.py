@@ -117,7 +117,7 @@ def test_repaired_zoo_models_meet_their_tolerance_on_held_out_text(zoo_plans, en
 def test_massive_residual_is_rescaled_and_runs_in_float16(zoo_plans):
     path, plan, plan_file = zoo_plans["massive-residual"]
     assert plan.residual_scale_log2 < 0
-    assert all(layer.linear == "float16" and layer.attention == "float16" for layer in plan.layers)
+    assert all(layer.compute == torch.float16 and layer.attn == torch.float16 for layer in plan.layers)
     # Without the plan, whole-model float16 overflows this model's residual stream.
     with pytest.raises(PrecisionOverflowError):
         LLM(path, dtype="float16", on_nonfinite="raise", **ENGINE).engine.score(HELD_OUT[0])
@@ -133,14 +133,14 @@ def test_massive_residual_is_rescaled_and_runs_in_float16(zoo_plans):
 def test_late_ffn_overflow_gets_an_ffn_rescale(zoo_plans):
     _, plan, _ = zoo_plans["late-ffn-overflow"]
     assert plan.ffn_scale_log2[3] < 0 and plan.ffn_scale_log2[:3] == [0, 0, 0]
-    assert plan.layers[3].linear == "float16"
+    assert plan.layers[3].compute == torch.float16
 
 
 def test_huge_norm_gain_layer_is_kept_out_of_float16(zoo_plans):
     _, plan, _ = zoo_plans["huge-norm-gain"]
     assert "1" in plan.search["kept_out"]
-    assert plan.layers[1].linear == "float32" and plan.layers[1].attention != "float16"
-    assert all(plan.layers[i].linear == "float16" for i in (0, 2, 3))
+    assert plan.layers[1].compute == torch.float32 and plan.layers[1].attn != torch.float16
+    assert all(plan.layers[i].compute == torch.float16 for i in (0, 2, 3))
 
 
 @pytest.mark.parametrize("name", ["clean-llama", "clean-bert"])
