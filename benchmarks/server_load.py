@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+# The repository root, for the test suite's server launcher (tests/helpers.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _same(a: np.ndarray, b: np.ndarray) -> bool:
@@ -73,7 +74,7 @@ def main() -> None:
 
     from hyprec import LLM
     from hyprec.texts import evaluation_texts
-    from server_process import running_server
+    from tests.helpers import running_server
 
     offline = LLM(args.model)
     candidates = evaluation_texts(400)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 from hypothesis import settings
+
+from tests.helpers import model_copy, tiny_chat_llama
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -119,5 +121,54 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
-# Test helper modules (the model zoo) live next to the tests.
-sys.path.insert(0, os.path.dirname(__file__))
+# Broken model directories (tests/loading/test_model_errors.py, tests/precision/test_guard.py): built in tmp_path
+# from symlinks to the embedded all-MiniLM-L6-v2 files, with only the file under test replaced, so no test copies
+# more than one weights file.
+
+
+@pytest.fixture(scope="module")
+def state_dict(minilm_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(minilm_dir / "model.safetensors"))
+
+
+@pytest.fixture
+def with_weights(minilm_dir, tmp_path):
+    """Build a model directory whose model.safetensors holds the given tensors."""
+    from safetensors.torch import save_file
+
+    def build(tensors: dict) -> Path:
+        d = model_copy(minilm_dir, tmp_path / "model", replace=("model.safetensors",))
+        save_file(tensors, str(d / "model.safetensors"))
+        return d
+
+    return build
+
+
+@pytest.fixture
+def with_json(minilm_dir, tmp_path):
+    """Build a model directory in which one JSON file (relative path) has the given content."""
+
+    def build(rel: str, content: object) -> Path:
+        first = rel.split("/")[0]
+        d = model_copy(minilm_dir, tmp_path / "model", replace=(first,))
+        if "/" in rel:  # a module folder: copy its other files as symlinks
+            model_copy(minilm_dir / first, d / first, replace=(rel.split("/", 1)[1],))
+        text = content if isinstance(content, str) else json.dumps(content)
+        (d / rel).write_text(text, encoding="utf-8")
+        return d
+
+    return build
+
+
+@pytest.fixture(scope="module")
+def bert_config(minilm_dir) -> dict:
+    return json.loads((minilm_dir / "config.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Llama with a word-level tokenizer and a Jinja chat template (``tests.helpers.tiny_chat_llama``),
+    built once per module."""
+    return tiny_chat_llama(tmp_path_factory.mktemp("tiny-llama"))

@@ -111,7 +111,7 @@ def test_probe_measures_once_then_reads_the_cache(real_device, monkeypatch):
     [cached] = (real_device / "kernel-profiles").glob("cpu-*.json")
     assert json.loads(cached.read_text())["attention_ms"] == first.attention_ms
 
-    hardware._kernel_profile.cache_clear()  # a new process: must not measure again
+    hardware.clear_profile_memo()  # a new process: must not measure again
     monkeypatch.setattr(hardware, "measure", lambda device: pytest.fail("measured twice"))
     again = hardware.kernel_profile("cpu")
     assert again == first and again.source.startswith("cached in")
@@ -121,7 +121,7 @@ def test_a_damaged_cache_file_is_measured_again(real_device):
     hardware.kernel_profile("cpu")
     [cached] = (real_device / "kernel-profiles").glob("cpu-*.json")
     cached.write_text('{"version": 1, "linear_ms": {}}')
-    hardware._kernel_profile.cache_clear()
+    hardware.clear_profile_memo()
     assert hardware.kernel_profile("cpu").source.startswith("measured")
 
 
@@ -152,7 +152,7 @@ def test_pinned_profile_must_be_valid(monkeypatch, tmp_path):
 
 def test_cpu_flags_are_read_from_cpuinfo(monkeypatch):
     lines = ["processor\t: 0", "model name\t: Test CPU 9000", "flags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile"]
-    monkeypatch.setattr(hardware, "_cpuinfo", lambda: lines)
+    monkeypatch.setattr(hardware, "cpuinfo_lines", lambda: lines)
     assert hardware.cpu_model() == "Test CPU 9000"
     assert hardware.cpu_flags() >= {"avx2", "avx512_bf16"}
     assert hardware.describe_flags() == "avx2 avx512f avx512_bf16 -avx512_fp16 -amx_bf16 -amx_fp16 amx_tile"
@@ -194,7 +194,7 @@ def test_gemm_probe_measures_each_shape_set_once_then_reads_the_cache(real_devic
     assert gemm_probe.gemm_profile(shapes[:1]).source.startswith("measured")  # another model: its own probe
     assert len(list((real_device / "kernel-profiles").glob("cpu-gemm-*.json"))) == 2
 
-    gemm_probe._gemm_profile.cache_clear()  # a new process: must not measure again
+    gemm_probe.clear_profile_memo()  # a new process: must not measure again
     with monkeypatch.context() as m:
         m.setattr(gemm_probe, "measure_gemms", lambda *a, **k: pytest.fail("measured twice"))
         again = gemm_probe.gemm_profile(shapes)
@@ -202,7 +202,7 @@ def test_gemm_probe_measures_each_shape_set_once_then_reads_the_cache(real_devic
 
     for path in (real_device / "kernel-profiles").glob("cpu-gemm-*.json"):
         path.write_text('{"version": 4, "rows": 1024, "ms": {"float32": -1}}')  # damaged: measured again
-    gemm_probe._gemm_profile.cache_clear()
+    gemm_probe.clear_profile_memo()
     assert gemm_probe.gemm_profile(shapes).source.startswith("measured")
 
 

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from hyprec.entrypoints.cli import main  # noqa: E402
 from hyprec.ray import EmbedBatch, serve_app  # noqa: E402
-from test_errors import assert_same_rows  # noqa: E402
+from tests.helpers import assert_same_rows  # noqa: E402
 
 BATCH = 64
 
@@ -54,7 +54,7 @@ def test_map_batches_on_two_actors_matches_llm_embed(local_ray, offline, texts):
     assert table.column("id").to_pylist() == list(range(len(texts)))
     got = np.array(table.column("embedding").to_pylist(), dtype=np.float32)
     # Ray chooses the batch boundaries; results agree with one LLM.embed call within the batch-invariance
-    # tolerance that LLM.embed itself meets for different batchings (tests/test_errors.py).
+    # tolerance that LLM.embed itself meets for different batchings (tests/engine/test_embedding_engine.py).
     assert_same_rows(got, offline.embed(texts))
 
 
@@ -109,7 +109,7 @@ def test_ray_serve_deployment_with_two_replicas(local_ray, offline, texts):
     openai = pytest.importorskip("openai")
     from ray import serve
 
-    from server_process import free_port
+    from tests.helpers import free_port
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

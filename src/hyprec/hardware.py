@@ -68,7 +68,9 @@ _ATTENTION_SHAPE = (2, 12, 256, 64)
 _REPEATS = 9
 
 
-def _cpuinfo() -> list[str]:
+def cpuinfo_lines() -> list[str]:
+    """The lines of ``/proc/cpuinfo`` (empty where it is unavailable): what :func:`cpu_model` and :func:`cpu_flags`
+    read."""
     try:
         return Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
@@ -76,7 +78,7 @@ def _cpuinfo() -> list[str]:
 
 
 def _cpuinfo_field(name: str) -> str:
-    for line in _cpuinfo():
+    for line in cpuinfo_lines():
         if line.split(":", 1)[0].strip() == name:
             return line.split(":", 1)[1].strip()
     return ""
@@ -240,6 +242,12 @@ def kernel_profile(device_name: str = "cpu") -> KernelProfile:
     measured now and cached. Memoised per process (and per pinned file and cache file)."""
     device = torch.device(device_name)
     return _kernel_profile(device, os.environ.get("HYPREC_KERNEL_PROFILE") or None, cache_file(device))
+
+
+def clear_profile_memo() -> None:
+    """Forget the kernel profiles memoised in this process, as a new process starts without them: the next
+    :func:`kernel_profile` reads the pinned or cached file again (or measures). The cache files stay."""
+    _kernel_profile.cache_clear()
 
 
 @cache

@@ -4,8 +4,8 @@ Decoding the whole output again for every new token costs O(length) per step, O(
 ``tokenizers`` library's ``DecodeStream`` (what vLLM's fast incremental detokenizer is built on) keeps a small window
 of recent tokens and returns only the new text, holding back a token whose bytes do not yet form a whole UTF-8
 character (byte-fallback pieces) and handling the decoders' word-boundary rules (a SentencePiece ``▁`` becomes a
-space except at the start). The concatenated pieces equal the full decode (``tests/test_detokenizer.py`` checks it
-token by token on real and random output).
+space except at the start). The concatenated pieces equal the full decode (``tests/engine/test_detokenizer.py``
+checks it token by token on real and random output).
 
 Stop strings are searched only where a new one can be: in the new text and the ``len(stop) - 1`` characters
 before it.

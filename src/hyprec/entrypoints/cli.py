@@ -422,7 +422,9 @@ def _llm_options(args: argparse.Namespace) -> dict[str, object]:
     return options
 
 
-def _load(args: argparse.Namespace, model: str | None):
+def load_llm(args: argparse.Namespace, model: str | None):
+    """The :class:`hyprec.LLM` every subcommand runs: ``model`` (None: the default model) under the engine options
+    ``args`` asks for. The one place the command line loads a model."""
     from hyprec.entrypoints.llm import LLM  # imported late: `hyprec --help` stays fast
 
     return LLM(model, **_llm_options(args))
@@ -430,7 +432,7 @@ def _load(args: argparse.Namespace, model: str | None):
 
 def _load_generator(args: argparse.Namespace):
     """The model of `generate`/`chat`; an embedding model gets an error that names the command it needs."""
-    llm = _load(args, args.model)
+    llm = load_llm(args, args.model)
     if not llm.is_generative:
         raise InvalidInputError(
             f"{args.model} is an embedding model: embed texts with `hyprec embed --model {args.model} TEXT...`; "
@@ -479,7 +481,7 @@ def cmd_embed(args: argparse.Namespace) -> None:
         raise InvalidInputError("no texts: give TEXT arguments or --input FILE")
     if args.output is not None:
         check_output_file(args.output, "--output", EMBEDDING_SUFFIXES)
-    llm = _load(args, args.model)
+    llm = load_llm(args, args.model)
     vectors = llm.embed(
         texts,
         normalize=args.normalize,
@@ -575,7 +577,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     except ImportError as exc:
         raise InvalidInputError(f"hyprec serve needs the 'serve' extra: pip install 'hyprec[serve]' ({exc})") from None
     settings = ServerSettings.from_args(args)  # before loading: a bad key file fails fast
-    llm = _load(args, args.model)
+    llm = load_llm(args, args.model)
     app = build_app(llm, settings)
     where = f"http://{args.host}:{args.port}"
     print(f"hyprec: serving {settings.model_name} ({llm.policy.name}) on {where}", file=sys.stderr)
@@ -601,7 +603,7 @@ def cmd_embed_dataset(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    info = _load(args, args.model).info()
+    info = load_llm(args, args.model).info()
     if args.json:
         print(json.dumps(info, indent=2))
         return

@@ -24,14 +24,17 @@ from pathlib import Path
 
 log = logging.getLogger("hyprec")
 
-_SOURCES = Path(__file__).parent
+#: where the kernel sources (``<name>.c``) are
+SOURCE_DIR = Path(__file__).parent
 # -std=c11 turns off GCC's implicit contraction of a * b + c into one fused operation: the kernels state their fused
 # operations explicitly, so that every code path (AVX-512 or portable) rounds alike.
-_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
-_LIBS = ("-lm",)
+#: the compiler flags every kernel is built with (then the source, ``-o`` and :data:`LIBS`)
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+LIBS = ("-lm",)
 
 
-def _compiler() -> str | None:
+def find_compiler() -> str | None:
+    """The C compiler the kernels are built with: ``$CC``, else ``cc`` or ``gcc`` on the PATH; None if there is none."""
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
@@ -43,20 +46,20 @@ def _library_path(name: str, compiler: str) -> Path:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         version = ""
-    key = "|".join([(_SOURCES / f"{name}.c").read_text(), *_FLAGS, *_LIBS, version, cpu_model(), *sorted(cpu_flags())])
+    key = "|".join([(SOURCE_DIR / f"{name}.c").read_text(), *FLAGS, *LIBS, version, cpu_model(), *sorted(cpu_flags())])
     return cache_dir() / "kernels" / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
 
 
 def sources() -> list[str]:
     """The names of the kernels this package ships (``kernels/<name>.c``)."""
-    return sorted(p.stem for p in _SOURCES.glob("*.c"))
+    return sorted(p.stem for p in SOURCE_DIR.glob("*.c"))
 
 
 @functools.cache
 def load(name: str) -> ctypes.CDLL | None:
     """The compiled kernel library ``name`` (``kernels/<name>.c``), built now if it is not cached; None (with one
     warning) where it cannot be built."""
-    compiler = _compiler()
+    compiler = find_compiler()
     if compiler is None:
         log.warning("hyprec: no C compiler (cc/gcc, or $CC) for the %s kernel; using the slower torch reference", name)
         return None
@@ -66,7 +69,7 @@ def load(name: str) -> ctypes.CDLL | None:
         tmp = path.with_suffix(f".{os.getpid()}-{threading.get_ident()}.tmp")
         try:
             subprocess.run(
-                [compiler, *_FLAGS, str(_SOURCES / f"{name}.c"), "-o", str(tmp), *_LIBS],
+                [compiler, *FLAGS, str(SOURCE_DIR / f"{name}.c"), "-o", str(tmp), *LIBS],
                 check=True,
                 capture_output=True,
                 text=True,

@@ -121,6 +121,12 @@ def gemm_profile(shapes: tuple[LinearShape, ...], device_name: str = "cpu") -> G
     return _gemm_profile(device, shapes, cache_file(device, "-gemm", f"|{GEMM_ROWS}|{shapes}"))
 
 
+def clear_profile_memo() -> None:
+    """Forget the GEMM profiles memoised in this process, as a new process starts without them: the next
+    :func:`gemm_profile` reads the cache file again (or measures). The cache files stay."""
+    _gemm_profile.cache_clear()
+
+
 @cache
 def _gemm_profile(device: torch.device, shapes: tuple[LinearShape, ...], path: Path) -> GemmProfile:
     try:

@@ -142,6 +142,12 @@ class Linear(nn.Linear):
         # oneDNN's packed tensors cannot be copied (opaque storage); the copy prepares its own on first use.
         return {**self.__dict__, "_prepared": None}
 
+    @property
+    def prepared(self) -> object | None:
+        """The prepared weight the last forward of a kernel other than ``torch`` read (a packed oneDNN tensor or a
+        :class:`SplitWeight`), or None: none ran yet, or a kernel change or a copy dropped it."""
+        return None if self._prepared is None else self._prepared[1]
+
     def _prepared_weight(self) -> object | None:
         """The weight as :attr:`kernel` reads it, or None where ``F.linear`` runs (``torch``, or a weight that is
         not float32 on the CPU: half-precision layers keep their own arithmetic; engines load ordinary tensors)."""

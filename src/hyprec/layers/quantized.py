@@ -63,7 +63,9 @@ _SLAB_ROWS = 4096  # weight rows dequantised at a time by the reference: ~10 MB 
 
 
 @functools.cache
-def _library() -> ctypes.CDLL | None:
+def library() -> ctypes.CDLL | None:
+    """The compiled block-format kernels (``kernels/gguf_blocks.c``) with their ctypes signatures set, or None where
+    they cannot be built (callers then use the pure-torch reference)."""
     lib = kernels.load("gguf_blocks")
     if lib is None:
         return None
@@ -78,7 +80,7 @@ def _library() -> ctypes.CDLL | None:
 
 def native_kernel_available() -> bool:
     """Whether the compiled block-format kernels load on this machine."""
-    return _library() is not None
+    return library() is not None
 
 
 class StoredWeight:
@@ -99,7 +101,7 @@ class StoredWeight:
         """Float32 weight rows (all by default; ``rows``: indices or a slice), exactly as llama.cpp dequantises them."""
         raise NotImplementedError
 
-    def _kernel(self, lib: ctypes.CDLL, rows: torch.Tensor, out: torch.Tensor) -> None:
+    def kernel_linear(self, lib: ctypes.CDLL, rows: torch.Tensor, out: torch.Tensor) -> None:
         """``out = rows @ W.T`` by the compiled kernel (at most :data:`KERNEL_MAX_ROWS` contiguous float32 rows)."""
         raise NotImplementedError
 
@@ -108,12 +110,12 @@ class StoredWeight:
         independent of the other rows, whatever their number (batch-invariant mode)."""
         lead = x.shape[:-1]
         rows = x.reshape(-1, x.shape[-1]).float().contiguous()
-        lib = _library() if x.device.type == "cpu" else None
+        lib = library() if x.device.type == "cpu" else None
         if lib is None or (rows.shape[0] > KERNEL_MAX_ROWS and not invariant):
             return self.reference_linear(rows).reshape(*lead, self.shape[0])
         out = torch.empty(rows.shape[0], self.shape[0], dtype=torch.float32)
         for start in range(0, rows.shape[0], KERNEL_MAX_ROWS):
-            self._kernel(lib, rows[start : start + KERNEL_MAX_ROWS], out[start:])
+            self.kernel_linear(lib, rows[start : start + KERNEL_MAX_ROWS], out[start:])
         return out.reshape(*lead, self.shape[0])
 
     def reference_linear(self, rows: torch.Tensor) -> torch.Tensor:
@@ -161,7 +163,7 @@ class Q8_0Weight(StoredWeight):
         values, scales = self.values[rows], self.scales[rows]
         return (values.float().view(*values.shape[:-1], -1, 32) * scales[..., None]).flatten(-2)
 
-    def _kernel(self, lib: ctypes.CDLL, rows: torch.Tensor, out: torch.Tensor) -> None:
+    def kernel_linear(self, lib: ctypes.CDLL, rows: torch.Tensor, out: torch.Tensor) -> None:
         lib.q8_0_linear(
             rows.data_ptr(), rows.shape[0], rows.shape[1],
             self.values.data_ptr(), self.scales.data_ptr(), self.shape[0],
@@ -187,7 +189,7 @@ class BlockWeight(StoredWeight):
     def dequantize(self, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
         data = self.data[rows].contiguous()
         lead, raw = data.shape[:-1], data.reshape(-1, data.shape[-1])
-        lib = _library()
+        lib = library()
         if lib is None:  # gguf-py's dequantiser: llama.cpp's own reference, in numpy
             from gguf import GGMLQuantizationType
             from gguf.quants import dequantize
@@ -201,7 +203,7 @@ class BlockWeight(StoredWeight):
         )  # fmt: skip
         return out.reshape(*lead, self.in_features)
 
-    def _kernel(self, lib: ctypes.CDLL, rows: torch.Tensor, out: torch.Tensor) -> None:
+    def kernel_linear(self, lib: ctypes.CDLL, rows: torch.Tensor, out: torch.Tensor) -> None:
         lib.blocks_linear(
             self.spec.type_id, rows.data_ptr(), rows.shape[0], rows.shape[1],
             self.data.data_ptr(), self.data.shape[1], self.shape[0], out.data_ptr(), torch.get_num_threads(),

@@ -120,7 +120,7 @@ class GGUFCheckpoint:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.files: list[Path] = [self.path]
-        self._header = _open_header(self.path)
+        self.header: GGUFHeader = _open_header(self.path)  # the parsed header: metadata and tensor entries
         self.architecture: str = self._string_field("general.architecture")
         self._arch = ARCHITECTURES.get(self.architecture)
         if self._arch is None:
@@ -140,7 +140,7 @@ class GGUFCheckpoint:
 
     def get(self, name: str) -> torch.Tensor:
         """The float32 tensor ``name`` in HF layout ([out, in] for linear weights)."""
-        tensor = self._tensor(name)
+        tensor = self.raw_tensor(name)
         try:
             values = _dequantize(tensor)
         except (ValueError, TypeError, NotImplementedError) as exc:
@@ -152,7 +152,7 @@ class GGUFCheckpoint:
         ``[out, row bytes]`` in HF row order (llama.cpp's row interleave of Llama's q/k undone: it moves whole rows,
         and a row's blocks run along it). None for float32 tensors and for tensors the converter rewrote in value
         (Gemma's ``1 + w`` norms), which only a dequantised copy can undo."""
-        tensor = self._tensor(name)
+        tensor = self.raw_tensor(name)
         if tensor.tensor_type == QType.F32 or len(tensor.shape) != 2 or self._offset_norm(tensor.name):
             return None
         raw = np.asarray(tensor.data).view(np.uint8).reshape(int(tensor.shape[1]), -1)
@@ -162,7 +162,7 @@ class GGUFCheckpoint:
 
     def source(self, name: str) -> str:
         """Where a tensor comes from, for error messages: the file, its GGUF name and storage type."""
-        tensor = self._tensor(name)
+        tensor = self.raw_tensor(name)
         return f"{self.path} (GGUF tensor {tensor.name!r}, {tensor.tensor_type.name})"
 
     def floating_dtype(self) -> torch.dtype:
@@ -196,11 +196,11 @@ class GGUFCheckpoint:
 
     def metadata(self, key: str, default: Any = None) -> Any:
         """A raw GGUF metadata value (``"gemma3.context_length"``, ``"tokenizer.ggml.eos_token_id"`` ...)."""
-        return self._header.metadata.get(key, default)
+        return self.header.metadata.get(key, default)
 
     def tensor_type(self, name: str) -> str:
         """The GGUF storage type of a tensor (``"Q8_0"``, ``"F32"`` ...)."""
-        return self._tensor(name).tensor_type.name
+        return self.raw_tensor(name).tensor_type.name
 
     @functools.cached_property
     def config(self) -> dict[str, Any]:
@@ -224,13 +224,15 @@ class GGUFCheckpoint:
         """The Jinja chat template in ``tokenizer.chat_template``, or None when the file has none."""
         return self.metadata("tokenizer.chat_template")
 
-    # -- internals --------------------------------------------------------------------------------------------
-
-    def _tensor(self, name: str) -> HeaderTensor:
+    def raw_tensor(self, name: str) -> HeaderTensor:
+        """The file's entry for HF tensor ``name``: its GGUF name, storage type, shape and data exactly as stored
+        (memory-mapped; no permutation or offset undone). KeyError naming the file if there is none."""
         try:
             return self._tensors[name]
         except KeyError:
             raise KeyError(f"no tensor {name!r} in {self.path}") from None
+
+    # -- internals --------------------------------------------------------------------------------------------
 
     def _string_field(self, key: str) -> str:
         value = self.metadata(key)
@@ -247,9 +249,9 @@ class GGUFCheckpoint:
     def _index_tensors(self) -> None:
         """Map every GGUF tensor to its HF name, checking its type and that its data lies inside the file."""
         hf_names = _gguf_to_hf_names(self.architecture, self.num_layers)
-        file_size = self._header.size
+        file_size = self.header.size
         unmapped = []
-        for tensor in self._header.tensors:
+        for tensor in self.header.tensors:
             if tensor.data_offset + tensor.n_bytes > file_size:
                 raise ModelLoadError(
                     f"{self.path} is truncated: tensor {tensor.name!r} ends at byte "
@@ -282,7 +284,7 @@ class GGUFCheckpoint:
             self.architecture: GGUF_CONFIG_MAPPING["mistral" if model_type == "mistral" else self.architecture],
         }
         fields: dict[str, Any] = {}
-        for key, value in self._header.metadata.items():
+        for key, value in self.header.metadata.items():
             prefix, _, rest = key.partition(".")
             target = tables.get(prefix, {}).get(rest)
             if target is not None and target != -1:  # None/-1: metadata transformers deliberately skips
@@ -290,8 +292,8 @@ class GGUFCheckpoint:
         fields["model_type"] = model_type
         # llama.cpp writes output.weight only when the LM head is not the embedding matrix
         fields["tie_word_embeddings"] = "lm_head.weight" not in self._tensors
-        if "vocab_size" not in fields and "tokenizer.ggml.tokens" in self._header.metadata:
-            fields["vocab_size"] = self._header.metadata["tokenizer.ggml.tokens"]  # its length (gguf_header)
+        if "vocab_size" not in fields and "tokenizer.ggml.tokens" in self.header.metadata:
+            fields["vocab_size"] = self.header.metadata["tokenizer.ggml.tokens"]  # its length (gguf_header)
         fields.update(self._rope_scaling())
         return fields
 

@@ -18,8 +18,8 @@ other half format, if it has a hardware path, still runs natively):
 
 A half GEMM that accumulates in float32 computes the rounded float32 product of rounded operands, up to the order
 of its sums, so emulated and native results agree to within a few units of the format's roundoff (measured in
-``tests/test_emulation.py``). A value beyond the format's range becomes inf when rounded, exactly as natively, so
-the run-time guard, ``compare`` and ``repair`` see the same overflows.
+``tests/precision/test_emulation.py``). A value beyond the format's range becomes inf when rounded, exactly as
+natively, so the run-time guard, ``compare`` and ``repair`` see the same overflows.
 
 Not bit for bit: native kernels sum in another order (the CPU flash-attention kernel also rounds its softmax
 weights to the half format before multiplying them with v); a gated product (activation times up projection) is

@@ -146,6 +146,16 @@ class PrecisionGuard:
 
         return hook
 
+    @property
+    def hook_count(self) -> int:
+        """How many tensors each pass watches (hooks on layers that could overflow; 0: nothing can)."""
+        return len(self._handles)
+
+    @property
+    def record_count(self) -> int:
+        """Records of the pass so far, waiting for :meth:`inspect` (bounded for passes nobody inspects)."""
+        return len(self._seen)
+
     def remove(self) -> None:
         for h in self._handles:
             h.remove()

@@ -13,7 +13,7 @@ import pytest
 
 from hyprec.entrypoints import cli
 from hyprec.entrypoints.cli import main
-from test_errors import assert_same_rows
+from tests.helpers import assert_same_rows
 
 DIM = 384
 # The CLI runs the same engine (the cached minilm_hybrid) on the same inputs in the same batch as the in-process
@@ -32,9 +32,9 @@ def _llm_cache() -> dict:
 def reuse_models(monkeypatch, minilm_hybrid, _llm_cache):
     """Load each (model, dtype options) once per module; the default CLI model is the session's minilm_hybrid.
 
-    Options the cache has not seen go through the real ``cli._load`` (so bad options still fail there).
+    Options the cache has not seen go through the real ``cli.load_llm`` (so bad options still fail there).
     """
-    real = cli._load
+    real = cli.load_llm
     _llm_cache.setdefault((None, "auto", "auto", "auto", "cpu"), minilm_hybrid)
 
     def cached(args, model):
@@ -43,7 +43,7 @@ def reuse_models(monkeypatch, minilm_hybrid, _llm_cache):
             _llm_cache[key] = real(args, model)
         return _llm_cache[key]
 
-    monkeypatch.setattr(cli, "_load", cached)
+    monkeypatch.setattr(cli, "load_llm", cached)
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:

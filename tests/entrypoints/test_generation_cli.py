@@ -1,56 +1,18 @@
 """Generation through the CLI (`hyprec generate`, `hyprec chat`) and the chat template, on a tiny random Llama
-with a real word-level tokenizer and a Jinja chat template."""
+with a real word-level tokenizer and a Jinja chat template (the ``tiny_dir`` fixture, tests/conftest.py)."""
 
 from __future__ import annotations
 
 import io
-import json
 
 import pytest
 import torch
 
 from hyprec import LLM, SamplingParams
 from hyprec.entrypoints.cli import main
+from tests.helpers import CHAT_WORDS as WORDS
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-WORDS = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|end|>", "[UNK]"] + [f"w{i}" for i in range(90)]
-TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
-)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("tiny-llama")
-    cfg = LlamaConfig(
-        vocab_size=len(WORDS),
-        hidden_size=48,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        initializer_range=0.2,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    LlamaForCausalLM(cfg).eval().save_pretrained(d)
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tok.add_special_tokens(["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|end|>"])
-    tok.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(
-        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "chat_template": TEMPLATE})
-    )
-    return d
 
 
 @pytest.fixture(scope="module")

@@ -36,8 +36,7 @@ from hyprec.sampling.sampler import Sampler, SequenceSamplingState
 from hyprec.serving.app import build_app
 from hyprec.serving.settings import ServerSettings
 from hyprec.serving.worker import GenerateJob
-from server_process import free_port
-from zoo import clean_bert, clean_llama
+from tests.helpers import clean_bert, clean_llama, free_port
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -1,8 +1,9 @@
-"""GGUF loading: tiny synthetic files written with gguf.GGUFWriter, then the real Gemma-3-270M Q4_K_M file.
+"""GGUF loading: tiny synthetic files written with gguf.GGUFWriter (``write_gguf``, tests/helpers.py), then the real
+Gemma-3-270M Q4_K_M file.
 
 Reference values come from three independent places: the HF-layout arrays the synthetic files were built from
-(with llama.cpp's conversion rewrites applied here, the way convert_hf_to_gguf.py applies them), transformers'
-own GGUF loader, and transformers' torch dequantization kernels (for K-quant blocks gguf cannot write).
+(with llama.cpp's conversion rewrites applied by the helpers, the way convert_hf_to_gguf.py applies them),
+transformers' own GGUF loader, and transformers' torch dequantization kernels (for K-quant blocks gguf cannot write).
 """
 
 from __future__ import annotations
@@ -12,188 +13,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from gguf import GGML_QUANT_SIZES, GGUFWriter, RopeScalingType, TokenType
+from gguf import GGML_QUANT_SIZES, GGUFWriter
 from gguf import GGMLQuantizationType as Q
-from gguf.quants import dequantize, quantize
+from gguf.quants import dequantize
 
 from hyprec.errors import ModelLoadError, UnsupportedArchitectureError
 from hyprec.loading.gguf import SUPPORTED_ARCHITECTURES, GGUFCheckpoint
 from hyprec.loading.weights import load_weights
-
-HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN, LAYERS = 64, 4, 2, 16, 128, 2
-SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]  # ids 0..3, as in Gemma's vocabulary
-VOCAB = [*SPECIALS, "▁", *"abcdefghijklmnopqrstuvwxyz", "▁a", "ab", "▁ab", "cd", "▁cd", "abcd", "▁abcd", "e▁"]
-
-# llama.cpp's names for the HF modules (gguf's docs/gguf.md); the post-attention norm differs per family.
-GGUF_NAMES = {
-    "input_layernorm": "attn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "self_attn.q_norm": "attn_q_norm",
-    "self_attn.k_norm": "attn_k_norm",
-    "pre_feedforward_layernorm": "ffn_norm",
-    "post_feedforward_layernorm": "post_ffw_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-# Storage type per projection: covers every type gguf can write, q quantized and k exact (both permuted).
-LINEAR_TYPES = {
-    "self_attn.q_proj": Q.Q8_0,
-    "self_attn.k_proj": Q.F32,
-    "self_attn.v_proj": Q.Q4_0,
-    "self_attn.o_proj": Q.Q5_0,
-    "mlp.gate_proj": Q.BF16,
-    "mlp.up_proj": Q.Q4_1,
-    "mlp.down_proj": Q.Q5_1,
-}
-
-
-# -- building tiny GGUF files -----------------------------------------------------------------------------------
-
-
-def hf_weights(arch: str, *, tied: bool, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random HF-layout weights of a 2-layer decoder of the given family."""
-    rng = np.random.default_rng(seed)
-    rand = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
-    norms = ["input_layernorm", "post_attention_layernorm"]
-    if arch in ("qwen3", "gemma3"):
-        norms += ["self_attn.q_norm", "self_attn.k_norm"]
-    if arch == "gemma3":
-        norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
-    shapes = {
-        "self_attn.q_proj": (HEADS * HEAD_DIM, HIDDEN),
-        "self_attn.k_proj": (KV_HEADS * HEAD_DIM, HIDDEN),
-        "self_attn.v_proj": (KV_HEADS * HEAD_DIM, HIDDEN),
-        "self_attn.o_proj": (HIDDEN, HEADS * HEAD_DIM),
-        "mlp.gate_proj": (FFN, HIDDEN),
-        "mlp.up_proj": (FFN, HIDDEN),
-        "mlp.down_proj": (HIDDEN, FFN),
-    }
-    out = {"model.embed_tokens.weight": rand(len(VOCAB), HIDDEN), "model.norm.weight": 0.1 * rand(HIDDEN)}
-    if not tied:
-        out["lm_head.weight"] = rand(len(VOCAB), HIDDEN)
-    for i in range(LAYERS):
-        for norm in norms:
-            out[f"model.layers.{i}.{norm}.weight"] = 0.1 * rand(HEAD_DIM if "_norm" in norm else HIDDEN)
-        for module, shape in shapes.items():
-            out[f"model.layers.{i}.{module}.weight"] = rand(*shape)
-    return out
-
-
-def llama_permute(w: np.ndarray, heads: int) -> np.ndarray:
-    """convert_hf_to_gguf.py's LlamaModel.permute: interleave each head's two rotary halves."""
-    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def gguf_name(arch: str, hf: str) -> str:
-    if hf == "model.embed_tokens.weight":
-        return "token_embd.weight"
-    if hf == "model.norm.weight":
-        return "output_norm.weight"
-    if hf == "lm_head.weight":
-        return "output.weight"
-    _, _, layer, rest = hf.split(".", 3)
-    module = rest.removesuffix(".weight")
-    if module == "post_attention_layernorm":  # Llama's pre-FFN norm; Gemma's norm after attention
-        short = "post_attention_norm" if arch == "gemma3" else "ffn_norm"
-    else:
-        short = GGUF_NAMES[module]
-    return f"blk.{layer}.{short}.weight"
-
-
-def to_gguf(arch: str, hf: str, w: np.ndarray) -> np.ndarray:
-    """The rewrite convert_hf_to_gguf.py applies to one tensor."""
-    if arch == "llama" and ".q_proj." in hf:
-        return llama_permute(w, HEADS)
-    if arch == "llama" and ".k_proj." in hf:
-        return llama_permute(w, KV_HEADS)
-    if arch == "gemma3" and hf.endswith("norm.weight"):
-        return w + 1
-    return w
-
-
-def storage_type(hf: str) -> Q:
-    if hf == "model.embed_tokens.weight":
-        return Q.F16
-    if hf == "lm_head.weight":
-        return Q.Q8_0
-    module = hf.split(".", 3)[-1].removesuffix(".weight")
-    return LINEAR_TYPES.get(module, Q.F32)  # norms stay F32, as llama.cpp keeps every 1-D tensor
-
-
-def add_tensor(writer: GGUFWriter, name: str, w: np.ndarray, qtype: Q) -> None:
-    if qtype == Q.F32:
-        writer.add_tensor(name, w)
-    elif qtype == Q.F16:
-        writer.add_tensor(name, w.astype(np.float16))
-    else:
-        writer.add_tensor(name, quantize(w, qtype), raw_dtype=qtype)
-
-
-def stored(w: np.ndarray, qtype: Q) -> np.ndarray:
-    """What survives storing ``w`` as ``qtype`` (row permutations commute with this: blocks run along rows)."""
-    if qtype == Q.F32:
-        return w
-    if qtype == Q.F16:
-        return w.astype(np.float16).astype(np.float32)
-    return dequantize(quantize(w, qtype), qtype)
-
-
-def write_gguf(
-    path: Path,
-    arch: str = "llama",
-    *,
-    tied: bool = False,
-    name: str = "tiny",
-    weights: dict[str, np.ndarray] | None = None,
-    extra: dict[str, tuple[np.ndarray, Q]] | None = None,
-    chat_template: str | None = None,
-    rope_scaling: float | None = None,
-) -> dict[str, np.ndarray]:
-    """Write a tiny model of family ``arch`` to ``path``; return its HF-layout weights."""
-    weights = hf_weights(arch, tied=tied) if weights is None else weights
-    w = GGUFWriter(str(path), arch)
-    w.add_name(name)
-    w.add_block_count(LAYERS)
-    w.add_context_length(128)
-    w.add_embedding_length(HIDDEN)
-    w.add_feed_forward_length(FFN)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(KV_HEADS)
-    w.add_layer_norm_rms_eps(1e-6)
-    w.add_rope_freq_base(10000.0)
-    if arch == "llama":
-        w.add_rope_dimension_count(HEAD_DIM)
-    else:
-        w.add_key_length(HEAD_DIM)
-        w.add_value_length(HEAD_DIM)
-    if arch == "gemma3":
-        w.add_sliding_window(16)
-    if rope_scaling is not None:
-        w.add_rope_scaling_type(RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(rope_scaling)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(VOCAB)
-    w.add_token_scores([0.0] * 4 + [-float(i) for i in range(len(VOCAB) - 4)])
-    w.add_token_types([TokenType.CONTROL] * 3 + [TokenType.UNKNOWN] + [TokenType.NORMAL] * (len(VOCAB) - 4))
-    w.add_pad_token_id(0)
-    w.add_eos_token_id(1)
-    w.add_bos_token_id(2)
-    w.add_unk_token_id(3)
-    if chat_template is not None:
-        w.add_chat_template(chat_template)
-    for hf, value in weights.items():
-        add_tensor(w, gguf_name(arch, hf), to_gguf(arch, hf, value), storage_type(hf))
-    for gguf_tensor, (value, qtype) in (extra or {}).items():
-        add_tensor(w, gguf_tensor, value, qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return weights
+from tests.helpers import GGUF_FFN as FFN
+from tests.helpers import GGUF_HEAD_DIM as HEAD_DIM
+from tests.helpers import GGUF_HIDDEN as HIDDEN
+from tests.helpers import GGUF_KV_HEADS as KV_HEADS
+from tests.helpers import GGUF_LAYERS as LAYERS
+from tests.helpers import GGUF_VOCAB as VOCAB
+from tests.helpers import llama_permute, storage_type, write_gguf
+from tests.helpers import stored_values as stored
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +74,7 @@ def test_llama_qk_unpermute_round_trip(tiny_llama):
             assert torch.equal(ckpt.get(name), torch.from_numpy(expected)), name
     # k is stored exactly (F32), and permuted: the round trip must be exact, and the file really is permuted
     k = "model.layers.0.self_attn.k_proj.weight"
-    raw = ckpt._tensors[k].data
+    raw = ckpt.raw_tensor(k).data
     assert not np.array_equal(raw, weights[k]) and np.array_equal(llama_permute(weights[k], KV_HEADS), raw)
 
 
@@ -347,7 +181,7 @@ def test_k_quant_blocks_match_transformers_kernels(tmp_path):
     for hf in ckpt.names():
         module = ckpt.source(hf).split("blk.0.")[1].split(".weight")[0]
         got = ckpt.get(hf)
-        expected = torch_dequantize(torch.from_numpy(blocks[module]).flatten(), int(ckpt._tensors[hf].tensor_type))
+        expected = torch_dequantize(torch.from_numpy(blocks[module]).flatten(), int(ckpt.raw_tensor(hf).tensor_type))
         assert torch.equal(got, expected.reshape(got.shape)), (hf, ckpt.tensor_type(hf))
 
 
@@ -460,7 +294,7 @@ def test_gemma_names_and_shapes(gemma, gemma_tensors):
 
 def test_gemma_values_are_the_file_values_minus_the_norm_offset(gemma, gemma_tensors):
     """Against gguf's dequantize of the raw tensors: linear weights as stored, norms stored as 1 + w."""
-    raw = {t.name: t for t in gemma._header.tensors}
+    raw = {t.name: t for t in gemma.header.tensors}
     linear = {
         "model.layers.3.self_attn.q_proj.weight": "blk.3.attn_q.weight",  # Q5_0; gemma's q/k are not permuted
         "model.layers.3.self_attn.v_proj.weight": "blk.3.attn_v.weight",  # Q8_0

@@ -3,9 +3,9 @@ sliding-window blocks, sampling end to end, input errors, and streaming.
 
 Two small randomly initialised decoders are built with transformers' own classes and saved once per module: a
 Llama (GQA 2:1, untied embeddings) and a Gemma 3 with one sliding-window layer and one full-attention layer. Their
-numerical parity with transformers is tested in test_decoder_parity.py; here the reference for every scheduling
-variant is hyprec's own float32 greedy output for the request run alone in a roomy engine, which must come out
-token for token identical however the scheduler slices, batches, evicts or recomputes the request.
+numerical parity with transformers is tested in tests/models/test_decoder_parity.py; here the reference for every
+scheduling variant is hyprec's own float32 greedy output for the request run alone in a roomy engine, which must
+come out token for token identical however the scheduler slices, batches, evicts or recomputes the request.
 """
 
 from __future__ import annotations

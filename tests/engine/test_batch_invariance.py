@@ -245,8 +245,8 @@ def test_invariance_and_parity_hold_on_avx2_kernels():
         "MKL_ENABLE_INSTRUCTIONS": "AVX2",
         "ONEDNN_MAX_CPU_ISA": "AVX2",
     }
-    root = Path(__file__).parent.parent
-    files = ["tests/test_batch_invariance.py", "tests/test_st_parity.py"]  # node ids, relative to the root
+    root = Path(__file__).parents[2]  # the repository root: node ids below are relative to it
+    files = ["tests/engine/test_batch_invariance.py", "tests/models/test_st_parity.py"]
     # The entry points and MPNet add time, not instruction-set coverage: they run on the default kernels only. So
     # does whole-model float16/bfloat16 (a third of this run on a CPU without half arithmetic): its kernels are the
     # hybrid policies' half kernels applied to every layer, and hybrid-fp16/hybrid-bf16 still run here.

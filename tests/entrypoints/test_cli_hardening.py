@@ -22,15 +22,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import test_generation_cli
 from hyprec import LLM
 from hyprec.entrypoints import cli
 from hyprec.entrypoints.cli import build_parser, main
 from hyprec.errors import ConfigError, InvalidInputError
 from hyprec.precision.plan import PLAN_FORMAT, PLAN_VERSION, PrecisionPlan
-from test_errors import assert_same_rows, model_copy
+from tests.helpers import assert_same_rows, model_copy, write_gguf
 
-tiny_dir = test_generation_cli.tiny_dir  # the fixture: a tiny Llama with a word-level tokenizer
 F32_EPS = float(np.finfo(np.float32).eps)
 NAN_WEIGHT = "encoder.layer.2.attention.self.query.weight"
 
@@ -44,13 +42,13 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
 @pytest.fixture
 def minilm_loads(monkeypatch, minilm_hybrid):
     """The CLI's default model is the session's minilm (loading it again costs seconds); other models load."""
-    real = cli._load
+    real = cli.load_llm
 
     def load(args, model):
         default = model is None and (args.dtype, args.attn_dtype, args.kv_cache_dtype) == ("auto",) * 3
         return minilm_hybrid if default and args.precision_plan is None else real(args, model)
 
-    monkeypatch.setattr(cli, "_load", load)
+    monkeypatch.setattr(cli, "load_llm", load)
 
 
 def _subcommands() -> dict[str, argparse.ArgumentParser]:
@@ -200,7 +198,7 @@ def _forbid_work(monkeypatch) -> None:
     def work(*_args, **_kwargs):
         raise AssertionError("the work started before the output path was checked")
 
-    monkeypatch.setattr(cli, "_load", work)
+    monkeypatch.setattr(cli, "load_llm", work)
     monkeypatch.setattr("hyprec.tools.check.check", work)
     monkeypatch.setattr("hyprec.tools.repair.repair", work)
     try:
@@ -275,7 +273,7 @@ def test_a_late_write_failure_keeps_the_embeddings(monkeypatch, capsys, tmp_path
         shutil.rmtree(out_dir)
         return minilm_hybrid
 
-    monkeypatch.setattr(cli, "_load", load_then_lose_the_directory)
+    monkeypatch.setattr(cli, "load_llm", load_then_lose_the_directory)
     rc, _, err = run_cli(capsys, "-q", "embed", "one", "two", "--output", str(out_dir / "v.npy"))
     assert rc == 2 and "Traceback" not in err
     assert f"cannot write the embeddings to {out_dir / 'v.npy'}" in err
@@ -420,7 +418,7 @@ def test_decoder_prompts(tiny_llm):
 def test_chat_help_and_readme_say_gemma_is_a_base_model():
     chat_help = _subcommands()["chat"].format_help()
     assert "not instruction-tuned" in " ".join(chat_help.split())
-    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
     assert "base model (not instruction-tuned)" in readme
 
 
@@ -473,28 +471,20 @@ def test_generate_on_an_embedding_model_names_the_embed_command(capsys, minilm_l
     assert "`hyprec embed --model minilm TEXT...`" in err and "embed()" not in err
 
 
-def test_quantised_gguf_is_logged_as_such(tmp_path, caplog, monkeypatch):
+def test_quantised_gguf_is_logged_as_such(tmp_path, caplog):
     pytest.importorskip("gguf", reason="the gguf extra is not installed")
-    from gguf import GGUFWriter, LlamaFileType
-
-    import test_gguf
+    from gguf import LlamaFileType
 
     path = tmp_path / "mixed.gguf"
-    test_gguf.write_gguf(path, "llama")  # Q8_0, Q4_0, Q5_0, ... without a general.file_type
+    write_gguf(path, "llama")  # Q8_0, Q4_0, Q5_0, ... without a general.file_type
     with caplog.at_level("INFO", logger="hyprec"):
         llm = LLM(path, max_model_len=64, num_kv_blocks=8)
     assert llm.policy.reason.startswith("GGUF Q")
     assert "checkpoint (a quantized float32 model) -> hybrid" in llm.policy.reason
     assert "float32 checkpoint" not in caplog.text and "a quantized float32 model" in caplog.text
 
-    class Q4KMWriter(GGUFWriter):
-        def write_header_to_file(self, *args, **kwargs) -> None:
-            self.add_file_type(LlamaFileType.MOSTLY_Q4_K_M)  # what llama.cpp's quantizer records
-            super().write_header_to_file(*args, **kwargs)
-
-    monkeypatch.setattr(test_gguf, "GGUFWriter", Q4KMWriter)
     path = tmp_path / "q4_k_m.gguf"
-    test_gguf.write_gguf(path, "llama")
+    write_gguf(path, "llama", file_type=LlamaFileType.MOSTLY_Q4_K_M)  # what llama.cpp's quantizer records
     llm = LLM(path, max_model_len=64, num_kv_blocks=8)
     assert llm.policy.reason.startswith("GGUF Q4_K_M checkpoint (a quantized float32 model) -> hybrid")
     assert "GGUF Q4_K_M checkpoint" in LLM(path, dtype="float32", max_model_len=64, num_kv_blocks=8).policy.reason

@@ -1,12 +1,12 @@
 """Decoder parity with transformers: teacher-forced logits at every position, greedy decoding, hybrid wiring.
 
-Small randomly initialised decoders are built with transformers' own classes (Llama, Mistral, Qwen2, Qwen3,
-Gemma 3) and saved with ``save_pretrained`` into a module-scoped temporary directory, each once per module. The
-shapes cover GQA ratios 4:1, 2:1 and 1:1, non-power-of-two head sizes (12, 20) including ``head_dim`` values that
-are not ``hidden_size / heads``, tied and untied embeddings, 1-3 layers, linear RoPE scaling and other RoPE bases,
-and sliding windows shorter than the prompts (Mistral: every layer; Qwen3: ``max_window_layers``; Gemma 3: a
-sliding/full mix with its own RoPE bases, ``query_pre_attn_scalar``, final-logit soft-capping and randomised
-``(1 + w)`` norm weights).
+Small randomly initialised decoders are built with transformers' own classes (Llama, Mistral, Qwen2, Qwen3, Gemma 3)
+and saved with ``save_pretrained`` into a module-scoped temporary directory, each once per module (the case table is
+``DECODER_CASES`` in tests/helpers.py, shared with the repair tests). The shapes cover GQA ratios 4:1, 2:1 and 1:1,
+non-power-of-two head sizes (12, 20) including ``head_dim`` values that are not ``hidden_size / heads``, tied and
+untied embeddings, 1-3 layers, linear RoPE scaling and other RoPE bases, and sliding windows shorter than the
+prompts (Mistral: every layer; Qwen3: ``max_window_layers``; Gemma 3: a sliding/full mix with its own RoPE bases,
+``query_pre_attn_scalar``, final-logit soft-capping and randomised ``(1 + w)`` norm weights).
 
 How hyprec's per-position logits are obtained: the engine computes logits only for the rows that sample, so the
 test hooks the decoder module the model runner calls (``llm.engine.model``, whose output is the final-norm hidden
@@ -21,20 +21,22 @@ one sequence at a time (no padding).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-import transformers
 
 from hyprec import LLM, SamplingParams
+from tests.helpers import DECODER_CASE_BY_NAME as CASE_BY_NAME
+from tests.helpers import DECODER_CASES as CASES
+from tests.helpers import DECODER_MAX_POS as MAX_POS
+from tests.helpers import DECODER_VOCAB as VOCAB
+from tests.helpers import DecoderCase as Case
+from tests.helpers import build_hf_decoder
 
 GEN_TOKENS = 32
-PROMPT_LENS = (13, 21, 9)  # all longer than every sliding window below
-VOCAB = 160
-MAX_POS = 128
+PROMPT_LENS = (13, 21, 9)  # all longer than every sliding window of the cases
 NUM_KV_BLOCKS = 32  # 32 x 16 slots: explicit, so the engine does not allocate its 1 GiB default
 
 
@@ -69,98 +71,9 @@ def hybrid_logits_tol(config: dict, attn: str, scale: float) -> float:
     return 2 * config["num_hidden_layers"] * 4 * unit_roundoff(getattr(torch, attn)) * scale
 
 
-@dataclass(frozen=True)
-class Case:
-    name: str
-    family: str
-    config: dict[str, Any] = field(default_factory=dict)
-
-
-_CLASSES = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM"),
-    "mistral": ("MistralConfig", "MistralForCausalLM"),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
-    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
-}
-
-
-def _cfg(hidden: int, heads: int, kv_heads: int, layers: int, inter: int, **extra: Any) -> dict[str, Any]:
-    return {
-        "vocab_size": VOCAB,
-        "hidden_size": hidden,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-        "num_hidden_layers": layers,
-        "intermediate_size": inter,
-        "max_position_embeddings": MAX_POS,
-        # Much larger than the default 0.02: peaked attention and spread-out logits, so a wrong mask, window or
-        # position moves the logits far beyond the tolerance and greedy decoding does not collapse to one token.
-        "initializer_range": 0.15,
-        "bos_token_id": None,
-        "eos_token_id": None,
-        "pad_token_id": None,
-        "tie_word_embeddings": False,
-        **extra,
-    }
-
-
-LINEAR_ROPE = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
-SLIDING, FULL = "sliding_attention", "full_attention"
-
-# _cfg(hidden, heads, kv_heads, layers, intermediate, ...): GQA 4:1, 2:1 and 1:1; head_dim 12, 16, 20 (Qwen3's 12 and
-# Gemma's 20 differ from hidden / heads); tied and untied; 1-3 layers; windows 5-7, shorter than every prompt.
-CASES = [
-    Case("llama-gqa4-hd12-untied-2l-linear-rope", "llama", _cfg(48, 4, 1, 2, 96, rope_parameters=LINEAR_ROPE)),
-    Case("llama-mha-hd20-tied-1l", "llama", _cfg(40, 2, 2, 1, 64, tie_word_embeddings=True)),
-    Case("mistral-gqa2-hd16-sw7-3l", "mistral", _cfg(64, 4, 2, 3, 96, head_dim=16, sliding_window=7)),
-    Case("qwen2-gqa2-hd20-bias-tied-2l", "qwen2", _cfg(80, 4, 2, 2, 96, tie_word_embeddings=True)),
-    Case("qwen3-gqa4-hd12-untied-2l-theta5k", "qwen3", _cfg(40, 4, 1, 2, 80, head_dim=12, rope_theta=5000.0)),
-    Case(
-        "qwen3-gqa2-hd20-sw6-mixed-2l",
-        "qwen3",
-        _cfg(40, 2, 1, 2, 64, head_dim=20, use_sliding_window=True, sliding_window=6, max_window_layers=1),
-    ),
-    Case(
-        "gemma3-gqa2-hd12-sw6-3l-softcap-tied",
-        "gemma3",
-        _cfg(48, 4, 2, 3, 96, head_dim=12, sliding_window=6, layer_types=[SLIDING, FULL, SLIDING])
-        | {"query_pre_attn_scalar": 20, "final_logit_softcapping": 2.0, "tie_word_embeddings": True},
-    ),
-    Case(
-        "gemma3-mha-hd20-sw5-2l-untied",
-        "gemma3",
-        _cfg(48, 3, 3, 2, 64, head_dim=20, sliding_window=5, layer_types=[FULL, SLIDING], query_pre_attn_scalar=32),
-    ),
-]
-CASE_BY_NAME = {c.name: c for c in CASES}
-
-
 def _prompts(seed: int) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(VOCAB, (n,), generator=gen).tolist() for n in PROMPT_LENS]
-
-
-def _build_hf(case: Case) -> torch.nn.Module:
-    conf_cls, model_cls = (getattr(transformers, n) for n in _CLASSES[case.family])
-    config = conf_cls(**case.config)
-    torch.manual_seed(sum(map(ord, case.name)))
-    model = model_cls(config).float().eval()
-    if model.config.tie_word_embeddings:
-        # With tied embeddings the logit of the input token contains |e|^2, so a large table makes every token
-        # predict itself and greedy decoding repeats one token; a smaller table keeps the outputs varied.
-        with torch.no_grad():
-            model.get_input_embeddings().weight.mul_(0.3)
-    if case.family == "gemma3":
-        # transformers initialises Gemma norms to 0 (gain 1 + 0): randomise them so (1 + w) vs w matters.
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "norm" in name:
-                    p.copy_(torch.randn_like(p) * 0.5)
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = None
-    model.generation_config.bos_token_id = None
-    return model
 
 
 @dataclass
@@ -249,7 +162,7 @@ def built(tmp_path_factory):
     def get(name: str) -> Built:
         if name not in cache:
             case = CASE_BY_NAME[name]
-            hf = _build_hf(case)
+            hf = build_hf_decoder(case)
             path = root / name
             hf.save_pretrained(path)
             cache[name] = Built(case, path, hf, _prompts(len(name)))

@@ -16,8 +16,7 @@ openai = pytest.importorskip("openai")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from server_process import running_server  # noqa: E402
-from test_errors import assert_same_rows  # noqa: E402
+from tests.helpers import assert_same_rows, running_server  # noqa: E402
 
 KEY = "test-key"
 MAX_INPUTS = 32
@@ -147,7 +146,7 @@ def test_auth_health_models_version_metrics(url, client):
 
 def test_concurrent_requests_are_served_and_bad_ones_fail_alone(url, offline, texts):
     # Whether these share engine calls depends on timing; that they do when they queue up is tested
-    # deterministically in test_server_engine_loop.py (the engine held on a gate).
+    # deterministically in test_engine_loop.py (the engine held on a gate).
     async def fire():
         async with httpx.AsyncClient(headers=AUTH, timeout=120) as http:
             bodies = [{"input": texts[i % 20 : i % 20 + 3], "encoding_format": "float"} for i in range(24)]

@@ -9,7 +9,7 @@ import torch
 
 from hyprec.entrypoints.cli import main
 from hyprec.tools.check import check
-from zoo import ZOO, ZooModel
+from tests.helpers import ZOO, ZooModel
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 TOKENS = [list(range(3, 60)), list(range(10, 90, 2)), [5, 6, 7, 8] * 10]

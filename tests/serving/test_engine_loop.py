@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from hyprec import LLM, SamplingParams
 from hyprec.serving.app import build_app
 from hyprec.serving.settings import ServerSettings
-from zoo import clean_bert, clean_llama
+from tests.helpers import clean_bert, clean_llama
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 PROMPT = [5, 6, 7, 8]
@@ -120,7 +120,7 @@ def test_queued_embedding_requests_share_one_engine_call(tmp_path):
 
 
 def test_guard_fallback_is_counted_in_metrics(tmp_path):
-    from zoo import massive_residual
+    from tests.helpers import massive_residual
 
     massive_residual(tmp_path)
     llm = LLM(tmp_path, dtype="float16", max_model_len=128, num_kv_blocks=16)

@@ -10,7 +10,7 @@ import pytest
 from hyprec.entrypoints.cli import main
 from hyprec.tools.compare import HyprecReference, compare, compare_generation
 from hyprec.tools.measure import open_policy
-from zoo import clean_llama, massive_residual
+from tests.helpers import clean_llama, massive_residual
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 TEXTS = [list(range(3, 60)), list(range(10, 90, 2))]

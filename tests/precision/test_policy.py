@@ -5,8 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hyprec import LLM
 from hyprec.errors import ConfigError
 from hyprec.precision.policy import resolve_policy
+
+DTYPE_NAMES = "auto, float32, float16, bfloat16, hybrid"
+ATTN_NAMES = "auto, float32, float16, bfloat16"
 
 
 def test_float32_checkpoint_resolves_to_hybrid_fp16_when_certified():
@@ -85,3 +89,90 @@ def test_policy_is_logged_once_at_load(caplog):
         llm = LLM("minilm", dtype="hybrid", attn_dtype="bfloat16")
     records = [r for r in caplog.records if "policy" in r.getMessage()]
     assert len(records) == 1 and llm.policy.name in records[0].getMessage()
+
+
+# ------------------------------------------------------------------------------- names and aliases through LLM
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "names"),
+    [
+        pytest.param({"dtype": "float8"}, ["dtype='float8'", DTYPE_NAMES], id="dtype"),
+        pytest.param({"dtype": 16}, ["dtype=16", DTYPE_NAMES], id="dtype-int"),
+        pytest.param({"dtype": torch.float64}, ["dtype='float64'", DTYPE_NAMES], id="dtype-torch-f64"),
+        pytest.param({"attn_dtype": "fp8"}, ["attn_dtype='fp8'", ATTN_NAMES], id="attn"),
+        pytest.param({"attn_dtype": "hybrid"}, ["attn_dtype='hybrid'", ATTN_NAMES], id="attn-hybrid"),
+        pytest.param({"kv_cache_dtype": "int8"}, ["kv_cache_dtype='int8'", ATTN_NAMES], id="kv"),
+    ],
+)
+def test_invalid_dtype_names(minilm_dir, kwargs, names):
+    with pytest.raises(ConfigError) as exc:
+        LLM(minilm_dir, **kwargs)
+    for name in names:
+        assert name in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "names"),
+    [
+        pytest.param(
+            {"dtype": "float32", "attn_dtype": "float16"},
+            ["dtype='float32'", "attn_dtype", "'float16'", "dtype='hybrid'"],
+            id="f32+attn-f16",
+        ),
+        pytest.param(
+            {"dtype": "hybrid", "attn_dtype": "float32"},
+            ["dtype='hybrid'", "attn_dtype='float32'", "dtype='float32'"],
+            id="hybrid+attn-f32",
+        ),
+        pytest.param(
+            {"dtype": "bfloat16", "attn_dtype": "float16"},
+            ["dtype='bfloat16'", "'float16'"],
+            id="bf16+attn-f16",
+        ),
+        pytest.param(
+            {"dtype": "bf16", "attn_dtype": "fp16"},
+            ["dtype='bfloat16'", "'float16'"],
+            id="aliases-bf16+attn-fp16",
+        ),
+        pytest.param(
+            {"dtype": "hybrid", "attn_dtype": "float16", "kv_cache_dtype": "bfloat16"},
+            ["kv_cache_dtype='bfloat16'", "attn_dtype='float16'"],
+            id="kv-bf16+attn-f16",
+        ),
+        pytest.param(
+            {"dtype": "float16", "kv_cache_dtype": "bfloat16"},
+            ["kv_cache_dtype='bfloat16'", "attn_dtype='float16'"],
+            id="f16+kv-bf16",
+        ),
+    ],
+)
+def test_invalid_dtype_combinations(minilm_dir, kwargs, names):
+    with pytest.raises(ConfigError) as exc:
+        LLM(minilm_dir, **kwargs)
+    for name in names:
+        assert name in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    ("args", "mode", "attn", "kv"),
+    [
+        (("fp16",), "float16", torch.float16, torch.float16),
+        (("bf16",), "bfloat16", torch.bfloat16, torch.bfloat16),
+        (("FP32",), "float32", torch.float32, torch.float32),
+        (("half",), "float16", torch.float16, torch.float16),
+        ((torch.float16,), "float16", torch.float16, torch.float16),
+        (("hybrid", "bf16"), "hybrid", torch.bfloat16, torch.bfloat16),
+        (("hybrid", "fp16", "fp32"), "hybrid", torch.float16, torch.float32),
+        (("hybrid", "float16", "float16"), "hybrid", torch.float16, torch.float16),
+    ],
+)
+def test_dtype_aliases_accepted(args, mode, attn, kv):
+    policy = resolve_policy(*args)
+    assert (policy.mode, policy.attn_dtype, policy.kv_cache_dtype) == (mode, attn, kv)
+
+
+def test_dtype_alias_through_llm(minilm_dir):
+    llm = LLM(minilm_dir, dtype="fp16")
+    assert llm.policy.name == "float16"
+    assert llm.policy.compute_dtype == torch.float16

@@ -147,7 +147,7 @@ def test_onednn_kernel_matches_f_linear_with_its_activation(activation):
         want = layer(x)  # kernel "torch": F.linear, then the activation unfused
         layer.kernel = "onednn"
         got = layer(x)
-    assert layer._prepared is not None  # the oneDNN path really ran
+    assert layer.prepared is not None  # the oneDNN path really ran
     pre = torch.nn.functional.linear(x, layer.weight, layer.bias)
     if activation is not None:  # a wrong or missing activation is far outside the float32 bound
         assert not torch.allclose(pre, want, atol=1e-3)
@@ -178,7 +178,7 @@ def test_packed_weight_follows_every_change_of_the_weight_and_survives_deepcopy(
     twin = copy.deepcopy(layer)  # opaque packed tensors cannot be copied: the copy packs its own
     with torch.inference_mode():
         torch.testing.assert_close(twin(x), after, rtol=0, atol=0)  # same packed GEMM, same bits
-    assert twin._prepared is not None
+    assert twin.prepared is not None
     layer.to(torch.bfloat16)  # a half-precision layer keeps its own arithmetic
     with torch.inference_mode():
         assert layer(x.bfloat16()).dtype == torch.bfloat16

@@ -11,7 +11,7 @@ openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.slow
 
 from hyprec import SamplingParams  # noqa: E402
-from server_process import running_server  # noqa: E402
+from tests.helpers import running_server  # noqa: E402
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):"]
 MESSAGES = [{"role": "user", "content": "Name three colours."}]

@@ -26,7 +26,7 @@ from hyprec.precision.policy import resolve_policy
 from hyprec.tools.compare import HyprecReference, compare_generation
 from hyprec.tools.measure import POLICY_ARGS, open_policy, row_cosines
 from hyprec.tools.repair import render, repair
-from zoo import clean_llama, huge_norm_gain, massive_residual
+from tests.helpers import clean_llama, huge_norm_gain, massive_residual
 
 #: Unit roundoff of each half format (half the spacing of the numbers in [1, 2)).
 UNIT_ROUNDOFF = {"float16": 2**-11, "bfloat16": 2**-8}
@@ -246,13 +246,13 @@ def test_guard_watches_only_what_can_overflow(zoo_dirs, minilm_hybrid):
     # MiniLM's weights certify float16 q/k/v in every layer: the default policy's guard needs no hook at all.
     engine = minilm_hybrid.engine
     assert engine.policy.attn_dtype == torch.float16 and engine.guard is not None
-    assert engine.guard._handles == []
+    assert engine.guard.hook_count == 0
     layers = engine.policy.layer_dtypes(len(engine.guard.blocks))
     assert qkv_cannot_overflow(engine.model, layers) == set(range(len(layers)))
     # bfloat16 attention has float32's range; a layer whose bound fails float16 is watched (and overflows: above).
     llm = LLM(zoo_dirs["huge_norm_gain"], dtype="hybrid", attn_dtype="bfloat16", **ENGINE)
-    assert llm.engine.guard._handles == []
+    assert llm.engine.guard.hook_count == 0
     watched = LLM(zoo_dirs["huge_norm_gain"], dtype="hybrid", attn_dtype="float16", on_nonfinite="ignore", **ENGINE)
     n = len(watched.engine.guard.blocks)
-    assert 0 < len(watched.engine.guard._handles) < n + 1
+    assert 0 < watched.engine.guard.hook_count < n + 1
     assert qkv_cannot_overflow(watched.engine.model, watched.engine.policy.layer_dtypes(n)) != set(range(n))

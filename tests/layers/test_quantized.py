@@ -95,22 +95,22 @@ def test_each_row_is_independent_of_its_batch(fmt):
 @needs_kernel
 def test_portable_and_avx512_paths_round_alike(tmp_path):
     """The portable C path (a CPU without AVX-512 or F16C runs it) computes the same values and the same sums."""
-    compiler = kernels._compiler()
+    compiler = kernels.find_compiler()
     if compiler is None or shutil.which(compiler) is None:
         pytest.skip("no compiler")
     portable = tmp_path / "gguf_blocks_portable.so"
-    flags = [f for f in kernels._FLAGS if f != "-march=native"] + ["-march=x86-64"]
-    source = kernels._SOURCES / "gguf_blocks.c"
-    subprocess.run([compiler, *flags, str(source), "-o", str(portable), *kernels._LIBS], check=True)
+    flags = [f for f in kernels.FLAGS if f != "-march=native"] + ["-march=x86-64"]
+    source = kernels.SOURCE_DIR / "gguf_blocks.c"
+    subprocess.run([compiler, *flags, str(source), "-o", str(portable), *kernels.LIBS], check=True)
     lib = ctypes.CDLL(str(portable))
-    native = quantized._library()
+    native = quantized.library()
     for name in ("q8_0_linear", "blocks_linear", "blocks_dequantize"):
         getattr(lib, name).argtypes = getattr(native, name).argtypes
     for fmt, spec in FORMATS.items():
         k = spec.block_values * {256: 3, 32: 15, 16: 31}[spec.block_values]  # odd block counts: the kernels' tails
         w, x = stored_weight(fmt, random_blocks(fmt, 301, k), k), torch.randn(7, k)  # 7 rows: 4 + 2 + 1
         out = torch.empty(7, 301)
-        w._kernel(lib, x, out)
+        w.kernel_linear(lib, x, out)
         torch.testing.assert_close(out, w.linear(x), rtol=0, atol=0, msg=fmt)
         if isinstance(w, BlockWeight):
             dense = torch.empty(301, k)
@@ -122,7 +122,7 @@ def test_portable_and_avx512_paths_round_alike(tmp_path):
 def test_without_a_compiler_the_reference_runs(monkeypatch, fmt):
     blocks = random_blocks(fmt, 300, 256)
     reference = gguf_dequantize(fmt, blocks, 256)
-    monkeypatch.setattr(quantized, "_library", lambda: None)
+    monkeypatch.setattr(quantized, "library", lambda: None)
     w = stored_weight(fmt, blocks, 256)
     assert torch.equal(w.dequantize(), reference)
     x = torch.randn(3, 256)
@@ -148,9 +148,9 @@ def test_malformed_blocks_are_refused():
 
 def test_stored_rows_of_a_synthetic_llama_equal_its_float32_tensors(tmp_path):
     """Every quantized type gguf-py writes, q/k rows interleaved by llama.cpp's converter: the stored rows, put back
-    in HF order, dequantise to exactly the float32 tensors the loader gives (and transformers' loader, test_gguf)."""
+    in HF order, dequantise to exactly the float32 tensors the loader gives (and transformers' loader, test_gguf.py)."""
     from hyprec.loading.gguf import GGUFCheckpoint
-    from test_gguf import write_gguf
+    from tests.helpers import write_gguf
 
     path = tmp_path / "llama.gguf"
     write_gguf(path, "llama")

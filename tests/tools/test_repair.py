@@ -15,8 +15,7 @@ from hyprec.precision.plan import PrecisionPlan
 from hyprec.precision.rescale import rescale_ffn, rescale_residual
 from hyprec.texts import evaluation_texts
 from hyprec.tools.repair import repair
-from test_decoder_parity import CASE_BY_NAME, _build_hf
-from zoo import ZOO, clean_bert, clean_llama
+from tests.helpers import DECODER_CASE_BY_NAME, ZOO, build_hf_decoder, clean_bert, clean_llama
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -58,7 +57,7 @@ def _top1(llm: LLM, ref: LLM, inputs: list[list[int]]) -> float:
     ],
 )
 def test_power_of_two_rescaling_leaves_float32_logits_bit_identical(tmp_path, name):
-    _build_hf(CASE_BY_NAME[name]).save_pretrained(tmp_path)
+    build_hf_decoder(DECODER_CASE_BY_NAME[name]).save_pretrained(tmp_path)
     llm = LLM(tmp_path, dtype="float32", **ENGINE)
     ids = _tokens(3, n=1, length=40)[0]
     before = _logits(llm, ids)

@@ -169,7 +169,7 @@ def test_check_flags_float16_and_clears_hybrid(fp32):
 # than the default 0.995: over 510 predictions one standard error is 0.0044, so the default's search threshold
 # (0.995 + 0.0044) would reject plans that meet 0.995 on the 2,040-token split `hyprec repair gemma` uses by
 # default (measured there: 0.9966 search, 0.9971 held out). The search logic itself is covered on the zoo in
-# test_repair.py; this checks the outcome on the real model, at a quarter of the default search's cost.
+# tools/test_repair.py; this checks the outcome on the real model, at a quarter of the default search's cost.
 PLAN_TOLERANCE = 0.99
 
 
