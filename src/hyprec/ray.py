@@ -137,7 +137,7 @@ def _round_down(cpus: float) -> float:
     return math.floor(cpus * 100) / 100
 
 
-class _StallWarning:
+class StallWarning:
     """Warns on the ``hyprec`` logger whenever no rows arrived for ``seconds``: Ray waits silently (forever) for
     resources it cannot get, and a stalled progress bar does not say why."""
 
@@ -146,7 +146,7 @@ class _StallWarning:
         self._rows, self._done = threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self._watch, name="hyprec-stall-warning", daemon=True)
 
-    def __enter__(self) -> _StallWarning:
+    def __enter__(self) -> StallWarning:
         self._thread.start()
         return self
 
@@ -262,7 +262,7 @@ def embed_dataset(
             )
 
         writer = None
-        with replaced_on_success(target) as partial, _StallWarning(STALL_WARNING_S, describe) as stall:
+        with replaced_on_success(target) as partial, StallWarning(STALL_WARNING_S, describe) as stall:
             try:
                 with tqdm(total=total, desc="embed-dataset", unit="row", disable=not show_progress) as bar:
                     for table in embedded.iter_batches(batch_format="pyarrow", batch_size=None):

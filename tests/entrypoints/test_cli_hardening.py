@@ -117,7 +117,7 @@ def test_actor_requests_that_cannot_be_scheduled_are_refused(cpus, concurrency, 
 
 
 def test_a_stalled_dataset_says_what_ray_waits_for(caplog):
-    from hyprec.ray import _StallWarning
+    from hyprec.ray import StallWarning
 
     described = threading.Event()
 
@@ -125,7 +125,7 @@ def test_a_stalled_dataset_says_what_ray_waits_for(caplog):
         described.set()
         return "Ray has 0 of 2 CPUs free"
 
-    with caplog.at_level("WARNING", logger="hyprec"), _StallWarning(0.01, describe):
+    with caplog.at_level("WARNING", logger="hyprec"), StallWarning(0.01, describe):
         assert described.wait(timeout=60), "no stall warning"
     assert "no rows for" in caplog.text and "Ray has 0 of 2 CPUs free" in caplog.text
 
