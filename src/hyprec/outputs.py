@@ -1,4 +1,4 @@
-"""Result objects of generation (vLLM-compatible field names)."""
+"""Result objects (vLLM-compatible field names): generation, classification and reranking."""
 
 from __future__ import annotations
 
@@ -51,3 +51,20 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return all(o.finished for o in self.outputs)
+
+
+@dataclass
+class ClassificationOutput:
+    """One text (or text pair) classified: the most probable label and the probability of every label."""
+
+    label: str
+    probs: list[float]  # per label, in the model's id2label order (sigmoid for one label, softmax otherwise)
+
+
+@dataclass
+class RerankResult:
+    """One document of a reranked list: its index in the input, its score, and the document when asked for."""
+
+    index: int
+    relevance_score: float
+    document: str | None = None

@@ -13,19 +13,16 @@ import torch
 from tqdm.auto import tqdm
 
 from hyprec.config import EngineConfig, ModelConfig, read_json
-from hyprec.engine.base import ModelEngine
 from hyprec.engine.batching import BatchStats, length_batches
+from hyprec.engine.encoder_engine import EncoderEngine
 from hyprec.engine.model_loading import PolicyRequest
 from hyprec.errors import InputTypeError, InvalidInputError, ModelLoadError, NonFiniteOutputError
 from hyprec.finite import finite_rows
-from hyprec.layers.attention import AttentionMetadata
-from hyprec.layers.attention_backends import select_backend
 from hyprec.layers.linear import set_batch_invariant, set_matmul_precision
 from hyprec.loading.st_pipeline import read_pipeline
 from hyprec.loading.tokenizer import TextTokenizer
 from hyprec.loading.weights import Checkpoint
 from hyprec.pooling import EmbeddingHead
-from hyprec.precision.emulation import kernel_dtype
 
 log = logging.getLogger("hyprec")
 
@@ -46,7 +43,8 @@ def validate_texts(texts: object) -> list[str]:
     return list(texts)
 
 
-def _positive_int(value: object, name: str, upper: int | None = None) -> int:
+def positive_int(value: object, name: str, upper: int | None = None) -> int:
+    """``value`` as an int in ``1 .. upper``, or an error naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise InputTypeError(f"{name}={value!r}: expected a positive integer, got {type(value).__name__}")
     if value < 1:
@@ -56,7 +54,7 @@ def _positive_int(value: object, name: str, upper: int | None = None) -> int:
     return int(value)
 
 
-class EmbeddingEngine(ModelEngine):
+class EmbeddingEngine(EncoderEngine):
     """Owns one encoder model, its tokenizer and pooling head, and the resolved dtype policy."""
 
     def __init__(
@@ -80,18 +78,6 @@ class EmbeddingEngine(ModelEngine):
         self.max_seq_length = self._max_seq_length()
         self.dimension = self._output_dimension()
         self.last_stats = BatchStats()
-
-    def _rebuild(self) -> None:
-        """The attention backend for the current model and policy."""
-        model = self.model
-        set_batch_invariant(model, self.engine_config.deterministic)
-        self.backend = select_backend(
-            self.device,
-            kernel_dtype(model, self.policy),
-            needs_bias=type(model).uses_attention_bias,
-            batch_invariant=self.engine_config.deterministic,
-        )
-        log.info("hyprec: %s: policy %s, attention backend %s", self.model_dir.name, self.policy, self.backend.name)
 
     @functools.cached_property
     def tokenizer(self) -> TextTokenizer:
@@ -165,10 +151,10 @@ class EmbeddingEngine(ModelEngine):
         ``allow_nonfinite`` as :meth:`embed_ids` (for the tools)."""
         items = validate_texts(texts)
         if dimensions is not None:
-            dimensions = _positive_int(dimensions, "dimensions", self.dimension)  # before tokenising
+            dimensions = positive_int(dimensions, "dimensions", self.dimension)  # before tokenising
         if normalize is not None and not isinstance(normalize, bool):
             raise InputTypeError(f"normalize must be True, False or None, got {normalize!r}")
-        max_seqs = self.engine_config.max_num_seqs if batch_size is None else _positive_int(batch_size, "batch_size")
+        max_seqs = self.engine_config.max_num_seqs if batch_size is None else positive_int(batch_size, "batch_size")
         prompt_text = self.prompt_text(prompt_name, prompt)
         prompt_len = self.prompt_length(prompt_text)
 
@@ -199,7 +185,7 @@ class EmbeddingEngine(ModelEngine):
         leading tokens of every input belong to a prompt (excluded from pooling when the pipeline says so).
         Non-finite embeddings raise, naming the inputs, unless ``allow_nonfinite`` (the tools measure them)."""
         if dimensions is not None:
-            dimensions = _positive_int(dimensions, "dimensions", self.dimension)
+            dimensions = positive_int(dimensions, "dimensions", self.dimension)
         ids = self._check_ids(ids)
         out = np.empty((len(ids), dimensions or self.dimension), dtype=np.float32)
         stats = BatchStats()
@@ -223,45 +209,13 @@ class EmbeddingEngine(ModelEngine):
         self.last_stats = stats
         return out
 
-    def _forward(self, ids: list[list[int]]) -> torch.Tensor:
-        """Packed last hidden states ``[sum(len), hidden]`` of one batch of token-id lists."""
-        lens = [len(x) for x in ids]
-        flat = torch.tensor([t for seq in ids for t in seq], dtype=torch.long, device=self.device)
-        meta = AttentionMetadata.for_sequences(
-            lens,
-            backend=self.backend,
-            device=self.device,
-            batch_invariant=self.engine_config.deterministic,
-        )
-        return self.model(flat, meta)
-
     def _pool(
         self, ids: list[list[int]], prompt_len: int, normalize: bool | None, dimensions: int | None
     ) -> torch.Tensor:
         """The pooled (and normalised, cut) embeddings of one batch."""
         lens = [len(x) for x in ids]
-        return self.head(self._forward(ids), lens, [prompt_len] * len(ids), normalize=normalize, dimensions=dimensions)
-
-    @torch.inference_mode()
-    def hidden_states(self, token_ids: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-        """Float32 last hidden states ``[len_i, hidden]`` of each token-id list, all run as one batch."""
-        if not token_ids:
-            raise InvalidInputError("token_ids: expected a non-empty list of non-empty token-id lists")
-        ids = self._check_ids(token_ids)
-        hidden = self._forward(ids).float()
-        return list(torch.split(hidden, [len(x) for x in ids]))
-
-    def _check_ids(self, token_ids: Sequence[Sequence[int]]) -> list[list[int]]:
-        """Token-id lists as plain ints, or an error naming the first bad list."""
-        ids = [list(seq) for seq in token_ids]
-        if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) for seq in ids for t in seq):
-            raise InputTypeError("token_ids: expected lists of integers")
-        ids = [[int(t) for t in seq] for seq in ids]
-        vocab = self.model_config.get("vocab_size")
-        for i, seq in enumerate(ids):
-            if not seq or min(seq) < 0 or max(seq) >= vocab or len(seq) > self.model.max_positions:
-                raise InvalidInputError(f"token_ids[{i}]: expected 1..{self.model.max_positions} ids in [0, {vocab})")
-        return ids
+        hidden = self._forward(ids)[0]
+        return self.head(hidden, lens, [prompt_len] * len(ids), normalize=normalize, dimensions=dimensions)
 
     def info(self) -> dict[str, Any]:
         return self._info(

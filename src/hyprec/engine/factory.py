@@ -1,5 +1,5 @@
-"""Open a model path as an engine: encoder directories -> EmbeddingEngine, decoder directories and .gguf files ->
-LLMEngine."""
+"""Open a model path as an engine: encoder directories -> EmbeddingEngine, classifier (cross-encoder) directories ->
+ClassifierEngine, decoder directories and .gguf files -> LLMEngine."""
 
 from __future__ import annotations
 
@@ -7,13 +7,14 @@ import functools
 from pathlib import Path
 
 from hyprec.config import EngineConfig, ModelConfig
+from hyprec.engine.classifier_engine import ClassifierEngine
 from hyprec.engine.embedding_engine import EmbeddingEngine
 from hyprec.engine.llm_engine import LLMEngine
 from hyprec.errors import ModelLoadError
 from hyprec.loading.generation_tokenizer import GenerationTokenizer
 from hyprec.loading.st_pipeline import read_pipeline
 from hyprec.loading.weights import Checkpoint
-from hyprec.models.registry import is_decoder
+from hyprec.models.registry import is_classifier, is_decoder
 
 
 def _eos_ids(config: ModelConfig) -> list[int]:
@@ -51,7 +52,8 @@ def _decoder_from_gguf(path: Path, **kwargs) -> LLMEngine:
 def open_engine(
     path: Path, *, dtype: str, attn_dtype: str, kv_cache_dtype: str, engine_config: EngineConfig
 ) -> EmbeddingEngine | LLMEngine:
-    """The engine for a resolved model path."""
+    """The engine for a resolved model path: a decoder (directory or GGUF file), a sequence classifier
+    (cross-encoder; HF or sentence-transformers ``CrossEncoder`` directory) or an embedding model."""
     kwargs = {
         "dtype": dtype,
         "attn_dtype": attn_dtype,
@@ -61,6 +63,9 @@ def open_engine(
     if path.is_file():
         return _decoder_from_gguf(path, **kwargs)
     config_dir = path if (path / "config.json").exists() else read_pipeline(path).transformer_dir
-    if is_decoder(ModelConfig.from_dir(config_dir)):
+    config = ModelConfig.from_dir(config_dir)
+    if is_decoder(config):
         return _decoder_from_dir(path, **kwargs)
+    if is_classifier(config):
+        return ClassifierEngine(config_dir, **kwargs)
     return EmbeddingEngine(path, **kwargs)

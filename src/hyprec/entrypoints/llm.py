@@ -9,13 +9,13 @@ from typing import Any
 import numpy as np
 
 from hyprec.config import EngineConfig
-from hyprec.engine.embedding_engine import EmbeddingEngine, validate_texts
-from hyprec.engine.embedding_engine import _positive_int as positive_int
+from hyprec.engine.classifier_engine import ClassifierEngine
+from hyprec.engine.embedding_engine import EmbeddingEngine, positive_int, validate_texts
 from hyprec.engine.factory import open_engine
 from hyprec.engine.llm_engine import LLMEngine
 from hyprec.errors import InputTypeError, InvalidInputError
 from hyprec.model_sources import resolve_model
-from hyprec.outputs import RequestOutput
+from hyprec.outputs import ClassificationOutput, RequestOutput, RerankResult
 from hyprec.pooling import truncate_and_normalize
 from hyprec.precision.policy import DtypePolicy
 from hyprec.sampling_params import SamplingParams
@@ -94,8 +94,12 @@ class LLM:
         return self._engine.policy
 
     @property
-    def engine(self) -> EmbeddingEngine | LLMEngine:
+    def engine(self) -> EmbeddingEngine | ClassifierEngine | LLMEngine:
         return self._engine
+
+    @property
+    def _is_classifier(self) -> bool:
+        return isinstance(self._engine, ClassifierEngine)
 
     @property
     def is_generative(self) -> bool:
@@ -140,6 +144,10 @@ class LLM:
         """
         if isinstance(self._engine, LLMEngine):
             return self._embed_decoder(texts, normalize, dimensions, prompt_name, prompt)
+        if self._is_classifier:
+            raise InvalidInputError(
+                f"{self._engine.model_dir.name} is a classifier (cross-encoder); use score(), rerank() or classify()"
+            )
         return self._engine.embed(
             texts,
             normalize=normalize,
@@ -176,11 +184,74 @@ class LLM:
         vectors = engine.embed_ids(ids, normalize=False)
         return truncate_and_normalize(vectors, dimensions, normalize is not False).numpy()
 
+    # ------------------------------------------------------------------ scoring, reranking, classification
+
+    def score(
+        self,
+        text_1: str | Sequence[str] | Sequence[tuple[str, str]],
+        text_2: str | Sequence[str] | None = None,
+    ) -> np.ndarray:
+        """Relevance scores of text pairs, float32 ``[n]``.
+
+        ``score(query, documents)`` scores the query against each document, ``score(texts_a, texts_b)`` pairs the
+        two lists item by item, and ``score(pairs)`` takes ``(text, text)`` pairs. A cross-encoder reads each pair
+        jointly and applies its activation, exactly as sentence-transformers' ``CrossEncoder.predict`` (it must
+        have one label; see :meth:`classify`). An embedding model gives the cosine similarity of the two texts'
+        embeddings, as vLLM does.
+
+        Raises:
+            InputTypeError / InvalidInputError: malformed inputs, or a model that cannot score.
+            NonFiniteOutputError: the computation produced NaN/inf (never returned silently).
+        """
+        pairs = _pairs(text_1, text_2)
+        if isinstance(self._engine, ClassifierEngine):
+            if len(self._engine.labels) != 1:
+                raise InvalidInputError(
+                    f"score needs a cross-encoder with one label; {self._engine.model_dir.name} has "
+                    f"{len(self._engine.labels)} ({', '.join(self._engine.labels)}): use classify()"
+                )
+            return self._engine.predict(pairs)
+        if isinstance(self._engine, EmbeddingEngine):
+            first = self.embed([a for a, _ in pairs], normalize=True)
+            second = self.embed([b for _, b in pairs], normalize=True)
+            return (first * second).sum(axis=1, dtype=np.float32)
+        raise InvalidInputError(f"{self._engine.name} is a generative model; score needs a cross-encoder or embeddings")
+
+    def rerank(
+        self, query: str, documents: Sequence[str], *, top_n: int | None = None, return_documents: bool = False
+    ) -> list[RerankResult]:
+        """``documents`` ordered by their :meth:`score` against ``query``, best first (equal scores keep input
+        order); ``top_n`` keeps the first ``top_n``. Each result has the document's input index and score, and the
+        document itself with ``return_documents``."""
+        if not isinstance(query, str):
+            raise InputTypeError(f"query must be a string, got {type(query).__name__}")
+        docs = validate_texts(documents)
+        if isinstance(documents, str) or not docs:
+            raise InvalidInputError("documents: expected a non-empty list of strings")
+        if top_n is not None:
+            top_n = positive_int(top_n, "top_n")
+        scores = self.score(query, docs)
+        order = sorted(range(len(docs)), key=lambda i: -scores[i])[:top_n]
+        return [RerankResult(i, float(scores[i]), docs[i] if return_documents else None) for i in order]
+
+    def classify(self, texts: str | Sequence[str] | Sequence[tuple[str, str]]) -> list[ClassificationOutput]:
+        """Labels and probabilities of texts (or text pairs, for NLI-style models): one
+        :class:`~hyprec.outputs.ClassificationOutput` per input, in order."""
+        if not isinstance(self._engine, ClassifierEngine):
+            raise InvalidInputError(
+                f"{self._engine.name} is not a classifier; classify needs a sequence-classification model"
+            )
+        inputs = [texts] if isinstance(texts, str) else list(texts)
+        if inputs and isinstance(inputs[0], str):
+            inputs = validate_texts(inputs)
+        return self._engine.classify(inputs)
+
     # ------------------------------------------------------------------ generation
 
     def _generator(self) -> LLMEngine:
         if not isinstance(self._engine, LLMEngine):
-            raise InvalidInputError(f"{self._engine.model_dir.name} is an embedding model; use embed()")
+            what = "a classifier; use score(), rerank() or classify()" if self._is_classifier else "an embedding model"
+            raise InvalidInputError(f"{self._engine.model_dir.name} is {what}; generation needs a decoder model")
         return self._engine
 
     def _tokenizer(self):
@@ -263,3 +334,26 @@ class LLM:
         finally:
             if rid in engine.requests:
                 engine.abort(rid)
+
+
+def _pairs(
+    text_1: str | Sequence[str] | Sequence[tuple[str, str]], text_2: str | Sequence[str] | None
+) -> list[tuple[str, str]]:
+    """The text pairs :meth:`LLM.score` means (see there), validated."""
+    if text_2 is None:
+        if isinstance(text_1, str) or not isinstance(text_1, Sequence) or not text_1:
+            raise InvalidInputError("score(pairs): expected a non-empty list of (text, text) pairs")
+        bad = next((i for i, p in enumerate(text_1) if not (isinstance(p, (tuple, list)) and len(p) == 2)), None)
+        if bad is not None:
+            raise InputTypeError(f"pairs[{bad}] is {type(text_1[bad]).__name__}: expected a (text, text) pair")
+        firsts, seconds = validate_texts([p[0] for p in text_1]), validate_texts([p[1] for p in text_1])
+    elif isinstance(text_1, str):
+        seconds = validate_texts(text_2)
+        firsts = [text_1] * len(seconds)
+    else:
+        firsts, seconds = validate_texts(text_1), validate_texts(text_2)
+        if len(firsts) != len(seconds):
+            raise InvalidInputError(f"text_1 has {len(firsts)} texts and text_2 {len(seconds)}; expected as many")
+    if not firsts:
+        raise InvalidInputError("score: expected at least one pair of texts")
+    return list(zip(firsts, seconds, strict=True))

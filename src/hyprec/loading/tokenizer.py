@@ -52,6 +52,13 @@ class TextTokenizer:
         encodings = self._tok.encode_batch(texts)
         return [enc.ids for enc in encodings], [bool(enc.overflowing) for enc in encodings]
 
+    def encode_pairs(self, pairs: list[tuple[str, str]]) -> tuple[list[list[int]], list[list[int]], list[bool]]:
+        """Token ids of text pairs (``[CLS] a [SEP] b [SEP]`` for BERT), their segment ids (0 for ``a``, 1 for ``b``),
+        and whether each pair was truncated; the longer text loses tokens first, as transformers' tokenizers and
+        sentence-transformers' ``CrossEncoder`` truncate."""
+        encodings = self._tok.encode_batch(pairs)
+        return [e.ids for e in encodings], [e.type_ids for e in encodings], [bool(e.overflowing) for e in encodings]
+
     def count(self, text: str) -> int:
         """Tokens of one text, special tokens included, after truncation (as ST measures prompt lengths)."""
         return len(self._tok.encode(text).ids)

@@ -81,8 +81,11 @@ class EncoderModel(nn.Module):
         """Longest sequence the position embeddings can address."""
         return int(self.config.get("max_position_embeddings"))
 
-    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """input_ids ``[N]`` (packed) -> hidden states ``[N, hidden]`` in the compute dtype."""
+    def forward(
+        self, input_ids: torch.Tensor, meta: AttentionMetadata, token_type_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """input_ids ``[N]`` (packed), and for text pairs their segment ids ``[N]`` -> hidden states ``[N, hidden]``
+        in the compute dtype."""
         raise NotImplementedError
 
     def attention_inputs(self) -> Iterator[AttentionInputs]:

@@ -30,9 +30,17 @@ class BertEmbeddings(nn.Module):
         self.token_type_embeddings = nn.Embedding(config.get("type_vocab_size", 2), hidden)
         self.LayerNorm = LayerNorm(hidden, eps=config.get("layer_norm_eps", 1e-12))
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # Single-segment inputs: token type 0 everywhere, as sentence-transformers passes it.
-        x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + self.token_type_embeddings.weight[0]
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, token_type_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        # Single-segment inputs (embeddings): token type 0 everywhere, as sentence-transformers passes it; pairs
+        # (cross-encoders) mark the second text with type 1.
+        types = (
+            self.token_type_embeddings.weight[0]
+            if token_type_ids is None
+            else self.token_type_embeddings(token_type_ids)
+        )
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + types
         return self.LayerNorm(x)
 
 
@@ -130,8 +138,10 @@ class BertModel(EncoderModel):
     def positions(self, meta: AttentionMetadata) -> torch.Tensor:
         return meta.position
 
-    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        return self.encoder(self.embeddings(input_ids, self.positions(meta)), meta)
+    def forward(
+        self, input_ids: torch.Tensor, meta: AttentionMetadata, token_type_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.encoder(self.embeddings(input_ids, self.positions(meta), token_type_ids), meta)
 
     def attention_inputs(self) -> Iterator[AttentionInputs]:
         norm = self.embeddings.LayerNorm

@@ -123,7 +123,10 @@ def _emulate_region(modules: list[nn.Module], dtype: torch.dtype) -> None:
             for param in module.parameters(recurse=False):
                 if param.is_floating_point():
                     param.copy_(_round(param, dtype))
-        if isinstance(module, _ROUNDED_MODULES):
+        # A float32 head (Float32Params linear: classifiers) computes in float32 natively too: nothing to round.
+        if isinstance(module, _ROUNDED_MODULES) and not (
+            isinstance(module, Float32Params) and not isinstance(module, _NORMS)
+        ):
             norm = isinstance(module, _NORMS)
             module.register_forward_pre_hook(_round_in_place(dtype) if norm else _round_inputs(dtype))
             module.register_forward_hook(_round_output(dtype))

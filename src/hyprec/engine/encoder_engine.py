@@ -1,0 +1,79 @@
+"""What the two encoder engines share (embeddings and classifiers): one packed forward pass over token-id lists,
+the attention backend it runs on, and the public ``hidden_states`` the tools read."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hyprec.engine.base import ModelEngine
+from hyprec.errors import InputTypeError, InvalidInputError
+from hyprec.layers.attention import AttentionMetadata
+from hyprec.layers.attention_backends import select_backend
+from hyprec.layers.linear import set_batch_invariant
+from hyprec.precision.emulation import kernel_dtype
+
+log = logging.getLogger("hyprec")
+
+
+class EncoderEngine(ModelEngine):
+    """Base of :class:`~hyprec.engine.embedding_engine.EmbeddingEngine` and
+    :class:`~hyprec.engine.classifier_engine.ClassifierEngine`."""
+
+    model_dir: Path
+
+    def _rebuild(self) -> None:
+        """The attention backend for the current model and policy."""
+        model = self.model
+        set_batch_invariant(model, self.engine_config.deterministic)
+        self.backend = select_backend(
+            self.device,
+            kernel_dtype(model, self.policy),
+            needs_bias=type(model).uses_attention_bias,
+            batch_invariant=self.engine_config.deterministic,
+        )
+        log.info("hyprec: %s: policy %s, attention backend %s", self.model_dir.name, self.policy, self.backend.name)
+
+    def _forward(
+        self, ids: list[list[int]], token_type_ids: list[list[int]] | None = None
+    ) -> tuple[torch.Tensor, AttentionMetadata]:
+        """Packed last hidden states ``[sum(len), hidden]`` of one batch of token-id lists (and, for text pairs,
+        their segment ids), with the batch's metadata."""
+        lens = [len(x) for x in ids]
+        flat = torch.tensor([t for seq in ids for t in seq], dtype=torch.long, device=self.device)
+        segments = None
+        if token_type_ids is not None:
+            segments = torch.tensor([t for seq in token_type_ids for t in seq], dtype=torch.long, device=self.device)
+        meta = AttentionMetadata.for_sequences(
+            lens,
+            backend=self.backend,
+            device=self.device,
+            batch_invariant=self.engine_config.deterministic,
+        )
+        hidden = self.model(flat, meta) if segments is None else self.model(flat, meta, segments)
+        return hidden, meta
+
+    @torch.inference_mode()
+    def hidden_states(self, token_ids: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """Float32 last hidden states ``[len_i, hidden]`` of each token-id list, all run as one batch."""
+        if not token_ids:
+            raise InvalidInputError("token_ids: expected a non-empty list of non-empty token-id lists")
+        ids = self._check_ids(token_ids)
+        hidden = self._forward(ids)[0].float()
+        return list(torch.split(hidden, [len(x) for x in ids]))
+
+    def _check_ids(self, token_ids: Sequence[Sequence[int]]) -> list[list[int]]:
+        """Token-id lists as plain ints, or an error naming the first bad list."""
+        ids = [list(seq) for seq in token_ids]
+        if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) for seq in ids for t in seq):
+            raise InputTypeError("token_ids: expected lists of integers")
+        ids = [[int(t) for t in seq] for seq in ids]
+        vocab = self.model_config.get("vocab_size")
+        for i, seq in enumerate(ids):
+            if not seq or min(seq) < 0 or max(seq) >= vocab or len(seq) > self.model.max_positions:
+                raise InvalidInputError(f"token_ids[{i}]: expected 1..{self.model.max_positions} ids in [0, {vocab})")
+        return ids
