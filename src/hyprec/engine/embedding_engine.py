@@ -16,8 +16,8 @@ from hyprec.config import EngineConfig, ModelConfig, read_json
 from hyprec.engine.batching import BatchStats, length_batches
 from hyprec.engine.encoder_engine import EncoderEngine
 from hyprec.engine.model_loading import PolicyRequest
-from hyprec.errors import InputTypeError, InvalidInputError, ModelLoadError, NonFiniteOutputError
-from hyprec.finite import finite_rows
+from hyprec.errors import InputTypeError, InvalidInputError, ModelLoadError
+from hyprec.finite import refuse_nonfinite
 from hyprec.layers.linear import set_batch_invariant, set_matmul_precision
 from hyprec.loading.st_pipeline import read_pipeline
 from hyprec.loading.tokenizer import TextTokenizer
@@ -198,13 +198,8 @@ class EmbeddingEngine(EncoderEngine):
             vectors = self.state.run(
                 lambda batch_ids=batch_ids: self._pool(batch_ids, prompt_len, normalize, dimensions)
             )
-            finite = finite_rows(vectors)
-            if not allow_nonfinite and not finite.all():
-                bad = [batch[j] for j in torch.nonzero(~finite).flatten().tolist()]
-                raise NonFiniteOutputError(
-                    f"non-finite embeddings for inputs {bad[:10]} under policy {self.policy.name}; "
-                    "retry with dtype='float32' or dtype='hybrid'"
-                )
+            if not allow_nonfinite:
+                refuse_nonfinite(vectors, batch, "embeddings", self.policy.name)
             out[batch] = vectors.cpu().numpy()
         self.last_stats = stats
         return out
