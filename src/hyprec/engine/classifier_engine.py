@@ -75,6 +75,8 @@ class ClassifierEngine(EncoderEngine):
         self.activation = read_activation(model_dir, config)
         self.max_length = self._max_length()
         self.tokenizer = TextTokenizer(model_dir, self.max_length)
+        self._short_tokenizers: dict[int, TextTokenizer] = {}
+        self.last_stats = BatchStats()
 
     def _max_length(self) -> int:
         """Tokens per input: ``sentence_bert_config.json``'s ``max_seq_length``, else the tokenizer's

@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from hyprec.engine.classifier_engine import ClassifierEngine
 from hyprec.engine.embedding_engine import validate_texts
 from hyprec.errors import HyprecError
 from hyprec.serving.api_error import ApiError
@@ -31,6 +32,14 @@ class OpenAIServing:
         if name is not None and name != self.settings.model_name:
             raise ApiError(404, f"model {name!r} does not exist; this server serves {self.settings.model_name!r}",
                            "not_found_error", "model")  # fmt: skip
+
+    def model_kind(self) -> str:
+        """What the served model is, and the routes it serves, for the 400 of a route it cannot serve."""
+        if self.llm.is_generative:
+            return "a generative model (use /v1/completions or /v1/chat/completions)"
+        if isinstance(self.engine, ClassifierEngine):
+            return "a classifier (use /rerank, /score or /classify)"
+        return "an embedding model (use /v1/embeddings, /rerank or /score)"
 
     def check_count(self, n: int, field: str) -> None:
         """413 for more than ``max_inputs_per_request`` items in ``field``."""

@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi.concurrency import run_in_threadpool
 
+from hyprec.engine.embedding_engine import EmbeddingEngine
 from hyprec.errors import HyprecError
 from hyprec.serving.api_error import ApiError
 from hyprec.serving.base import OpenAIServing, as_batch
@@ -22,10 +23,9 @@ class ServingEmbedding(OpenAIServing):
     async def create(self, req: EmbeddingRequest) -> dict[str, Any]:
         """The response to ``req``; :class:`ApiError` for a request that cannot be served."""
         self.check_model(req.model)
-        if self.llm.is_generative:
-            raise ApiError(
-                400, f"{self.settings.model_name} is a generative model; /v1/embeddings needs an embedding model"
-            )
+        if not isinstance(self.engine, EmbeddingEngine):
+            raise ApiError(400, f"{self.settings.model_name} is {self.model_kind()}; /v1/embeddings needs an "
+                           "embedding model")  # fmt: skip
         texts, ids = as_batch(req.input, "input")
         self.check_count(len(texts or ids), "input")
         if req.dimensions is not None and req.dimensions > self.engine.dimension:

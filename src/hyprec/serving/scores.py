@@ -60,7 +60,7 @@ class ServingScores(OpenAIServing):
         """vLLM's classify response to ``req``: each text's most probable label and every label's probability."""
         self.check_model(req.model)
         if not isinstance(self.engine, ClassifierEngine):
-            raise ApiError(400, f"{self.settings.model_name} is not a classifier; /classify needs a "
+            raise ApiError(400, f"{self.settings.model_name} is {self.model_kind()}; /classify needs a "
                            "sequence-classification model")  # fmt: skip
         texts = self._texts(req.input, "input")
         ids, types = await run_in_threadpool(self._encode, texts, "input", req.truncate)
@@ -76,8 +76,8 @@ class ServingScores(OpenAIServing):
         """400 unless the served model scores pairs: a cross-encoder with one label, or an embedding model."""
         self.check_model(name)
         if self.llm.is_generative:
-            raise ApiError(400, f"{self.settings.model_name} is a generative model; {route} needs a cross-encoder "
-                           "or an embedding model")  # fmt: skip
+            raise ApiError(400, f"{self.settings.model_name} is {self.model_kind()}; {route} needs a "
+                           "cross-encoder or an embedding model")  # fmt: skip
         if isinstance(self.engine, ClassifierEngine) and len(self.engine.labels) != 1:
             labels = self.engine.labels
             raise ApiError(400, f"{route} needs a cross-encoder with one label; {self.settings.model_name} has "
