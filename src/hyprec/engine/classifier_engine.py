@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from hyprec.config import EngineConfig, ModelConfig, read_json
-from hyprec.engine.batching import length_batches
+from hyprec.engine.batching import BatchStats, length_batches
 from hyprec.engine.encoder_engine import EncoderEngine
 from hyprec.engine.model_loading import PolicyRequest
 from hyprec.errors import InputTypeError, InvalidInputError, ModelLoadError, NonFiniteOutputError
@@ -75,6 +75,8 @@ class ClassifierEngine(EncoderEngine):
         self.activation = read_activation(model_dir, config)
         self.max_length = self._max_length()
         self.tokenizer = TextTokenizer(model_dir, self.max_length)
+        self._short_tokenizers: dict[int, TextTokenizer] = {}
+        self.last_stats = BatchStats()
 
     def _max_length(self) -> int:
         """Tokens per input: ``sentence_bert_config.json``'s ``max_seq_length``, else the tokenizer's
@@ -96,13 +98,29 @@ class ClassifierEngine(EncoderEngine):
         """Token ids of single texts, truncated to ``max_length``."""
         return self.tokenizer.encode(list(texts))
 
-    def _encode(self, inputs: list[str] | list[tuple[str, str]]) -> tuple[list[list[int]], list[list[int]] | None]:
-        """Token ids of texts or text pairs, and for pairs their segment ids (None where the model has a single
-        segment type, as RoBERTa's tokenizer gives it)."""
+    def encode(
+        self, inputs: list[str] | list[tuple[str, str]], max_length: int | None = None
+    ) -> tuple[list[list[int]], list[list[int]] | None, list[bool]]:
+        """Token ids of texts or text pairs truncated to ``max_length`` (at most, and by default, the model's), their
+        segment ids (None where the model has a single segment type, as RoBERTa's tokenizer gives it), and whether
+        each input was truncated (the server refuses over-long inputs unless asked to truncate)."""
+        inputs = _check_inputs(inputs)
+        tokenizer = self._tokenizer(min(max_length or self.max_length, self.max_length))
         if isinstance(inputs[0], str):
-            return self.tokenize(inputs), None
-        ids, types, _ = self.tokenizer.encode_pairs([tuple(p) for p in inputs])
-        return ids, types if self.model_config.get("type_vocab_size", 2) > 1 else None
+            ids, truncated = tokenizer.encode_with_flags(list(inputs))
+            types = [[0] * len(x) for x in ids]  # what the model assumes for a single text
+        else:
+            ids, types, truncated = tokenizer.encode_pairs([tuple(p) for p in inputs])
+        return ids, types if self.model_config.get("type_vocab_size", 2) > 1 else None, truncated
+
+    def _tokenizer(self, max_length: int) -> TextTokenizer:
+        """The tokenizer truncating to ``max_length``: a shorter limit (a server's) gets its own, built once."""
+        if max_length == self.max_length:
+            return self.tokenizer
+        # Server threads may race here; the loser's tokenizer is merely built twice and dropped.
+        if max_length not in self._short_tokenizers:
+            self._short_tokenizers[max_length] = TextTokenizer(self.model_dir, max_length)
+        return self._short_tokenizers[max_length]
 
     # ------------------------------------------------------------------ passes
 
@@ -110,11 +128,20 @@ class ClassifierEngine(EncoderEngine):
     def logits(self, inputs: list[str] | list[tuple[str, str]], *, allow_nonfinite: bool = False) -> np.ndarray:
         """Float32 logits ``[n, labels]`` of texts or text pairs, in input order. Non-finite logits raise, naming
         the inputs, unless ``allow_nonfinite`` (the tools measure them)."""
-        ids, types = self._encode(_check_inputs(inputs))
+        ids, types, _ = self.encode(inputs)
+        return self.logits_ids(ids, types, allow_nonfinite=allow_nonfinite)
+
+    @torch.inference_mode()
+    def logits_ids(
+        self, ids: list[list[int]], types: list[list[int]] | None, *, allow_nonfinite: bool = False
+    ) -> np.ndarray:
+        """:meth:`logits` of inputs already encoded (:meth:`encode`), run in token-budget batches."""
         out = np.empty((len(ids), len(self.labels)), dtype=np.float32)
+        stats = BatchStats()
         ec = self.engine_config
         for batch in length_batches([len(x) for x in ids], ec.max_num_batched_tokens, ec.max_num_seqs):
             batch_ids = [ids[i] for i in batch]
+            stats.add([len(x) for x in batch_ids])
             batch_types = None if types is None else [types[i] for i in batch]
             logits = self.state.run(lambda b=batch_ids, t=batch_types: self._classify(b, t))
             finite = finite_rows(logits)
@@ -125,6 +152,7 @@ class ClassifierEngine(EncoderEngine):
                     "retry with dtype='float32' or dtype='hybrid'"
                 )
             out[batch] = logits.cpu().numpy()
+        self.last_stats = stats
         return out
 
     def _classify(self, ids: list[list[int]], types: list[list[int]] | None) -> torch.Tensor:
@@ -135,13 +163,20 @@ class ClassifierEngine(EncoderEngine):
     def predict(self, inputs: list[str] | list[tuple[str, str]], *, allow_nonfinite: bool = False) -> np.ndarray:
         """Scores as ``CrossEncoder.predict`` gives them: the model's activation on the logits, ``[n]`` for one
         label, ``[n, labels]`` for more."""
-        scores = ACTIVATIONS[self.activation](torch.from_numpy(self.logits(inputs, allow_nonfinite=allow_nonfinite)))
-        scores = scores.numpy()
+        return self.scores(self.logits(inputs, allow_nonfinite=allow_nonfinite))
+
+    def scores(self, logits: np.ndarray) -> np.ndarray:
+        """:meth:`predict`'s scores from logits ``[n, labels]``."""
+        scores = ACTIVATIONS[self.activation](torch.from_numpy(logits)).numpy()
         return scores[:, 0] if len(self.labels) == 1 else scores
 
     def classify(self, inputs: list[str] | list[tuple[str, str]]) -> list[ClassificationOutput]:
         """The most probable label and every label's probability (softmax; sigmoid for one label)."""
-        logits = torch.from_numpy(self.logits(inputs))
+        return self.classes(self.logits(inputs))
+
+    def classes(self, logits: np.ndarray) -> list[ClassificationOutput]:
+        """:meth:`classify`'s outputs from logits ``[n, labels]``."""
+        logits = torch.from_numpy(logits)
         probs = torch.sigmoid(logits) if len(self.labels) == 1 else torch.softmax(logits, dim=1)
         best = probs.argmax(dim=1) if len(self.labels) > 1 else torch.zeros(len(probs), dtype=torch.long)
         return [ClassificationOutput(self.labels[int(k)], p.tolist()) for k, p in zip(best, probs, strict=True)]

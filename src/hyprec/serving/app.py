@@ -1,5 +1,6 @@
 """The OpenAI-compatible FastAPI app: ``/v1/embeddings``, ``/v1/completions``, ``/v1/chat/completions``,
-``/v1/models``, ``/health``, ``/metrics`` and ``/version``.
+``/v1/rerank``, ``/v1/score``, ``/v1/classify`` (each also without ``/v1``, as vLLM serves them), ``/v1/models``,
+``/health``, ``/metrics`` and ``/version``.
 
 :func:`build_app` assembles it: the state on ``app.state``, the request gate (:mod:`~hyprec.serving.guard`), the
 exception handlers below and the routes (:mod:`~hyprec.serving.routes`), which delegate to the serving classes.
@@ -29,6 +30,7 @@ from hyprec.serving.guard import RequestGuard
 from hyprec.serving.metrics import ServerMetrics
 from hyprec.serving.responses import INTERNAL_ERROR
 from hyprec.serving.routes import router
+from hyprec.serving.scores import ServingScores
 from hyprec.serving.settings import ServerSettings
 from hyprec.serving.shutdown import GracefulShutdown, on_termination
 from hyprec.serving.worker import EngineWorker
@@ -41,9 +43,12 @@ log = logging.getLogger("hyprec")
 
 # Fields whose type is a union: pydantic reports one error per member; the message names the accepted forms.
 UNION_FIELDS = {
-    "input": "a string, a list of strings, a list of token ids, or a list of token-id lists",
+    "input": "a string or a list of strings (for embeddings also a list of token ids, or of token-id lists)",
     "prompt": "a string, a list of strings, a list of token ids, or a list of token-id lists",
     "stop": "a string or a list of strings",
+    "documents": 'a list of strings or of {"text": string} objects',
+    "text_1": "a string or a list of strings",
+    "text_2": "a string or a list of strings",
 }
 
 
@@ -64,6 +69,7 @@ def build_app(llm: LLM, settings: ServerSettings) -> FastAPI:
     app.state.serving_embedding = ServingEmbedding(llm, settings, worker, metrics)
     app.state.serving_completion = ServingCompletion(llm, settings, worker, metrics)
     app.state.serving_chat = ServingChat(llm, settings, worker, metrics)
+    app.state.serving_scores = ServingScores(llm, settings, worker, metrics)
     app.add_middleware(RequestGuard, settings=settings, metrics=metrics)
     app.add_exception_handler(ApiError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation)

@@ -44,9 +44,9 @@ class ServingGeneration(OpenAIServing):
     to the engine loop, and collecting their final outputs."""
 
     def check_generative(self) -> None:
-        """400 when the served model embeds rather than generates."""
+        """400 when the served model embeds or classifies rather than generates."""
         if not self.llm.is_generative:
-            raise ApiError(400, f"{self.settings.model_name} is an embedding model; use /v1/embeddings")
+            raise ApiError(400, f"{self.settings.model_name} is {self.model_kind()}")
 
     def sampling_params(
         self, req: CompletionRequest | ChatCompletionRequest, logprobs: int | None, max_tokens: int | None

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
+from functools import partial
 from typing import Any
 
 from fastapi.concurrency import run_in_threadpool
 
+from hyprec.engine.embedding_engine import EmbeddingEngine
 from hyprec.errors import HyprecError
 from hyprec.serving.api_error import ApiError
 from hyprec.serving.base import OpenAIServing, as_batch
@@ -22,23 +23,16 @@ class ServingEmbedding(OpenAIServing):
     async def create(self, req: EmbeddingRequest) -> dict[str, Any]:
         """The response to ``req``; :class:`ApiError` for a request that cannot be served."""
         self.check_model(req.model)
-        if self.llm.is_generative:
-            raise ApiError(
-                400, f"{self.settings.model_name} is a generative model; /v1/embeddings needs an embedding model"
-            )
+        if not isinstance(self.engine, EmbeddingEngine):
+            raise ApiError(400, f"{self.settings.model_name} is {self.model_kind()}; /v1/embeddings needs an "
+                           "embedding model")  # fmt: skip
         texts, ids = as_batch(req.input, "input")
         self.check_count(len(texts or ids), "input")
         if req.dimensions is not None and req.dimensions > self.engine.dimension:
             raise ApiError(400, f"dimensions={req.dimensions}: this model's embeddings have {self.engine.dimension}",
                            param="dimensions")  # fmt: skip
         ids, prompt_len = await run_in_threadpool(self._token_ids, req, texts, ids)
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        try:
-            self.worker.submit(EmbedJob(ids, prompt_len, req.normalize, req.dimensions, future, loop))
-            vectors = await asyncio.wait_for(future, self.settings.request_timeout)
-        except (HyprecError, TimeoutError) as exc:
-            raise self.engine_error(exc) from None
+        vectors = await self.run_job(partial(EmbedJob, ids, prompt_len, req.normalize, req.dimensions))
         tokens = sum(len(x) for x in ids)
         self.metrics.prompt_tokens.inc(tokens)
         data = [
@@ -58,20 +52,15 @@ class ServingEmbedding(OpenAIServing):
         """Token ids of an embedding request within the token limits, and the length of its prompt prefix (runs in
         a worker thread: tokenising is CPU work)."""
         engine = self.engine
-        limit = min(self.settings.max_input_tokens or engine.max_seq_length, engine.max_seq_length)
+        limit = self.token_limit(engine.max_seq_length)
         keep = min(req.truncate_prompt_tokens or limit, limit)
         try:
             prompt = engine.prompt_text(req.prompt_name, None)
         except HyprecError as exc:
             raise ApiError(400, str(exc), param="prompt_name") from None
         if texts is not None:
-            ids, truncated = engine.tokenize_with_flags(texts, prompt)
-            too_long = [i for i, (x, t) in enumerate(zip(ids, truncated, strict=True)) if t or len(x) > keep]
-            if too_long and req.truncate_prompt_tokens is None:
-                raise ApiError(400, f"input[{too_long[0]}] is longer than {limit} tokens (the limit per input); "
-                               "set truncate_prompt_tokens to truncate", param="input")  # fmt: skip
-            # Keep the final special token when truncating further, as the tokenizer itself does.
-            ids = [x if len(x) <= keep else x[: keep - 1] + x[-1:] for x in ids]
+            truncate = req.truncate_prompt_tokens is not None
+            ids = self.fit_texts(texts, prompt, keep, truncate, "input", "set truncate_prompt_tokens to truncate")
         else:
             vocab = engine.model_config.get("vocab_size")
             for i, x in enumerate(ids):

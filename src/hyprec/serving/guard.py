@@ -1,4 +1,5 @@
-"""The gate in front of the ``/v1`` routes (pure ASGI middleware): API key, request body, concurrency, metrics.
+"""The gate in front of the API routes (pure ASGI middleware): API key, request body, concurrency, metrics. The API
+routes are those under ``/v1`` and :data:`UNVERSIONED`; ``/health``, ``/version`` and ``/metrics`` stay open.
 
 Order matters. The key is checked from the headers alone. Then the body is read in full, within
 ``body_timeout`` seconds and ``max_body_bytes`` bytes. Only then does the request take one of the
@@ -20,6 +21,8 @@ from hyprec.serving.protocol import error_body
 from hyprec.serving.settings import ServerSettings
 
 Scope = dict[str, Any]
+UNVERSIONED = frozenset({"/rerank", "/score", "/classify"})
+"""API routes served without the ``/v1`` prefix too (vLLM's paths, which clients use)."""
 
 
 class _Refused(Exception):
@@ -43,8 +46,8 @@ def bearer_token_matches(headers: list[tuple[bytes, bytes]], key: bytes) -> bool
 
 
 class RequestGuard:
-    """ASGI middleware applying ``settings``' key, body and concurrency limits to ``/v1`` routes (see the module
-    docstring) and counting every ``/v1`` request in ``metrics``; other paths pass straight through."""
+    """ASGI middleware applying ``settings``' key, body and concurrency limits to the API routes (see the module
+    docstring) and counting every API request in ``metrics``; other paths pass straight through."""
 
     def __init__(self, app: Any, settings: ServerSettings, metrics: ServerMetrics) -> None:
         self.app, self.settings, self.metrics = app, settings, metrics
@@ -52,7 +55,7 @@ class RequestGuard:
         self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http" or not (scope["path"].startswith("/v1/") or scope["path"] in UNVERSIONED):
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()

@@ -1,7 +1,8 @@
 """OpenAI-compatible request bodies (pydantic) and the error shape.
 
 Field names follow OpenAI's API, with vLLM's extras (``top_k``, ``min_p``, ``repetition_penalty``,
-``normalize``, ``truncate_prompt_tokens``, ``prompt_name``). Unknown fields are ignored, as OpenAI does; wrong
+``normalize``, ``truncate_prompt_tokens``, ``prompt_name``); the rerank, score and classify bodies follow vLLM's
+(Cohere's and Jina's shape for rerank), with TEI's ``truncate``. Unknown fields are ignored, as OpenAI does; wrong
 types and out-of-range values become a 400 naming the field.
 """
 
@@ -81,6 +82,35 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
+
+
+class RerankDocument(BaseModel):
+    """A document as Cohere's rerank API also accepts it: an object with its ``text`` (other fields ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    text: StrictStr
+
+
+class _PairRequest(_Request):
+    # Inputs longer than the model's limit are refused unless this asks to truncate them (TEI's flag).
+    truncate: StrictBool = False
+
+
+class RerankRequest(_PairRequest):
+    query: StrictStr
+    documents: list[StrictStr | RerankDocument]
+    top_n: StrictInt | None = Field(default=None, ge=0)  # None or 0 (vLLM's default): every document
+    return_documents: StrictBool = True
+
+
+class ScoreRequest(_PairRequest):
+    text_1: StrictStr | list[StrictStr]
+    text_2: StrictStr | list[StrictStr]
+
+
+class ClassifyRequest(_PairRequest):
+    input: StrictStr | list[StrictStr]
 
 
 def error_body(message: str, kind: str, code: int, param: str | None = None) -> dict[str, Any]:

@@ -13,7 +13,14 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from hyprec.serving.api_error import error_response
-from hyprec.serving.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from hyprec.serving.protocol import (
+    ChatCompletionRequest,
+    ClassifyRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    RerankRequest,
+    ScoreRequest,
+)
 from hyprec.version import __version__
 
 router = APIRouter()
@@ -65,3 +72,30 @@ async def completions(req: CompletionRequest, request: Request) -> Any:
 async def chat(req: ChatCompletionRequest, request: Request) -> Any:
     """OpenAI's chat completions API: the assistant's reply to a conversation, whole or streamed."""
     return await request.app.state.serving_chat.create(req)
+
+
+@router.post("/v1/rerank")
+@router.post("/rerank")
+async def rerank(req: RerankRequest, request: Request) -> dict[str, Any]:
+    """Cohere's and Jina's rerank API (as vLLM and TEI serve it): the documents ordered by their relevance to the
+    query, best first, the first ``top_n`` of them; each with its index in the request, its score and (unless
+    ``return_documents`` is false) the document. Needs a cross-encoder with one label, or an embedding model
+    (cosine similarity)."""
+    return await request.app.state.serving_scores.rerank(req)
+
+
+@router.post("/v1/score")
+@router.post("/score")
+async def score(req: ScoreRequest, request: Request) -> dict[str, Any]:
+    """vLLM's score API: the relevance scores of text pairs, ``text_1`` (a string) against each text of
+    ``text_2``, or two lists of equal length item by item. Needs a cross-encoder with one label, or an embedding
+    model (cosine similarity)."""
+    return await request.app.state.serving_scores.score(req)
+
+
+@router.post("/v1/classify")
+@router.post("/classify")
+async def classify(req: ClassifyRequest, request: Request) -> dict[str, Any]:
+    """vLLM's classify API: each text's most probable label and the probability of every label. Needs a
+    sequence-classification model."""
+    return await request.app.state.serving_scores.classify(req)

@@ -73,11 +73,13 @@ class ServerSettings:
 
     Attributes:
         model_name: the name clients use (``model`` in requests, ``/v1/models``, error messages, ``/metrics``).
-        api_key: when set, ``/v1/*`` routes need ``Authorization: Bearer KEY``; ``/health``, ``/version`` and
-            ``/metrics`` stay open.
+        api_key: when set, the API routes (``/v1/*``, ``/rerank``, ``/score``, ``/classify``) need
+            ``Authorization: Bearer KEY``; ``/health``, ``/version`` and ``/metrics`` stay open.
         max_concurrent_requests: requests served at once (counted from a fully received body); 429 beyond.
-        max_inputs_per_request: texts or prompts in one request; 413 beyond.
-        max_input_tokens: tokens per embedding input; 400 beyond unless truncation is asked. None: the model's limit.
+        max_inputs_per_request: texts or prompts in one request (rerank: documents; score: texts of either side);
+            413 beyond.
+        max_input_tokens: tokens per embedding or classifier input (a text pair counts whole); 400 beyond unless
+            truncation is asked. None: the model's limit.
         request_timeout: seconds a request may take once received; 504 beyond.
         max_body_bytes: the largest request body; 413 beyond (checked before reading when Content-Length says so).
         body_timeout: seconds a client has to send its whole request body; 408 beyond. A slow body never holds a

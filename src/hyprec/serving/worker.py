@@ -1,17 +1,21 @@
 """The engine loop behind the server: one thread owns the engine; requests from the event loop are batched.
 
 Engines are not thread-safe, so every engine call happens on one worker thread. Handlers submit jobs through a
-queue and await an ``asyncio`` future (embeddings) or an ``asyncio.Queue`` of partial outputs (generation).
+queue and await an ``asyncio`` future (embeddings, scores, classes) or an ``asyncio.Queue`` of partial outputs
+(generation).
 
 * **Embeddings**: each turn the worker takes every queued embedding job (up to a token budget), groups them by
   their pooling options, and runs each group as one engine call; the engine packs all their inputs into
   token-budget forward passes. Concurrent requests therefore share forward passes.
+* **Scores and classes** (a classifier's jobs: rerank, score, classify): likewise, every queued job of a turn in
+  one engine call (up to the token budget); each job then gets its rows as scores or as labels and probabilities.
 * **Generation**: new requests join the running batch between steps (the engine's continuous batching); after
   every step each request's new state goes to its queue.
 
 A job that fails (bad input, non-finite output, any error of its own) fails alone: its error goes to its own
-future or queue; other embedding jobs of the batch are recomputed without it, other generation requests go on (the
-engine drops just the failed one). Only an error of the engine itself (not of one request) stops the loop.
+future or queue; other embedding or classifier jobs of the batch are recomputed without it, other generation
+requests go on (the engine drops just the failed one). Only an error of the engine itself (not of one request)
+stops the loop.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -29,7 +34,7 @@ import numpy as np
 from hyprec.config import GENERATION_TOKEN_BUDGET
 from hyprec.engine.batching import greedy_groups, prefix_sums
 from hyprec.errors import HyprecError
-from hyprec.outputs import RequestOutput
+from hyprec.outputs import ClassificationOutput, RequestOutput
 from hyprec.sampling_params import SamplingParams
 from hyprec.serving.metrics import ServerMetrics
 
@@ -64,6 +69,26 @@ class EmbedJob:
     @property
     def tokens(self) -> int:
         return sum(len(x) for x in self.ids)
+
+
+@dataclass
+class ClassifyJob:
+    """Inputs of a classifier, encoded by ``ClassifierEngine.encode``. The result is their scores
+    (``ClassifierEngine.scores``) or, with ``classes``, their labels and probabilities
+    (``ClassifierEngine.classes``)."""
+
+    ids: list[list[int]]
+    types: list[list[int]] | None
+    classes: bool
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(x) for x in self.ids)
+
+
+PooledJob = EmbedJob | ClassifyJob
 
 
 @dataclass
@@ -123,7 +148,7 @@ class EngineWorker:
         """Running, or not started yet (it starts with the first job); False once the loop died."""
         return self.error is None and (self._thread.is_alive() or self._thread.ident is None)
 
-    def submit(self, job: EmbedJob | GenerateJob | AbortJob) -> None:
+    def submit(self, job: EmbedJob | ClassifyJob | GenerateJob | AbortJob) -> None:
         """Queue a job for the loop. Raises :class:`EngineDeadError` once the loop has died."""
         if self.error is not None:
             # The cause is in the server log; its text (paths, internals) is not for clients.
@@ -175,6 +200,7 @@ class EngineWorker:
             self._fail(pending, failing.error)
             return
         embeds = [j for j in pending if isinstance(j, EmbedJob)]
+        classifies = [j for j in pending if isinstance(j, ClassifyJob)]
         for job in pending:
             if isinstance(job, GenerateJob):
                 self._add(job)
@@ -183,13 +209,15 @@ class EngineWorker:
                 self.engine.abort(job.request_id)
         if embeds:
             self._embed(embeds)
+        if classifies:
+            self._pool_calls(classifies, self._classify_call)
         if self._live:
             self._step()
         self._count_guard_events()
 
     def _fail(self, pending: list, error: HyprecError) -> None:
         for job in pending:
-            if isinstance(job, EmbedJob):
+            if isinstance(job, (EmbedJob, ClassifyJob)):
                 _resolve(job, exception=error)
             elif isinstance(job, GenerateJob):
                 _push(job, error)
@@ -198,40 +226,60 @@ class EngineWorker:
             _push(job, error)
         self._live.clear()
 
-    # ------------------------------------------------------------------ embeddings
+    # ------------------------------------------------------------------ embeddings, scores and classes
 
     def _embed(self, jobs: list[EmbedJob]) -> None:
         groups: dict[tuple, list[EmbedJob]] = {}
         for job in jobs:
             groups.setdefault(job.key, []).append(job)
         for group in groups.values():
-            # Split a group that exceeds the token budget of one turn into several engine calls.
-            sums = prefix_sums([job.tokens for job in group])
-            fits = lambda first, i, sums=sums: sums[i + 1] - sums[first] <= self.max_batch_tokens  # noqa: E731
-            for batch in greedy_groups(len(group), fits):
-                self._embed_group([group[j] for j in batch])
+            self._pool_calls(group, self._embed_call)
 
-    def _embed_group(self, jobs: list[EmbedJob]) -> None:
-        ids = [x for job in jobs for x in job.ids]
-        first = jobs[0]
+    def _pool_calls(self, jobs: list[PooledJob], call: Callable[[list[PooledJob]], list[Any]]) -> None:
+        """Run ``jobs`` through ``call`` (one engine call for many jobs, per-job results), split into several calls
+        where they exceed the token budget of one turn."""
+        sums = prefix_sums([job.tokens for job in jobs])
+        fits = lambda first, i: sums[i + 1] - sums[first] <= self.max_batch_tokens  # noqa: E731
+        for batch in greedy_groups(len(jobs), fits):
+            self._pool_call([jobs[j] for j in batch], call)
+
+    def _pool_call(self, jobs: list[PooledJob], call: Callable[[list[PooledJob]], list[Any]]) -> None:
         try:
-            vectors = self.engine.embed_ids(
-                ids, prompt_len=first.prompt_len, normalize=first.normalize, dimensions=first.dimensions
-            )
+            results = call(jobs)
         except Exception as exc:  # any failure stays with the job that caused it; the loop goes on
             if len(jobs) == 1:
                 if not isinstance(exc, HyprecError):
-                    log.exception("hyprec: embedding batch failed")
-                _resolve(first, exception=exc)
+                    log.exception("hyprec: %s batch failed", type(jobs[0]).__name__)
+                _resolve(jobs[0], exception=exc)
                 return
             for job in jobs:  # find the culprit: each job alone, so only it fails
-                self._embed_group([job])
+                self._pool_call([job], call)
             return
-        self.metrics.observe_batch(len(jobs), len(ids), self.engine.last_stats.batches)
-        start = 0
-        for job in jobs:
-            _resolve(job, result=vectors[start : start + len(job.ids)])
-            start += len(job.ids)
+        self.metrics.observe_batch(len(jobs), sum(len(job.ids) for job in jobs), self.engine.last_stats.batches)
+        for job, result in zip(jobs, results, strict=True):
+            _resolve(job, result=result)
+
+    def _embed_call(self, jobs: list[EmbedJob]) -> list[np.ndarray]:
+        """One engine call embedding every job's inputs (the jobs share their pooling options); per job its rows."""
+        first = jobs[0]
+        vectors = self.engine.embed_ids(
+            [x for job in jobs for x in job.ids],
+            prompt_len=first.prompt_len,
+            normalize=first.normalize,
+            dimensions=first.dimensions,
+        )
+        return _split(vectors, jobs)
+
+    def _classify_call(self, jobs: list[ClassifyJob]) -> list[np.ndarray | list[ClassificationOutput]]:
+        """One engine call for every job's inputs; per job its scores, or its labels and probabilities."""
+        # Every job's types are None or every job's are lists: they come from the one engine's encode().
+        types = None if jobs[0].types is None else [t for job in jobs for t in job.types]
+        engine = self.engine
+        logits = engine.logits_ids([x for job in jobs for x in job.ids], types)
+        return [
+            engine.classes(rows) if job.classes else engine.scores(rows)
+            for job, rows in zip(jobs, _split(logits, jobs), strict=True)
+        ]
 
     # ------------------------------------------------------------------ generation
 
@@ -281,7 +329,13 @@ def _snapshot(out: RequestOutput) -> RequestOutput:
     return replace(out, outputs=[replace(o, token_ids=list(o.token_ids)) for o in out.outputs])
 
 
-def _resolve(job: EmbedJob, *, result: np.ndarray | None = None, exception: BaseException | None = None) -> None:
+def _split(rows: np.ndarray, jobs: list[PooledJob]) -> list[np.ndarray]:
+    """The rows of one engine call cut into each job's own, in job order."""
+    ends = np.cumsum([len(job.ids) for job in jobs])[:-1]
+    return np.split(rows, ends)
+
+
+def _resolve(job: PooledJob, *, result: Any = None, exception: BaseException | None = None) -> None:
     def settle() -> None:
         if job.future.done():  # cancelled (client gone, timeout)
             return
