@@ -4,6 +4,7 @@
 * The zoo: small models that fail in half precision in known ways, next to clean ones (:data:`ZOO`).
 * Decoder-parity cases: small random decoders of every supported family (:data:`DECODER_CASES`).
 * A tiny Llama with a word-level tokenizer and a Jinja chat template (:func:`tiny_chat_llama`).
+* A tiny cross-encoder or classifier with the MiniLM tokenizer (:func:`tiny_cross_encoder`).
 * Tiny synthetic GGUF files (:func:`write_gguf`; needs the gguf extra).
 * ``hyprec serve`` in a subprocess (:func:`running_server`, :func:`free_port`; also used by the load test).
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -317,6 +319,36 @@ def tiny_chat_llama(d: Path) -> Path:
         json.dumps({"bos_token": "<s>", "eos_token": "</s>", "chat_template": CHAT_TEMPLATE})
     )
     return d
+
+
+# -- a tiny cross-encoder ------------------------------------------------------------------------------------------
+
+
+def tiny_cross_encoder(path: Path, labels: int = 1, seed: int = 0) -> Path:
+    """A tiny random BERT sequence classifier in ``path`` with ``labels`` labels (one: a cross-encoder that scores
+    text pairs; more: a classifier), saved by transformers with the all-MiniLM-L6-v2 tokenizer: a real vocabulary,
+    so real text gets real tokens."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from hyprec.model_sources import resolve_model
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=30522,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,  # the tokenizer's model_max_length: a long text truncates, never overruns
+        type_vocab_size=2,  # the BERT tokenizer marks the second text of a pair with segment 1
+        initializer_range=0.08,  # wider than the default 0.02, so scores spread and an error cannot hide
+        num_labels=labels,
+    )
+    BertForSequenceClassification(cfg).eval().save_pretrained(path)
+    tokenizer_dir = resolve_model("minilm")
+    for file in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(tokenizer_dir / file, path / file)
+    return path
 
 
 # -- tiny GGUF files (the gguf extra) ------------------------------------------------------------------------------
