@@ -403,7 +403,7 @@ def _add_compare_command(sub: argparse._SubParsersAction) -> None:
         default="float32",
         help="what the policies are measured against: float32 (hyprec's own), sentence-transformers or transformers",
     )
-    _add_texts_option(comp, "texts")
+    _add_texts_option(comp, "texts (a cross-encoder's documents, scored against built-in queries)")
     _add_json_option(comp, "print JSON instead of Markdown")
     comp.add_argument("--precision-plan", type=Path, help="also run this plan (from `hyprec repair`)")
     _add_device_option(comp)
