@@ -95,11 +95,12 @@ def _llama(path: Path, **overrides) -> None:
     LlamaForCausalLM(LlamaConfig(**{**cfg, **overrides})).eval().save_pretrained(path)
 
 
-def _bert(path: Path) -> None:
-    from transformers import BertConfig, BertModel
+def _bert(path: Path, model: str = "BertModel", seed: int = 0, **overrides) -> None:
+    """A random BERT (transformers class ``model``) saved in ``path``: a tiny shape, or one changed by ``overrides``."""
+    import transformers
 
-    torch.manual_seed(0)
-    cfg = BertConfig(
+    torch.manual_seed(seed)
+    cfg = dict(
         vocab_size=96,
         hidden_size=64,
         intermediate_size=128,
@@ -107,7 +108,7 @@ def _bert(path: Path) -> None:
         num_attention_heads=4,
         max_position_embeddings=128,
     )
-    BertModel(cfg).eval().save_pretrained(path)
+    getattr(transformers, model)(transformers.BertConfig(**{**cfg, **overrides})).eval().save_pretrained(path)
 
 
 def _scale(path: Path, scales: dict[str, float]) -> None:
@@ -328,23 +329,19 @@ def tiny_cross_encoder(path: Path, labels: int = 1, seed: int = 0) -> Path:
     """A tiny random BERT sequence classifier in ``path`` with ``labels`` labels (one: a cross-encoder that scores
     text pairs; more: a classifier), saved by transformers with the all-MiniLM-L6-v2 tokenizer: a real vocabulary,
     so real text gets real tokens."""
-    from transformers import BertConfig, BertForSequenceClassification
-
     from hyprec.model_sources import resolve_model
 
-    torch.manual_seed(seed)
-    cfg = BertConfig(
+    _bert(
+        path,
+        "BertForSequenceClassification",
+        seed,
         vocab_size=30522,
-        hidden_size=64,
-        intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
         max_position_embeddings=512,  # the tokenizer's model_max_length: a long text truncates, never overruns
         type_vocab_size=2,  # the BERT tokenizer marks the second text of a pair with segment 1
         initializer_range=0.08,  # wider than the default 0.02, so scores spread and an error cannot hide
         num_labels=labels,
     )
-    BertForSequenceClassification(cfg).eval().save_pretrained(path)
     tokenizer_dir = resolve_model("minilm")
     for file in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copy(tokenizer_dir / file, path / file)
