@@ -4,7 +4,7 @@
 * The zoo: small models that fail in half precision in known ways, next to clean ones (:data:`ZOO`).
 * Decoder-parity cases: small random decoders of every supported family (:data:`DECODER_CASES`).
 * A tiny Llama with a word-level tokenizer and a Jinja chat template (:func:`tiny_chat_llama`).
-* A tiny random cross-encoder or classifier with a real tokenizer (:func:`tiny_cross_encoder`).
+* A tiny cross-encoder or classifier with the MiniLM tokenizer (:func:`tiny_cross_encoder`).
 * Tiny synthetic GGUF files (:func:`write_gguf`; needs the gguf extra).
 * ``hyprec serve`` in a subprocess (:func:`running_server`, :func:`free_port`; also used by the load test).
 """
@@ -95,11 +95,12 @@ def _llama(path: Path, **overrides) -> None:
     LlamaForCausalLM(LlamaConfig(**{**cfg, **overrides})).eval().save_pretrained(path)
 
 
-def _bert(path: Path) -> None:
-    from transformers import BertConfig, BertModel
+def _bert(path: Path, model: str = "BertModel", seed: int = 0, **overrides) -> None:
+    """A random BERT (transformers class ``model``) saved in ``path``: a tiny shape, or one changed by ``overrides``."""
+    import transformers
 
-    torch.manual_seed(0)
-    cfg = BertConfig(
+    torch.manual_seed(seed)
+    cfg = dict(
         vocab_size=96,
         hidden_size=64,
         intermediate_size=128,
@@ -107,7 +108,7 @@ def _bert(path: Path) -> None:
         num_attention_heads=4,
         max_position_embeddings=128,
     )
-    BertModel(cfg).eval().save_pretrained(path)
+    getattr(transformers, model)(transformers.BertConfig(**{**cfg, **overrides})).eval().save_pretrained(path)
 
 
 def _scale(path: Path, scales: dict[str, float]) -> None:
@@ -324,25 +325,24 @@ def tiny_chat_llama(d: Path) -> Path:
 # -- a tiny cross-encoder ------------------------------------------------------------------------------------------
 
 
-def tiny_cross_encoder(path: Path, labels: int = 1) -> Path:
-    """A tiny random BERT sequence classifier in ``path`` with ``labels`` labels (one: a cross-encoder) and the
-    all-MiniLM-L6-v2 tokenizer, so real text pairs tokenise; 128 positions, so long texts are easy to make."""
-    from transformers import BertConfig, BertForSequenceClassification
-
+def tiny_cross_encoder(path: Path, labels: int = 1, seed: int = 0, positions: int = 512) -> Path:
+    """A tiny random BERT sequence classifier in ``path`` with ``labels`` labels (one: a cross-encoder that scores
+    text pairs; more: a classifier), saved by transformers with the all-MiniLM-L6-v2 tokenizer: a real vocabulary,
+    so real text gets real tokens. ``positions``: 512, the tokenizer's model_max_length, so a long text truncates
+    and never overruns (sentence-transformers' CrossEncoder reads it); fewer make over-long inputs easy to write."""
     from hyprec.model_sources import resolve_model
 
-    torch.manual_seed(labels)
-    cfg = BertConfig(
+    _bert(
+        path,
+        "BertForSequenceClassification",
+        seed,
         vocab_size=30522,
-        hidden_size=32,
-        intermediate_size=64,
         num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=128,
-        initializer_range=0.08,  # wider than the default 0.02, so that scores spread
+        max_position_embeddings=positions,
+        type_vocab_size=2,  # the BERT tokenizer marks the second text of a pair with segment 1
+        initializer_range=0.08,  # wider than the default 0.02, so scores spread and an error cannot hide
         num_labels=labels,
     )
-    BertForSequenceClassification(cfg).eval().save_pretrained(path)
     tokenizer_dir = resolve_model("minilm")
     for file in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copy(tokenizer_dir / file, path / file)

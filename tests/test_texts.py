@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hyprec.texts import evaluation_texts
+from hyprec.texts import evaluation_texts, ranking_texts
 
 
 @pytest.mark.parametrize("n", [40, 41, 43, 44, 64, 200, 400])
@@ -20,3 +20,10 @@ def test_the_mix_has_long_and_very_short_texts():
     assert min(map(len, texts)) <= 3  # single words
     with pytest.raises(ValueError, match="at least 40"):
         evaluation_texts(39)
+
+
+def test_ranking_texts_are_short_queries_and_longer_documents():
+    queries, documents = ranking_texts(4, 12)
+    assert len(set(queries)) == 4 and len(set(documents)) == 12
+    assert all(len(q.split()) > 3 for q in queries)  # sentences, not single words
+    assert max(map(len, queries)) < min(map(len, documents))

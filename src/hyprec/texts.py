@@ -45,6 +45,11 @@ def _paragraphs(text: str, min_chars: int = 80) -> list[str]:
     return [" ".join(p.split()) for p in text.split("\n\n") if len(" ".join(p.split())) >= min_chars]
 
 
+def _topic_paragraphs(topics: dict[str, str]) -> list[str]:
+    """The paragraphs of every pydoc topic page, each once, in topic order."""
+    return list(dict.fromkeys(p for text in topics.values() for p in _paragraphs(text)))
+
+
 def docstrings() -> list[str]:
     """First paragraphs of public standard-library function docstrings, in a fixed order."""
     out = []
@@ -64,12 +69,20 @@ def evaluation_texts(n: int = 200) -> list[str]:
     topics = pydoc_topics()
     n_long = n // 10
     long_pages = sorted(topics.values(), key=len, reverse=True)[:n_long]
-    paragraphs = list(dict.fromkeys(p for text in topics.values() for p in _paragraphs(text)))
+    paragraphs = _topic_paragraphs(topics)
     docs = [d for d in docstrings() if d not in paragraphs]
     short = hand_written()[: n - n_long]  # for n < 44 the long pages eat into the sentences' share
     rest = n - n_long - len(short)
     n_par = rest - rest // 3
     return long_pages + _spread(paragraphs, n_par) + _spread(docs, rest - n_par) + short
+
+
+def ranking_texts(queries: int = 5, documents: int = 20) -> tuple[list[str], list[str]]:
+    """Queries and documents to score each against each (cross-encoders): ``queries`` short hand-written sentences
+    on varied topics (single words left out) and ``documents`` paragraphs of the pydoc topic pages, each picked
+    evenly across its pool."""
+    sentences = [s for s in hand_written() if len(s.split()) > 3]
+    return _spread(sentences, queries), _spread(_topic_paragraphs(pydoc_topics()), documents)
 
 
 def _spread(items: list[str], k: int) -> list[str]:

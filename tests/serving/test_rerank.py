@@ -42,8 +42,9 @@ LONG = " ".join(["half precision overflows above sixty five thousand"] * 30)  # 
 def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("scorers")
     clean_llama(root / "llama")
-    return {"ce": tiny_cross_encoder(root / "ce"), "cls": tiny_cross_encoder(root / "cls", labels=3),
-            "llama": root / "llama"}  # fmt: skip
+    # 128 positions: an over-long input is easy to write
+    ce = tiny_cross_encoder(root / "ce", positions=128)
+    return {"ce": ce, "cls": tiny_cross_encoder(root / "cls", labels=3, positions=128), "llama": root / "llama"}
 
 
 @pytest.fixture(scope="module")

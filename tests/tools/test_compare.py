@@ -1,16 +1,18 @@
-"""``hyprec compare``: policies against a reference, for embeddings and generation."""
+"""``hyprec compare``: policies against a reference, for embeddings, cross-encoders and generation."""
 
 from __future__ import annotations
 
 import functools
 import json
 
+import numpy as np
 import pytest
 
 from hyprec.entrypoints.cli import main
-from hyprec.tools.compare import HyprecReference, compare, compare_generation
+from hyprec.errors import InvalidInputError
+from hyprec.tools.compare import HyprecReference, compare, compare_generation, kendall_tau
 from hyprec.tools.measure import open_policy
-from tests.helpers import clean_llama, massive_residual
+from tests.helpers import clean_llama, massive_residual, tiny_cross_encoder
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 TEXTS = [list(range(3, 60)), list(range(10, 90, 2))]
@@ -55,3 +57,44 @@ def test_cli_compare_json(capsys, tmp_path):
     assert [r["policy"] for r in report["rows"]] == ["float32", "hybrid-bf16"]
     assert main(["-q", "compare", "minilm", "--reference", "transformers"]) == 2
     assert "sentence-transformers" in capsys.readouterr().err
+
+
+def test_cross_encoder_compare_against_sentence_transformers(tmp_path):
+    path = tiny_cross_encoder(tmp_path / "ce")
+    report = compare(path, policies=["float32", "hybrid-fp16"], reference="sentence-transformers")
+    assert (report.kind, report.queries, report.texts) == ("cross-encoder", 5, 20)  # the built-in inputs
+    assert "5 queries x 20 documents, reference sentence-transformers" in report.markdown()
+    same, hybrid = report.rows
+    # float32 against CrossEncoder float32 on the same weights: the parity bound of test_classification_parity
+    assert same["max_abs_diff"] <= 1e-5 and same["kendall_tau"] == 1.0
+    assert same["top10_overlap"] == 1.0 and same["top1_agreement"] == 1.0
+    # float16 attention moves these sigmoid scores by ~1e-5 (float16 rounds at 2^-11 relative): far less than the
+    # gaps between a query's scores, so the order holds
+    assert hybrid["policy"] == "hybrid-fp16" and 0 < hybrid["max_abs_diff"] < 1e-3 and hybrid["kendall_tau"] >= 0.95
+    assert all(r["non_finite"] == 0 and r["pairs_per_s"] > 0 for r in report.rows)
+
+
+def test_cli_compare_cross_encoder_documents(capsys, tmp_path):
+    docs = tmp_path / "docs.txt"
+    docs.write_text("Open a file to read it.\nPrimes have two divisors.\nIt rains in spring.\n")
+    argv = ["-q", "compare", str(tiny_cross_encoder(tmp_path / "ce")), "--policies", "float32", "--texts", str(docs)]
+    assert main([*argv, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["kind"], report["queries"], report["texts"]) == ("cross-encoder", 5, 3)
+    assert report["rows"][0]["max_abs_diff"] == 0.0 and "top3_overlap" in report["rows"][0]  # float32 vs itself
+
+
+def test_cross_encoder_compare_refuses_what_it_cannot_rank(tmp_path):
+    with pytest.raises(InvalidInputError, match="cross-encoder models compare against 'float32' or 'sentence-"):
+        compare(tiny_cross_encoder(tmp_path / "ce"), policies=["float32"], reference="transformers")
+    with pytest.raises(InvalidInputError, match="has 3 labels; compare ranks with cross-encoders"):
+        compare(tiny_cross_encoder(tmp_path / "nli", labels=3), policies=["float32"])
+
+
+def test_kendall_tau_matches_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    for n in (2, 5, 20):
+        a, b = rng.permutation(n), rng.permutation(n)
+        assert kendall_tau(a, b) == pytest.approx(stats.kendalltau(a, b).statistic, abs=1e-12)
+    assert kendall_tau(np.arange(7), np.arange(7)) == 1.0 and kendall_tau(np.arange(7), -np.arange(7)) == -1.0

@@ -1,4 +1,5 @@
-"""The ``hyprec`` command line: ``embed``, ``generate``, ``chat``, ``info``, ``check``, ``compare`` and ``repair``."""
+"""The ``hyprec`` command line: ``embed``, ``score``, ``rerank``, ``classify``, ``generate``, ``chat``, ``info``,
+``check``, ``compare``, ``repair``, ``serve`` and ``embed-dataset``."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable, Iterable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,7 @@ from hyprec.output_files import check_output_file, write_output
 
 PROGRESS_THRESHOLD = 256  # show a progress bar for inputs with more texts than this
 EMBEDDING_SUFFIXES = (".npy", ".jsonl")
+RESULT_SUFFIXES = (".jsonl",)  # score, rerank, classify: records, one JSON object a line
 SUMMARY_ROWS = 8  # texts (and cosine-matrix rows) the terminal summary of `hyprec embed` shows
 CHECK_FOUND_NON_FINITE = 3  # exit status of `hyprec check` on NaN/inf weights (like repair missing its tolerance)
 INTERRUPTED = 130  # exit status after Ctrl-C, as shells report 128 + SIGINT
@@ -58,18 +62,21 @@ def read_texts(path: Path) -> list[str]:
     return texts
 
 
+def write_json_lines(records: Iterable[dict[str, Any]], output: Path | None) -> None:
+    """Each record as a line of JSON, on stdout (``output`` None) or in the file ``output``."""
+    if output is None:
+        sys.stdout.writelines(json.dumps(r) + "\n" for r in records)
+        return
+    with open(output, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
 def write_embeddings(vectors: np.ndarray, output: Path | None) -> None:
     """JSON lines ``{"index", "embedding"}`` on stdout (``output`` None), or a ``.npy`` / ``.jsonl`` file."""
-    if output is None:
-        for i, v in enumerate(vectors):
-            sys.stdout.write(json.dumps({"index": i, "embedding": v.tolist()}) + "\n")
-        return
-    if output.suffix == ".npy":
+    if output is not None and output.suffix == ".npy":
         np.save(output, vectors)
-    elif output.suffix == ".jsonl":
-        with open(output, "w", encoding="utf-8") as f:
-            for i, v in enumerate(vectors):
-                f.write(json.dumps({"index": i, "embedding": v.tolist()}) + "\n")
+    elif output is None or output.suffix == ".jsonl":
+        write_json_lines(({"index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)), output)
     else:
         raise InvalidInputError(f"--output {output}: expected a .npy or .jsonl file")
 
@@ -95,6 +102,26 @@ def embedding_summary(texts: list[str], vectors: np.ndarray, policy: str) -> str
     return "\n".join(lines)
 
 
+def results_table(title: str, records: list[dict[str, Any]], texts: list[str]) -> str:
+    """What `hyprec score`, `rerank` and `classify` show on a terminal: ``title``, then a row per record, its
+    numbers rounded, ending with the start of the text it is about (``texts[record["index"]]``)."""
+    keys = [k for k in records[0] if k != "document"]  # the text column shows every document already
+    rows = [keys, *([_cell(r[k]) for k in keys] for r in records)]
+    widths = [max(len(row[j]) for row in rows) for j in range(len(keys))]
+    ends = ["text", *(repr(texts[r["index"]][:60]) for r in records)]
+    lines = ["  " + "  ".join(map(str.rjust, row, widths)) + "  " + end for row, end in zip(rows, ends, strict=True)]
+    return "\n".join([title, *lines])
+
+
+def _cell(value: Any) -> str:
+    """A value of :func:`results_table`: numbers to 4 decimals (a list of them space-separated)."""
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, list):
+        return " ".join(map(_cell, value))
+    return str(value)
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends "(default: X)" to help texts that do not state their default already; None and False (an unset
     option, an off flag) say nothing worth printing."""
@@ -117,6 +144,19 @@ class _Parser(argparse.ArgumentParser):
         self.add_argument(
             "-q", "--quiet", action="store_true", default=quiet_default, help="only print results, warnings and errors"
         )
+        self._intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        """Subcommands parse their arguments intermixed, so that TEXT arguments may follow options (`hyprec score
+        MODEL --query Q DOC...`): plain argparse fills MODEL and an empty TEXT list at the first positional and then
+        rejects the DOCs. The top parser keeps plain parsing (argparse cannot intermix around subcommands)."""
+        if self._subparsers is not None or self._intermixing:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True  # parse_known_intermixed_args runs parse_known_args itself
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
 
 
 def _flag(name: str) -> str:
@@ -230,6 +270,31 @@ def _add_json_option(p: argparse.ArgumentParser, text: str) -> None:
     p.add_argument("--json", action="store_true", help=text)
 
 
+def _add_inputs(p: argparse.ArgumentParser, what: str = "texts", role: str = "to embed") -> None:
+    """``what`` (plural) as arguments (TEXT for texts) and from ``--input FILE``, read together by
+    :func:`_input_texts`."""
+    one = what.removesuffix("s")
+    p.add_argument("texts", nargs="*", metavar=one.upper(), help=f"{what} {role} (before those of --input)")
+    p.add_argument("--input", type=Path, help=f".txt (one {one} per line) or .jsonl")
+    p.set_defaults(inputs_are=what)
+
+
+def _add_output_options(p: argparse.ArgumentParser, suffixes: tuple[str, ...]) -> None:
+    """``--output`` (a file with one of ``suffixes``) and ``--json``: where :func:`_write_results` sends results."""
+    p.add_argument(
+        "--output",
+        type=Path,
+        help=f"{' or '.join(suffixes)} (default: JSON lines on stdout when piped, a readable summary on a terminal)",
+    )
+    _add_json_option(p, "JSON lines on stdout even on a terminal")
+    p.set_defaults(output_suffixes=suffixes)
+
+
+def _add_classifier_argument(p: argparse.ArgumentParser, kind: str) -> None:
+    """The MODEL of `score`, `rerank` and `classify`: required, since an optional one would take the first TEXT."""
+    p.add_argument("model", metavar="MODEL", help=f"{kind}: model directory or alias")
+
+
 def _add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
@@ -252,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hyprec", description="Hybrid-precision inference engine.", quiet_default=False)
     sub = parser.add_subparsers(dest="command", required=True)  # subcommands are _Parser too
     _add_embed_command(sub)
+    _add_scoring_commands(sub)
     _add_generation_commands(sub)
     _add_check_command(sub)
     _add_compare_command(sub)
@@ -264,16 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_embed_command(sub: argparse._SubParsersAction) -> None:
     embed = sub.add_parser("embed", help="embed texts (arguments, --input file)")
-    embed.add_argument("texts", nargs="*", metavar="TEXT", help="texts to embed (before those of --input)")
+    _add_inputs(embed)
     _add_embedding_model_option(embed)
     _add_engine_options(embed)
-    embed.add_argument("--input", type=Path, help=".txt (one text per line) or .jsonl")
-    embed.add_argument(
-        "--output",
-        type=Path,
-        help=".npy or .jsonl (default: JSON lines on stdout when piped, a readable summary on a terminal)",
-    )
-    _add_json_option(embed, "JSON lines on stdout even on a terminal")
+    _add_output_options(embed, EMBEDDING_SUFFIXES)
     embed.add_argument("--dimensions", type=int, help="Matryoshka truncation (re-normalised; default: all)")
     embed.add_argument("--prompt-name", help="a prompt defined by the model (encoders; default: the model's own)")
     embed.add_argument("--batch-size", type=int, help="most texts per forward pass (default: the token budget's)")
@@ -284,6 +344,23 @@ def _add_embed_command(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="skip the model's Normalize step",
     )
+
+
+def _add_scoring_commands(sub: argparse._SubParsersAction) -> None:
+    score = sub.add_parser("score", help="score documents against a query (cross-encoder, or embeddings' cosine)")
+    rerank = sub.add_parser("rerank", help="order documents by their score against a query, best first")
+    for p in (score, rerank):
+        _add_classifier_argument(p, "a cross-encoder (one label), or an embedding model (cosine similarity)")
+        p.add_argument("--query", required=True, help="the query every document is scored against")
+        _add_inputs(p, "documents", "to score")
+    rerank.add_argument("--top-n", type=int, help="keep the best N documents (default: all)")
+    rerank.add_argument("--return-documents", action="store_true", help="include each document in its result")
+    classify = sub.add_parser("classify", help="label texts with a sequence-classification model")
+    _add_classifier_argument(classify, "a sequence-classification model")
+    _add_inputs(classify, "texts", "to classify")
+    for p in (score, rerank, classify):
+        _add_engine_options(p)
+        _add_output_options(p, RESULT_SUFFIXES)
 
 
 def _add_generation_commands(sub: argparse._SubParsersAction) -> None:
@@ -326,7 +403,7 @@ def _add_compare_command(sub: argparse._SubParsersAction) -> None:
         default="float32",
         help="what the policies are measured against: float32 (hyprec's own), sentence-transformers or transformers",
     )
-    _add_texts_option(comp, "texts")
+    _add_texts_option(comp, "texts (a cross-encoder's documents, scored against built-in queries)")
     _add_json_option(comp, "print JSON instead of Markdown")
     comp.add_argument("--precision-plan", type=Path, help="also run this plan (from `hyprec repair`)")
     _add_device_option(comp)
@@ -473,14 +550,37 @@ def cmd_chat(args: argparse.Namespace) -> None:
         print(reply, flush=True)
 
 
-def cmd_embed(args: argparse.Namespace) -> None:
+def _input_texts(args: argparse.Namespace) -> list[str]:
+    """The texts of the TEXT arguments, then those of ``--input`` (:func:`_add_inputs`); with the ``--output`` path
+    checked too (:func:`_add_output_options`): what can go wrong before the model loads, found before it loads."""
     texts = list(args.texts)
     if args.input is not None:
         texts += read_texts(args.input)
     if not texts:
-        raise InvalidInputError("no texts: give TEXT arguments or --input FILE")
+        one = args.inputs_are.removesuffix("s").upper()
+        raise InvalidInputError(f"no {args.inputs_are}: give {one} arguments or --input FILE")
     if args.output is not None:
-        check_output_file(args.output, "--output", EMBEDDING_SUFFIXES)
+        check_output_file(args.output, "--output", args.output_suffixes)
+    return texts
+
+
+def _write_results(
+    args: argparse.Namespace, what: str, count: str, write: Callable[[Path | None], None], summary: Callable[[], str]
+) -> None:
+    """Send the results (``count`` ``what``: "3 x 384", "embeddings") where the output options ask: to the
+    ``--output`` file (``write(path)``), to a person at a terminal as ``summary()`` (unless ``--json``), or as JSON
+    lines on stdout (``write(None)``)."""
+    if args.output is not None:
+        write_output(args.output, write, f"the {what}")
+        print(f"wrote {count} {what} to {args.output}", file=sys.stderr)
+    elif sys.stdout.isatty() and not args.json:  # a person reads this: raw JSON helps no one
+        print(summary())
+    else:
+        write(None)
+
+
+def cmd_embed(args: argparse.Namespace) -> None:
+    texts = _input_texts(args)
     llm = load_llm(args, args.model)
     vectors = llm.embed(
         texts,
@@ -490,13 +590,52 @@ def cmd_embed(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         show_progress=len(texts) > PROGRESS_THRESHOLD and not args.quiet,
     )
-    if args.output is not None:
-        write_output(args.output, lambda path: write_embeddings(vectors, path), "the embeddings")
-        print(f"wrote {vectors.shape[0]} x {vectors.shape[1]} embeddings to {args.output}", file=sys.stderr)
-    elif sys.stdout.isatty() and not args.json:  # a person reads this: 384+ raw floats per text help no one
-        print(embedding_summary(texts, vectors, llm.policy.name))
-    else:
-        write_embeddings(vectors, None)
+    _write_results(
+        args,
+        "embeddings",
+        f"{vectors.shape[0]} x {vectors.shape[1]}",
+        lambda path: write_embeddings(vectors, path),
+        lambda: embedding_summary(texts, vectors, llm.policy.name),
+    )
+
+
+def _write_records(
+    args: argparse.Namespace, what: str, records: list[dict[str, Any]], texts: list[str], title: str
+) -> None:
+    """:func:`_write_results` for `score`, `rerank` and `classify`: ``records`` as JSON lines, or as
+    :func:`results_table` under ``title`` on a terminal."""
+    _write_results(
+        args,
+        what,
+        str(len(records)),
+        lambda path: write_json_lines(records, path),
+        lambda: results_table(title, records, texts),
+    )
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    docs = _input_texts(args)
+    llm = load_llm(args, args.model)
+    scores = llm.score(args.query, docs)
+    records = [{"index": i, "score": float(s)} for i, s in enumerate(scores)]
+    _write_records(args, "scores", records, docs, f"{len(docs)} scores against {args.query!r} ({llm.policy.name})")
+
+
+def cmd_rerank(args: argparse.Namespace) -> None:
+    docs = _input_texts(args)
+    llm = load_llm(args, args.model)
+    results = llm.rerank(args.query, docs, top_n=args.top_n, return_documents=args.return_documents)
+    records = [{k: v for k, v in asdict(r).items() if v is not None} for r in results]  # no null documents
+    title = f"{len(records)} of {len(docs)} documents, best first, for {args.query!r} ({llm.policy.name})"
+    _write_records(args, "results", records, docs, title)
+
+
+def cmd_classify(args: argparse.Namespace) -> None:
+    texts = _input_texts(args)
+    llm = load_llm(args, args.model)
+    records = [{"index": i, **asdict(out)} for i, out in enumerate(llm.classify(texts))]
+    labels = ", ".join(llm.engine.labels)
+    _write_records(args, "labels", records, texts, f"{len(texts)} texts ({llm.policy.name}); probs of {labels}")
 
 
 def _texts_option(args: argparse.Namespace, least: int = 1) -> list[str] | None:
@@ -622,6 +761,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status = {
             "embed": cmd_embed,
+            "score": cmd_score,
+            "rerank": cmd_rerank,
+            "classify": cmd_classify,
             "info": cmd_info,
             "generate": cmd_generate,
             "chat": cmd_chat,

@@ -1,9 +1,12 @@
 """``hyprec compare``: how far does each dtype policy drift from a reference, on real text?
 
 Embedding models: mean/min cosine, max abs diff, top-k neighbour overlap and top-1 neighbour agreement against
-sentence-transformers float32 or hyprec float32. Generative models: teacher-forced top-1 agreement, mean KL
-divergence, perplexity ratio, non-finite logits, greedy identical-prefix lengths and vLLM-style top-5 logprob
-closeness against transformers float32 or hyprec float32. Throughput (texts/s or tokens/s) per policy.
+sentence-transformers float32 or hyprec float32. Cross-encoders (one-label classifiers), on queries x documents:
+max abs score difference, Kendall tau of each query's reranked order, top-k overlap and top-1 agreement of that
+order, against sentence-transformers' ``CrossEncoder`` float32 or hyprec float32. Generative models: teacher-forced
+top-1 agreement, mean KL divergence, perplexity ratio, non-finite logits, greedy identical-prefix lengths and
+vLLM-style top-5 logprob closeness against transformers float32 or hyprec float32. Throughput (texts/s, pairs/s or
+tokens/s) per policy.
 
 Policies run with the precision guard off: the point is to see what each format does on its own. Half precision
 is emulated in float32 where the device has no hardware path for it (``half_arithmetic="auto"``,
@@ -24,6 +27,7 @@ import numpy as np
 import torch
 
 from hyprec.engine.base import ModelEngine
+from hyprec.engine.classifier_engine import ClassifierEngine
 from hyprec.engine.scoring import score_logits
 from hyprec.errors import InvalidInputError
 from hyprec.precision.emulation import arithmetic
@@ -36,13 +40,22 @@ GREEDY_TOKENS = 48
 TEXT_TOKENS = 256
 
 
+#: The references each kind of model is compared against.
+KIND_REFERENCES = {
+    "embedding": ("float32", "sentence-transformers"),
+    "cross-encoder": ("float32", "sentence-transformers"),
+    "generation": ("float32", "transformers"),
+}
+
+
 @dataclass
 class CompareReport:
     model: str
-    kind: str  # embedding | generation
+    kind: str  # embedding | cross-encoder | generation
     reference: str
-    texts: int
+    texts: int  # cross-encoders: the documents each query is scored against
     rows: list[dict[str, Any]] = field(default_factory=list)
+    queries: int = 0  # cross-encoders
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -50,6 +63,7 @@ class CompareReport:
             "kind": self.kind,
             "reference": self.reference,
             "texts": self.texts,
+            **({"queries": self.queries} if self.queries else {}),
             "rows": self.rows,
         }
 
@@ -57,8 +71,9 @@ class CompareReport:
         if not self.rows:
             return ""
         keys = list(self.rows[0])
+        inputs = f"{self.queries} queries x {self.texts} documents" if self.queries else f"{self.texts} texts"
         lines = [
-            f"{self.model}: {self.kind}, {self.texts} texts, reference {self.reference}",
+            f"{self.model}: {self.kind}, {inputs}, reference {self.reference}",
             "",
             "| " + " | ".join(keys) + " |",
             "|" + "---|" * len(keys),
@@ -81,6 +96,31 @@ def _row_start(engine: ModelEngine) -> dict[str, Any]:
     return {"policy": engine.policy.name, "arithmetic": arithmetic(engine.model)}
 
 
+def _policy_rows(
+    load: Callable[[str], ModelEngine],
+    policies: list[str],
+    run: Callable[[ModelEngine], np.ndarray],
+    metrics: Callable[[np.ndarray], dict[str, Any]],
+    count: int,
+    unit: str,
+) -> list[dict[str, Any]]:
+    """A row per policy: ``run`` on the engine ``load(policy)`` opens, the ``metrics`` of what it gave, and its
+    throughput (``count`` ``unit`` over the seconds ``run`` took)."""
+    rows = []
+    for policy in policies:
+        engine = load(policy)
+        start = time.perf_counter()
+        out = run(engine)
+        seconds = time.perf_counter() - start
+        rows.append({**_row_start(engine), **metrics(out), f"{unit}_per_s": count / seconds})
+    return rows
+
+
+def _overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
+    """The mean over rows of the share of their first ``k`` entries two index arrays have in common."""
+    return float(np.mean([len(set(x[:k]) & set(y[:k])) / k for x, y in zip(a, b, strict=True)]))
+
+
 # ------------------------------------------------------------------ embeddings
 
 
@@ -96,7 +136,7 @@ def embedding_metrics(ours: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     cos = row_cosines(a, b)
     k = min(TOP_K, len(a) - 1)
     na, nb = _neighbours(a, k), _neighbours(b, k)
-    overlap = np.mean([len(set(x) & set(y)) / k for x, y in zip(na, nb, strict=True)]) if k else 1.0
+    overlap = _overlap(na, nb, k) if k else 1.0
     return {
         "mean_cos": float(np.nanmean(cos)),
         "min_cos": float(np.nanmin(cos)) if np.isfinite(cos).any() else float("nan"),
@@ -115,14 +155,74 @@ def _compare_embeddings(load: Callable, ref_engine: ModelEngine, policies: list[
         ref = st.encode(texts, convert_to_numpy=True)
     else:
         ref = ref_engine.embed(texts)
-    rows = []
-    for policy in policies:
-        engine = load(policy)
-        start = time.perf_counter()
-        ours = engine.embed(texts, allow_nonfinite=True)  # refused to users; the report measures them
-        seconds = time.perf_counter() - start
-        rows.append({**_row_start(engine), **embedding_metrics(ours, ref), "texts_per_s": len(texts) / seconds})
-    return rows
+    return _policy_rows(
+        load,
+        policies,
+        lambda engine: engine.embed(texts, allow_nonfinite=True),  # refused to users; the report measures them
+        lambda ours: embedding_metrics(ours, ref),
+        len(texts),
+        "texts",
+    )
+
+
+# ------------------------------------------------------------------ cross-encoders
+
+
+def kendall_tau(a: np.ndarray, b: np.ndarray) -> float:
+    """Kendall's tau (tau-a) of two rankings of the same items, ``a[i]`` and ``b[i]`` being item i's places: over
+    all pairs of items, the mean of +1 where the rankings order them alike and -1 where they differ (O(n^2), for the
+    few dozen documents of a query; scipy is no dependency of hyprec)."""
+    if len(a) < 2:
+        return 1.0
+    agree = np.sign(a[:, None] - a[None, :]) * np.sign(b[:, None] - b[None, :])
+    return float(agree[np.triu_indices(len(a), k=1)].mean())
+
+
+def ranking_metrics(ours: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    """Scores ``[queries, documents]`` against the reference's: the largest score difference, and how each query's
+    reranked order (best first, ties in input order, NaN last) agrees with the reference's."""
+    ranked, ref_ranked = (np.argsort(-x, axis=1, kind="stable") for x in (ours, ref))
+    places, ref_places = np.argsort(ranked, axis=1), np.argsort(ref_ranked, axis=1)
+    k = min(TOP_K, ours.shape[1])
+    return {
+        "max_abs_diff": float(np.abs(ours.astype(np.float64) - ref).max()),
+        "kendall_tau": float(np.mean([kendall_tau(a, b) for a, b in zip(places, ref_places, strict=True)])),
+        f"top{k}_overlap": _overlap(ranked, ref_ranked, k),
+        "top1_agreement": float((ranked[:, 0] == ref_ranked[:, 0]).mean()),
+        "non_finite": int((~np.isfinite(ours)).sum()),
+    }
+
+
+def _compare_cross_encoder(
+    load: Callable,
+    ref_engine: ClassifierEngine,
+    policies: list[str],
+    reference: str,
+    queries: list[str],
+    docs: list[str],
+) -> list[dict[str, Any]]:
+    if len(ref_engine.labels) != 1:
+        raise InvalidInputError(
+            f"{ref_engine.model_dir.name} has {len(ref_engine.labels)} labels; compare ranks with cross-encoders "
+            "(one label)"
+        )
+    pairs = [(q, d) for q in queries for d in docs]
+    if reference == "sentence-transformers":
+        from sentence_transformers import CrossEncoder
+
+        ce = CrossEncoder(str(ref_engine.model_dir), device=str(ref_engine.device))
+        ref = ce.predict(pairs, convert_to_numpy=True)
+    else:
+        ref = ref_engine.predict(pairs)
+    shape = (len(queries), len(docs))
+    return _policy_rows(
+        load,
+        policies,
+        lambda engine: engine.predict(pairs, allow_nonfinite=True),
+        lambda ours: ranking_metrics(ours.reshape(shape), ref.reshape(shape)),
+        len(pairs),
+        "pairs",
+    )
 
 
 # ------------------------------------------------------------------ generation
@@ -258,32 +358,41 @@ def compare(
     reference: str = "float32",
     texts: list[str] | list[list[int]] | None = None,
     prompts: list[str] | list[list[int]] | None = None,
+    queries: list[str] | None = None,
     device: str = "cpu",
     precision_plan: Any = None,
     half_arithmetic: str = "auto",
 ) -> CompareReport:
     """Run ``policies`` against ``reference`` on real texts (built-in defaults) and return the report.
 
-    ``texts`` and ``prompts`` may be token-id lists (a model without a tokenizer). ``precision_plan`` (a plan file
+    A cross-encoder scores each of ``queries`` against each of ``texts`` (its documents). ``texts`` and
+    ``prompts`` may be token-id lists (a model without a tokenizer). ``precision_plan`` (a plan file
     from ``hyprec repair``) adds a row for the plan. ``half_arithmetic``: ``auto`` (emulate half formats the device
     has no hardware path for), ``native`` or ``emulated``."""
     from hyprec.model_sources import resolve_model
-    from hyprec.texts import evaluation_texts, pydoc_topics
+    from hyprec.texts import evaluation_texts, pydoc_topics, ranking_texts
 
     policies = list(policies or POLICY_ARGS) + (["plan"] if precision_plan is not None else [])
     if reference not in REFERENCES:
         raise InvalidInputError(f"reference {reference!r}: expected one of {', '.join(REFERENCES)}")
     path = resolve_model(model)
+    name = str(model or path.name)
     load = functools.partial(open_policy, path, device=device, plan=precision_plan, half_arithmetic=half_arithmetic)
     ref_engine = load("float32")
-    if not ref_engine.generative:
-        if reference == "transformers":
-            raise InvalidInputError("embedding models compare against 'sentence-transformers' or 'float32'")
+    kind = "generation" if ref_engine.generative else "embedding"
+    if isinstance(ref_engine, ClassifierEngine):
+        kind = "cross-encoder"
+    if reference not in KIND_REFERENCES[kind]:
+        raise InvalidInputError(f"{kind} models compare against {' or '.join(map(repr, KIND_REFERENCES[kind]))}")
+    if kind == "cross-encoder":
+        default_queries, default_docs = ranking_texts()
+        queries, texts = queries or default_queries, texts or default_docs
+        rows = _compare_cross_encoder(load, ref_engine, policies, reference, queries, texts)
+        return CompareReport(name, kind, reference, len(texts), rows, queries=len(queries))
+    if kind == "embedding":
         texts = texts or evaluation_texts(200)
         rows = _compare_embeddings(load, ref_engine, policies, reference, texts)
-        return CompareReport(str(model or path.name), "embedding", reference, len(texts), rows)
-    if reference == "sentence-transformers":
-        raise InvalidInputError("generative models compare against 'transformers' or 'float32'")
+        return CompareReport(name, kind, reference, len(texts), rows)
     texts = texts or sorted(pydoc_topics().values(), key=len, reverse=True)[:8]
     prompts = prompts or [
         "The capital of France is",
@@ -296,4 +405,4 @@ def compare(
     prompts_ids = token_ids(ref_engine, prompts)
     ref = TransformersReference(path) if reference == "transformers" else HyprecReference(ref_engine)
     rows = compare_generation(ref, load, policies, texts_ids, prompts_ids)
-    return CompareReport(str(model or path.name), "generation", reference, len(texts_ids), rows)
+    return CompareReport(name, kind, reference, len(texts_ids), rows)
