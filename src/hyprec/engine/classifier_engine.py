@@ -18,8 +18,8 @@ from hyprec.config import EngineConfig, ModelConfig, read_json
 from hyprec.engine.batching import BatchStats, length_batches
 from hyprec.engine.encoder_engine import EncoderEngine
 from hyprec.engine.model_loading import PolicyRequest
-from hyprec.errors import InputTypeError, InvalidInputError, ModelLoadError, NonFiniteOutputError
-from hyprec.finite import finite_rows
+from hyprec.errors import InputTypeError, InvalidInputError, ModelLoadError
+from hyprec.finite import refuse_nonfinite
 from hyprec.loading.tokenizer import TextTokenizer
 from hyprec.loading.weights import Checkpoint
 from hyprec.models.classification import labels
@@ -144,13 +144,8 @@ class ClassifierEngine(EncoderEngine):
             stats.add([len(x) for x in batch_ids])
             batch_types = None if types is None else [types[i] for i in batch]
             logits = self.state.run(lambda b=batch_ids, t=batch_types: self._classify(b, t))
-            finite = finite_rows(logits)
-            if not allow_nonfinite and not finite.all():
-                bad = [batch[j] for j in torch.nonzero(~finite).flatten().tolist()]
-                raise NonFiniteOutputError(
-                    f"non-finite logits for inputs {bad[:10]} under policy {self.policy.name}; "
-                    "retry with dtype='float32' or dtype='hybrid'"
-                )
+            if not allow_nonfinite:
+                refuse_nonfinite(logits, batch, "logits", self.policy.name)
             out[batch] = logits.cpu().numpy()
         self.last_stats = stats
         return out

@@ -444,7 +444,8 @@ def _add_serve_command(sub: argparse._SubParsersAction) -> None:
         "--served-model-name", help="the name clients use (default: the alias, or the model's file/directory name)"
     )
     serve.add_argument(
-        "--api-key", help=f"require 'Authorization: Bearer KEY' on /v1 routes (see also --api-key-file, ${API_KEY_ENV})"
+        "--api-key",
+        help=f"require 'Authorization: Bearer KEY' on the API routes (see also --api-key-file, ${API_KEY_ENV})",
     )
     serve.add_argument(
         "--api-key-file", type=Path, help=f"read the API key from this file's first line (or set ${API_KEY_ENV})"

@@ -203,7 +203,7 @@ class LLM:
             InputTypeError / InvalidInputError: malformed inputs, or a model that cannot score.
             NonFiniteOutputError: the computation produced NaN/inf (never returned silently).
         """
-        pairs = _pairs(text_1, text_2)
+        pairs = score_pairs(text_1, text_2)
         if isinstance(self._engine, ClassifierEngine):
             if len(self._engine.labels) != 1:
                 raise InvalidInputError(
@@ -336,7 +336,7 @@ class LLM:
                 engine.abort(rid)
 
 
-def _pairs(
+def score_pairs(
     text_1: str | Sequence[str] | Sequence[tuple[str, str]], text_2: str | Sequence[str] | None
 ) -> list[tuple[str, str]]:
     """The text pairs :meth:`LLM.score` means (see there), validated."""

@@ -11,7 +11,7 @@ import numpy as np
 from fastapi.concurrency import run_in_threadpool
 
 from hyprec.engine.classifier_engine import ClassifierEngine
-from hyprec.entrypoints.llm import _pairs
+from hyprec.entrypoints.llm import score_pairs
 from hyprec.errors import HyprecError
 from hyprec.serving.api_error import ApiError
 from hyprec.serving.base import OpenAIServing, check_texts
@@ -48,7 +48,7 @@ class ServingScores(OpenAIServing):
         self._check_scorer(req.model, "/score")
         first, second = self._texts(req.text_1, "text_1"), self._texts(req.text_2, "text_2")
         try:
-            pairs = _pairs(req.text_1 if isinstance(req.text_1, str) else first, second)
+            pairs = score_pairs(req.text_1 if isinstance(req.text_1, str) else first, second)
         except HyprecError as exc:
             raise ApiError(400, str(exc), param="text_2") from None
         firsts, seconds = [a for a, _ in pairs], [b for _, b in pairs]
