@@ -325,6 +325,16 @@ def tiny_chat_llama(d: Path) -> Path:
 # -- a tiny cross-encoder ------------------------------------------------------------------------------------------
 
 
+#: A query and documents for reranking tests (the CLI's and the server's).
+RERANK_QUERY = "How do I read a file in Python?"
+RERANK_DOCUMENTS = [
+    "Use open() with a context manager to read the file's contents.",
+    "A prime number has exactly two divisors: one and itself.",
+    "The weather in spring is mild and often rainy.",
+    "Python's pathlib offers read_text() for small files.",
+]
+
+
 def tiny_cross_encoder(path: Path, labels: int = 1, seed: int = 0, positions: int = 512) -> Path:
     """A tiny random BERT sequence classifier in ``path`` with ``labels`` labels (one: a cross-encoder that scores
     text pairs; more: a classifier), saved by transformers with the all-MiniLM-L6-v2 tokenizer: a real vocabulary,

@@ -13,16 +13,11 @@ import pytest
 from hyprec import LLM
 from hyprec.entrypoints import cli
 from hyprec.entrypoints.cli import main
+from tests.helpers import RERANK_DOCUMENTS as DOCUMENTS
+from tests.helpers import RERANK_QUERY as QUERY
 from tests.helpers import tiny_cross_encoder
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-QUERY = "How do I read a file in Python?"
-DOCUMENTS = [
-    "Use open() with a context manager to read the file's contents.",
-    "A prime number has exactly two divisors: one and itself.",
-    "The weather in spring is mild and often rainy.",
-    "Python's pathlib offers read_text() for small files.",
-]
 
 
 @pytest.fixture(scope="module")

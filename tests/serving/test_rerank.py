@@ -22,19 +22,14 @@ from hyprec import LLM
 from hyprec.errors import NonFiniteOutputError
 from hyprec.serving.app import build_app
 from hyprec.serving.settings import ServerSettings
+from tests.helpers import RERANK_DOCUMENTS as DOCUMENTS
+from tests.helpers import RERANK_QUERY as QUERY
 from tests.helpers import clean_llama, tiny_cross_encoder
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MAX_INPUTS = 8
-QUERY = "How do I read a file in Python?"
-DOCUMENTS = [
-    "Use open() with a context manager to read the file's contents.",
-    "A prime number has exactly two divisors: one and itself.",
-    "The weather in spring is mild and often rainy.",
-    "Python's pathlib offers read_text() for small files.",
-]
 LONG = " ".join(["half precision overflows above sixty five thousand"] * 30)  # ~240 tokens, beyond 128
 
 
