@@ -17,11 +17,9 @@ import torch
 from hyprec.config import EngineConfig, ModelConfig, read_json
 from hyprec.engine.batching import BatchStats, length_batches
 from hyprec.engine.encoder_engine import EncoderEngine
-from hyprec.engine.model_loading import PolicyRequest
 from hyprec.errors import InputTypeError, InvalidInputError, ModelLoadError
 from hyprec.finite import refuse_nonfinite
 from hyprec.loading.tokenizer import TextTokenizer
-from hyprec.loading.weights import Checkpoint
 from hyprec.models.classification import labels
 from hyprec.outputs import ClassificationOutput
 
@@ -66,31 +64,18 @@ class ClassifierEngine(EncoderEngine):
         kv_cache_dtype: str = "auto",
         engine_config: EngineConfig | None = None,
     ):
-        self.model_dir = model_dir
-        self.name = str(model_dir)
-        self.engine_config = (engine_config or EngineConfig()).with_token_budget(generative=False)
-        config = ModelConfig.from_dir(model_dir)
-        self._open(config, Checkpoint.open(model_dir), PolicyRequest(dtype, attn_dtype, kv_cache_dtype))
-        self.labels = labels(config)
-        self.activation = read_activation(model_dir, config)
-        self.max_length = self._max_length()
+        options = {"dtype": dtype, "attn_dtype": attn_dtype, "kv_cache_dtype": kv_cache_dtype}
+        super().__init__(model_dir, model_dir, engine_config=engine_config, **options)
+        self.labels = labels(self.model_config)
+        self.activation = read_activation(model_dir, self.model_config)
+        st_file = model_dir / "sentence_bert_config.json"
+        declared = (
+            read_json(st_file, "sentence-transformers config").get("max_seq_length") if st_file.exists() else None
+        )
+        self.max_length = self._max_seq_length(declared, model_dir)
         self.tokenizer = TextTokenizer(model_dir, self.max_length)
         self._short_tokenizers: dict[int, TextTokenizer] = {}
         self.last_stats = BatchStats()
-
-    def _max_length(self) -> int:
-        """Tokens per input: ``sentence_bert_config.json``'s ``max_seq_length``, else the tokenizer's
-        ``model_max_length``, at most the model's positions."""
-        limit = self.model.max_positions
-        for file, key in (
-            ("sentence_bert_config.json", "max_seq_length"),
-            ("tokenizer_config.json", "model_max_length"),
-        ):
-            path = self.model_dir / file
-            value = read_json(path, file).get(key) if path.exists() else None
-            if isinstance(value, int) and not isinstance(value, bool) and value >= 2:
-                return min(value, limit)
-        return limit
 
     # ------------------------------------------------------------------ inputs
 

@@ -12,16 +12,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from hyprec.config import EngineConfig, ModelConfig, read_json
+from hyprec.config import EngineConfig
 from hyprec.engine.batching import BatchStats, length_batches
 from hyprec.engine.encoder_engine import EncoderEngine
-from hyprec.engine.model_loading import PolicyRequest
-from hyprec.errors import InputTypeError, InvalidInputError, ModelLoadError
+from hyprec.errors import InputTypeError, InvalidInputError
 from hyprec.finite import refuse_nonfinite
 from hyprec.layers.linear import set_batch_invariant, set_matmul_precision
 from hyprec.loading.st_pipeline import read_pipeline
 from hyprec.loading.tokenizer import TextTokenizer
-from hyprec.loading.weights import Checkpoint
 from hyprec.pooling import EmbeddingHead
 
 log = logging.getLogger("hyprec")
@@ -66,16 +64,13 @@ class EmbeddingEngine(EncoderEngine):
         kv_cache_dtype: str = "auto",
         engine_config: EngineConfig | None = None,
     ):
-        self.model_dir = model_dir
-        self.name = str(model_dir)
-        self.engine_config = (engine_config or EngineConfig()).with_token_budget(generative=False)
         self.pipeline = read_pipeline(model_dir)
-        tdir = self.pipeline.transformer_dir
-        self._open(ModelConfig.from_dir(tdir), Checkpoint.open(tdir), PolicyRequest(dtype, attn_dtype, kv_cache_dtype))
+        options = {"dtype": dtype, "attn_dtype": attn_dtype, "kv_cache_dtype": kv_cache_dtype}
+        super().__init__(model_dir, self.pipeline.transformer_dir, engine_config=engine_config, **options)
         self.head = EmbeddingHead(self.pipeline).to(self.device).eval()
         set_batch_invariant(self.head, self.engine_config.deterministic)
         set_matmul_precision(self.head, self.policy.matmul, self.policy.float32_gemm)
-        self.max_seq_length = self._max_seq_length()
+        self.max_seq_length = self._max_seq_length(self.pipeline.max_seq_length, self.pipeline.transformer_dir)
         self.dimension = self._output_dimension()
         self.last_stats = BatchStats()
 
@@ -83,20 +78,6 @@ class EmbeddingEngine(EncoderEngine):
     def tokenizer(self) -> TextTokenizer:
         """Loaded on first use, so token-id-only use works for directories without tokenizer files."""
         return TextTokenizer(self.pipeline.transformer_dir, self.max_seq_length)
-
-    def _max_seq_length(self) -> int:
-        limit = self.model.max_positions
-        length = self.pipeline.max_seq_length
-        if length is None:
-            tok_cfg_file = self.pipeline.transformer_dir / "tokenizer_config.json"
-            tok_cfg = read_json(tok_cfg_file, "tokenizer config") if tok_cfg_file.exists() else {}
-            length = min(int(tok_cfg.get("model_max_length", limit)), limit)
-        if not isinstance(length, int) or length < 2:
-            raise ModelLoadError(f"{self.model_dir}: max_seq_length={length!r}: expected an integer >= 2")
-        if length > limit:
-            log.warning("max_seq_length %d exceeds the model's %d positions; using %d", length, limit, limit)
-            length = limit
-        return length
 
     def _output_dimension(self) -> int:
         if self.pipeline.dense:

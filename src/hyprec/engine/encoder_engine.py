@@ -10,11 +10,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hyprec.config import EngineConfig, ModelConfig, read_json
 from hyprec.engine.base import ModelEngine
-from hyprec.errors import InputTypeError, InvalidInputError
+from hyprec.engine.model_loading import PolicyRequest
+from hyprec.errors import InputTypeError, InvalidInputError, ModelLoadError
 from hyprec.layers.attention import AttentionMetadata
 from hyprec.layers.attention_backends import select_backend
 from hyprec.layers.linear import set_batch_invariant
+from hyprec.loading.weights import Checkpoint
 from hyprec.precision.emulation import kernel_dtype
 
 log = logging.getLogger("hyprec")
@@ -24,7 +27,37 @@ class EncoderEngine(ModelEngine):
     """Base of :class:`~hyprec.engine.embedding_engine.EmbeddingEngine` and
     :class:`~hyprec.engine.classifier_engine.ClassifierEngine`."""
 
-    model_dir: Path
+    def __init__(
+        self,
+        model_dir: Path,
+        weights_dir: Path,
+        *,
+        dtype: str = "auto",
+        attn_dtype: str = "auto",
+        kv_cache_dtype: str = "auto",
+        engine_config: EngineConfig | None = None,
+    ):
+        self.model_dir = model_dir
+        self.name = str(model_dir)
+        self.engine_config = (engine_config or EngineConfig()).with_token_budget(generative=False)
+        request = PolicyRequest(dtype, attn_dtype, kv_cache_dtype)
+        self._open(ModelConfig.from_dir(weights_dir), Checkpoint.open(weights_dir), request)
+
+    def _max_seq_length(self, declared: object, tokenizer_dir: Path) -> int:
+        """Tokens per input: the ``max_seq_length`` the model directory declares (``sentence_bert_config.json``),
+        else the tokenizer's ``model_max_length``, at most the model's positions."""
+        limit = self.model.max_positions
+        length = declared
+        if length is None:
+            tok_cfg_file = tokenizer_dir / "tokenizer_config.json"
+            tok_cfg = read_json(tok_cfg_file, "tokenizer config") if tok_cfg_file.exists() else {}
+            length = min(int(tok_cfg.get("model_max_length", limit)), limit)
+        if not isinstance(length, int) or isinstance(length, bool) or length < 2:
+            raise ModelLoadError(f"{self.model_dir}: max_seq_length={length!r}: expected an integer >= 2")
+        if length > limit:
+            log.warning("max_seq_length %d exceeds the model's %d positions; using %d", length, limit, limit)
+            length = limit
+        return length
 
     def _rebuild(self) -> None:
         """The attention backend for the current model and policy."""
