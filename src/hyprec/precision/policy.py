@@ -272,7 +272,7 @@ def resolve_matmul(
             )
         if not on_cpu or not available:
             raise ConfigError(
-                f"{name}={value!r} needs {what}, which this PyTorch build has {'only on the CPU' if on_cpu else 'not'}"
+                f"{name}={value!r} needs {what}, which this PyTorch build has {'not' if on_cpu else 'only on the CPU'}"
                 f"; use {name}='auto'"
             )
     reasons, measured = [policy.reason], []
