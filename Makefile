@@ -27,8 +27,8 @@ run: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/hyprec embed "hyprec keeps float32 where it matters." "Attention runs in half precision."
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks studies
+	$(BIN)/ruff format --check src tests benchmarks studies
 
 test: lint
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q --durations=15

@@ -248,9 +248,10 @@ def test_invariance_and_parity_hold_on_avx2_kernels():
     root = Path(__file__).parents[2]  # the repository root: node ids below are relative to it
     files = ["tests/engine/test_batch_invariance.py", "tests/models/test_st_parity.py"]
     # The entry points and MPNet add time, not instruction-set coverage: they run on the default kernels only. So
-    # does whole-model float16/bfloat16 (a third of this run on a CPU without half arithmetic): its kernels are the
-    # hybrid policies' half kernels applied to every layer, and hybrid-fp16/hybrid-bf16 still run here.
-    skip = "not mpnet and not cli and not server and not ray"
+    # does whole-model float16/bfloat16 (a third of this run on a CPU without half arithmetic), and so does the
+    # precision plan of half layers: their kernels are the hybrid policies' half kernels applied to every layer, and
+    # hybrid-fp16/hybrid-bf16 still run here.
+    skip = "not mpnet and not cli and not server and not ray and not precision_plan"
     whole_half = [f"{files[0]}::test_embeddings_are_batch_invariant[{dtype}]" for dtype in ("float16", "bfloat16")]
     deselect = [arg for node in whole_half for arg in ("--deselect", node)]
     result = subprocess.run(

@@ -1,0 +1,122 @@
+"""``python -m studies.fp16_training [--quick] [--out DIR] [--report DIR] [--only NAME ...]``
+
+Trains each run of the grid, measures every checkpoint, appends one record per checkpoint to ``DIR/results.json``
+(a run already recorded there is skipped, so an interrupted study resumes), then writes the tables and plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from hyprec.hardware import cpu_model, describe_flags
+from studies.fp16_training import report
+from studies.fp16_training.corpus import study_texts, token_stream, train_tokenizer
+from studies.fp16_training.grid import RunConfig, default_grid, quick_grid
+from studies.fp16_training.measure import measure
+from studies.fp16_training.train import train
+
+QUICK_TEXTS = 4  # held-out texts per checkpoint in --quick
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpu": cpu_model(),
+        "flags": describe_flags(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "load_average": os.getloadavg(),
+    }
+
+
+def _record(
+    records: list[dict[str, Any]],
+    cfg: RunConfig,
+    texts: list[str],
+    quiet: bool,
+    step: int,
+    directory: Path,
+    loss: float,
+) -> None:
+    """Measure one checkpoint of ``cfg`` on ``texts`` and append its record."""
+    record = {"run": cfg.name, "step": step, "loss": loss} | measure(directory, cfg, texts, texts)
+    records.append(record)
+    if not quiet:
+        act = record["activity"]
+        tqdm.write(
+            f"{cfg.name} step {step}: loss {loss:.3f}, residual {act['residual']:.4g}, "
+            f"ffn {act['ffn']:.4g}, q/k/v {act['attention_inputs']:.4g}"
+        )
+
+
+def run_study(
+    grid: list[RunConfig], out: Path, report_dir: Path, texts_per_checkpoint: int | None = None, quiet: bool = False
+) -> dict[str, Any]:
+    """Train and measure every run of ``grid`` not yet in ``out/results.json``; write the report into
+    ``report_dir``; return the results. ``texts_per_checkpoint``: measure on only the first held-out texts."""
+    out.mkdir(parents=True, exist_ok=True)
+    results_file = out / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else {"records": [], "runs": {}}
+    texts = study_texts()
+    tokenizers: dict[tuple[str, int], Any] = {}
+    started = time.perf_counter()
+    for cfg in tqdm(grid, desc="runs", disable=quiet):
+        if cfg.name in results["runs"]:
+            continue
+        key = (cfg.kind, cfg.vocab)
+        if key not in tokenizers:
+            tok = train_tokenizer(cfg.kind, texts.train, cfg.vocab)
+            tokenizers[key] = (tok, token_stream(tok, texts.train))
+        tok, stream = tokenizers[key]
+        calibration = (texts.held_out if cfg.kind == "decoder" else texts.paragraphs())[:texts_per_checkpoint]
+        run_started = time.perf_counter()
+
+        on_checkpoint = functools.partial(_record, results["records"], cfg, calibration, quiet)
+        seconds = train(cfg, stream, tok, out / cfg.name, on_checkpoint)
+        results["runs"][cfg.name] = {
+            "config": asdict(cfg),
+            "train_seconds": seconds,
+            "total_seconds": time.perf_counter() - run_started,
+        }
+        results_file.write_text(json.dumps(results, indent=1))
+    results["machine"] = machine()
+    results["study_seconds"] = time.perf_counter() - started
+    results_file.write_text(json.dumps(results, indent=1))
+    report.write(results, report_dir)
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m studies.fp16_training", description=__doc__.split("\n\n")[1])
+    parser.add_argument("--quick", action="store_true", help="a smoke run on tiny shapes (under a minute)")
+    parser.add_argument("--out", type=Path, default=None, help="checkpoints and results.json (default build/...)")
+    parser.add_argument("--report", type=Path, default=None, help="tables and plots (default docs/fp16-study/)")
+    parser.add_argument("--only", nargs="+", default=None, help="run only these runs of the grid (names)")
+    args = parser.parse_args(argv)
+    grid = quick_grid() if args.quick else default_grid()
+    if args.only:
+        unknown = sorted(set(args.only) - {c.name for c in grid})
+        if unknown:
+            parser.error(f"--only: unknown runs {', '.join(unknown)}; the grid has {', '.join(c.name for c in grid)}")
+        grid = [c for c in grid if c.name in args.only]
+    out = args.out or Path("build") / ("fp16-study-quick" if args.quick else "fp16-study")
+    report_dir = args.report or (out / "report" if args.quick else Path("docs") / "fp16-study")
+    torch.set_num_threads(os.cpu_count() or 1)
+    run_study(grid, out, report_dir, QUICK_TEXTS if args.quick else None)
+    print(f"results: {out / 'results.json'}; report: {report_dir}")
+
+
+if __name__ == "__main__":
+    main()

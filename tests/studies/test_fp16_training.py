@@ -1,0 +1,132 @@
+"""The fp16 training study (``studies/fp16_training``): its ``--quick`` grid end to end, and its pieces."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from studies.fp16_training.__main__ import QUICK_TEXTS, main, run_study
+from studies.fp16_training.grid import DECODER, ENCODER, default_grid, quick_grid
+from studies.fp16_training.measure import HALF_POLICIES, MIN_COSINE, MIN_TOP1, damaged
+from studies.fp16_training.report import confusion, spearman
+from studies.fp16_training.train import build_model, lr_at, optimizer
+
+VERDICTS = {"safe", "at-risk", "fails"}
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    return out, run_study(quick_grid(), out / "runs", out / "report", QUICK_TEXTS, quiet=True)
+
+
+def test_quick_study_measures_every_checkpoint(quick):
+    _, results = quick
+    grid = quick_grid()
+    assert list(results["runs"]) == [c.name for c in grid]
+    for cfg in grid:
+        records = [r for r in results["records"] if r["run"] == cfg.name]
+        assert [r["step"] for r in records] == cfg.checkpoint_steps()
+        for r in records:
+            assert math.isfinite(r["loss"]) and r["loss"] > 0
+            assert all(0 < v < 1e4 for v in r["activity"].values()), r["activity"]  # tiny, barely trained models
+            assert len(r["residual_by_layer"]) == cfg.layers + 1  # the embedding output, then each layer
+            assert set(r["verdicts"]) == set(HALF_POLICIES) and set(r["verdicts"].values()) <= VERDICTS
+            assert r["weights_certified_fp16"] is True  # q/k/v bounds of a few units, far below 65504 / 8
+            for policy in HALF_POLICIES:
+                row = r["damage"][policy]
+                assert row["damaged"] == damaged(cfg.kind, row)
+                if cfg.kind == "decoder":
+                    assert 0 <= row["top1_agreement"] <= 1 and row["non_finite_logits"] == 0
+                else:
+                    assert -1 <= row["min_cos"] <= 1 + 1e-6 and row["non_finite"] == 0
+            # The hybrid policies round only q/k/v: on these small activations float16 attention changes little.
+            if cfg.kind == "encoder":
+                assert r["damage"]["hybrid-fp16"]["min_cos"] >= MIN_COSINE
+
+
+def test_quick_study_writes_the_report(quick):
+    out, results = quick
+    tables = (out / "report" / "tables.md").read_text()
+    for cfg in quick_grid():
+        assert f"| {cfg.name} |" in tables
+    for png in ("growth-decoder.png", "growth-encoder.png", "maxima.png"):
+        assert (out / "report" / png).read_bytes()[:4] == b"\x89PNG"
+    cells = confusion(results)
+    assert all(sum(c.values()) == len(results["records"]) for c in cells.values())
+    saved = json.loads((out / "runs" / "results.json").read_text())
+    assert saved["machine"]["flags"] and len(saved["records"]) == len(results["records"])
+
+
+def test_a_recorded_run_is_not_trained_again(quick, tmp_path):
+    out, results = quick
+    again = run_study(quick_grid()[:1], out / "runs", tmp_path / "report", QUICK_TEXTS, quiet=True)
+    assert len(again["records"]) == len(results["records"])
+
+
+def test_unknown_run_names_are_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--quick", "--only", "decoder-nonesuch"])
+    assert exit_info.value.code == 2
+    assert "decoder-nonesuch" in capsys.readouterr().err
+
+
+def test_the_default_grid_varies_one_factor_at_a_time():
+    grid = default_grid()
+    assert len({c.name for c in grid}) == len(grid)
+    fields = DECODER.__dataclass_fields__
+    for cfg in grid:
+        base = DECODER if cfg.kind == "decoder" else ENCODER
+        changed = {f for f in fields if f not in ("name", "factor") and getattr(cfg, f) != getattr(base, f)}
+        if cfg.factor == "baseline":
+            assert cfg is base
+        elif cfg.factor == "training length":
+            assert changed == {"steps", "checkpoints"}
+        elif cfg.factor == "embedding scale + sandwich norms":  # Gemma's bundle: its family and its activation
+            assert changed == {"family", "activation"}
+        else:
+            assert len(changed) == 1, (cfg.name, changed)
+
+
+def test_learning_rate_warms_up_then_decays_to_a_tenth():
+    cfg = DECODER
+    assert lr_at(cfg, 0) == pytest.approx(cfg.lr / cfg.warmup)
+    assert lr_at(cfg, cfg.warmup - 1) == pytest.approx(cfg.lr)
+    assert lr_at(cfg, cfg.warmup) == pytest.approx(cfg.lr)
+    assert lr_at(cfg, cfg.steps) == pytest.approx(0.1 * cfg.lr)
+    assert all(lr_at(cfg, s) >= lr_at(cfg, s + 1) for s in range(cfg.warmup, cfg.steps))
+
+
+@pytest.mark.parametrize("decay_norms", [False, True])
+def test_weight_decay_reaches_norm_gains_only_when_asked(decay_norms):
+    from dataclasses import replace
+
+    cfg = replace(quick_grid()[0], decay_norms=decay_norms, bias=True)
+    model = build_model(cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in optimizer(cfg, model).param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    gains = {n for n in names.values() if "norm" in n}
+    assert gains and (gains <= decayed) == decay_norms and not (gains & decayed and not decay_norms)
+    assert not any(n.endswith("bias") for n in decayed)
+    assert "model.embed_tokens.weight" in decayed
+
+
+def test_damage_thresholds():
+    assert not damaged("decoder", {"non_finite_logits": 0, "top1_agreement": MIN_TOP1})
+    assert damaged("decoder", {"non_finite_logits": 0, "top1_agreement": MIN_TOP1 - 1e-3})
+    assert damaged("decoder", {"non_finite_logits": 1, "top1_agreement": 1.0})
+    assert damaged("encoder", {"non_finite": 0, "min_cos": float("nan")})
+    assert not damaged("encoder", {"non_finite": 0, "min_cos": MIN_COSINE})
+
+
+def test_spearman_matches_scipy():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(20, generator=gen).tolist()
+    y = [v + 0.3 * w for v, w in zip(x, torch.rand(20, generator=gen).tolist(), strict=True)]
+    y[3] = y[4]  # a tie
+    assert spearman(x, y) == pytest.approx(spearmanr(x, y).statistic)
+    assert math.isnan(spearman([1.0, 2.0], [3.0, 4.0]))
