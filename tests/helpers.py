@@ -175,6 +175,23 @@ ZOO = [
 ]
 
 
+def study_decoder(directory: Path) -> tuple[Path, list[list[int]]]:
+    """The last checkpoint of the fp16 training study's ``--quick`` decoder run (``studies/fp16_training``): a Llama
+    trained a few steps on real text with its own tokenizer, saved in ``directory``; and held-out calibration token
+    ids that fit its positions."""
+    from studies.fp16_training.corpus import study_texts, token_stream, train_tokenizer
+    from studies.fp16_training.grid import quick_grid
+    from studies.fp16_training.train import train
+
+    cfg = quick_grid()[0]
+    texts = study_texts()
+    tok = train_tokenizer(cfg.kind, texts.train, cfg.vocab)
+    saved: list[Path] = []
+    train(cfg, token_stream(tok, texts.train), tok, directory, lambda _step, path, _loss: saved.append(path))
+    ids = [enc.ids[: cfg.seq_len] for enc in tok.encode_batch(texts.held_out[:4])]
+    return saved[-1], ids
+
+
 # -- decoder-parity cases ------------------------------------------------------------------------------------------
 # Small randomly initialised decoders built with transformers' own classes (tests/models/test_decoder_parity.py
 # explains the shapes they cover); the repair tests reuse them.

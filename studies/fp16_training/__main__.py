@@ -20,11 +20,10 @@ import torch
 from tqdm import tqdm
 
 from hyprec.hardware import cpu_model, describe_flags
-from studies.fp16_training import report
-from studies.fp16_training.corpus import study_texts, token_stream, train_tokenizer
+from studies.fp16_training import measure, report
+from studies.fp16_training.corpus import Texts, study_texts, token_stream, train_tokenizer
 from studies.fp16_training.grid import RunConfig, default_grid, quick_grid
-from studies.fp16_training.measure import measure
-from studies.fp16_training.train import train
+from studies.fp16_training.train import checkpoint_dir, train
 
 QUICK_TEXTS = 4  # held-out texts per checkpoint in --quick
 
@@ -41,6 +40,22 @@ def machine() -> dict[str, Any]:
     }
 
 
+def _held_out(texts: Texts, cfg: RunConfig) -> list[str]:
+    """The calibration and evaluation text of ``cfg``'s checkpoints: whole pages (decoders) or paragraphs (BERT)."""
+    return texts.held_out if cfg.kind == "decoder" else texts.paragraphs()
+
+
+def check_again(results: dict[str, Any], out: Path, texts_per_checkpoint: int | None = None) -> None:
+    """Re-run ``check`` on every recorded checkpoint (in ``out``), after its rules changed; the verdicts recorded when
+    the study ran are kept once, as ``verdicts_at_training``."""
+    texts = study_texts()
+    for record in tqdm(results["records"], desc="check again"):
+        cfg = RunConfig(**results["runs"][record["run"]]["config"])
+        directory = checkpoint_dir(out / cfg.name, record["step"])
+        record.setdefault("verdicts_at_training", record["verdicts"])
+        record |= measure.check_again(directory, cfg, _held_out(texts, cfg)[:texts_per_checkpoint])
+
+
 def _record(
     records: list[dict[str, Any]],
     cfg: RunConfig,
@@ -51,7 +66,7 @@ def _record(
     loss: float,
 ) -> None:
     """Measure one checkpoint of ``cfg`` on ``texts`` and append its record."""
-    record = {"run": cfg.name, "step": step, "loss": loss} | measure(directory, cfg, texts, texts)
+    record = {"run": cfg.name, "step": step, "loss": loss} | measure.measure(directory, cfg, texts, texts)
     records.append(record)
     if not quiet:
         act = record["activity"]
@@ -80,7 +95,7 @@ def run_study(
             tok = train_tokenizer(cfg.kind, texts.train, cfg.vocab)
             tokenizers[key] = (tok, token_stream(tok, texts.train))
         tok, stream = tokenizers[key]
-        calibration = (texts.held_out if cfg.kind == "decoder" else texts.paragraphs())[:texts_per_checkpoint]
+        calibration = _held_out(texts, cfg)[:texts_per_checkpoint]
         run_started = time.perf_counter()
 
         on_checkpoint = functools.partial(_record, results["records"], cfg, calibration, quiet)
@@ -104,6 +119,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="checkpoints and results.json (default build/...)")
     parser.add_argument("--report", type=Path, default=None, help="tables and plots (default docs/fp16-study/)")
     parser.add_argument("--only", nargs="+", default=None, help="run only these runs of the grid (names)")
+    parser.add_argument(
+        "--check-again", action="store_true", help="re-run hyprec check on the recorded checkpoints (no training)"
+    )
     args = parser.parse_args(argv)
     grid = quick_grid() if args.quick else default_grid()
     if args.only:
@@ -114,7 +132,13 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or Path("build") / ("fp16-study-quick" if args.quick else "fp16-study")
     report_dir = args.report or (out / "report" if args.quick else Path("docs") / "fp16-study")
     torch.set_num_threads(os.cpu_count() or 1)
-    run_study(grid, out, report_dir, QUICK_TEXTS if args.quick else None)
+    texts_per_checkpoint = QUICK_TEXTS if args.quick else None
+    if args.check_again:
+        results_file = out / "results.json"
+        results = json.loads(results_file.read_text())
+        check_again(results, out, texts_per_checkpoint)
+        results_file.write_text(json.dumps(results, indent=1))
+    run_study(grid, out, report_dir, texts_per_checkpoint)
     print(f"results: {out / 'results.json'}; report: {report_dir}")
 
 

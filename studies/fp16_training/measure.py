@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from hyprec.dtypes import FP16_MAX
 from hyprec.precision.emulation import arithmetic
-from hyprec.tools.check import RISK_MARGIN, check
+from hyprec.tools.check import RISK_MARGIN, CheckReport, check
 from hyprec.tools.compare import HyprecReference, compare_generation, embedding_metrics
 from hyprec.tools.measure import open_model, open_policy, token_ids
 from studies.fp16_training.grid import RunConfig
@@ -79,6 +79,21 @@ def _damage_rows(path: Path, kind: str, reference: Any, texts: list[str], max_to
     return rows
 
 
+def _verdicts(report: CheckReport) -> dict[str, Any]:
+    return {
+        "verdicts": {p: report.verdicts[p].verdict for p in HALF_POLICIES},
+        "reasons": {p: report.verdicts[p].reason for p in HALF_POLICIES},
+        "recommended": report.recommended,
+    }
+
+
+@torch.no_grad()
+def check_again(directory: Path, cfg: RunConfig, calibration: list[str]) -> dict[str, Any]:
+    """``check``'s verdicts on a recorded checkpoint, as :func:`measure` records them (after check's rules change)."""
+    reference = open_model(directory, dtype="float32", precision_guard=False, **ENGINE_OPTIONS)
+    return _verdicts(check(reference, texts=token_ids(reference, calibration, cfg.seq_len)))
+
+
 @torch.no_grad()
 def measure(directory: Path, cfg: RunConfig, calibration: list[str], evaluation: list[str]) -> dict[str, Any]:
     """Activations, ``check``'s verdicts, half-precision damage and weight statistics of one checkpoint of ``cfg``.
@@ -88,8 +103,7 @@ def measure(directory: Path, cfg: RunConfig, calibration: list[str], evaluation:
     tokens (the model has no later positions)."""
     reference = open_model(directory, dtype="float32", precision_guard=False, **ENGINE_OPTIONS)
     kind = cfg.kind
-    calibration_ids = token_ids(reference, calibration, cfg.seq_len)
-    report = check(reference, texts=calibration_ids)
+    report = check(reference, texts=token_ids(reference, calibration, cfg.seq_len))
     layers = report.layers[1:]  # the first row is the embedding output
     bounds = [r.qkv_bound for r in layers if r.qkv_bound is not None]
     damage = _damage_rows(directory, kind, reference, evaluation, cfg.seq_len)
@@ -98,9 +112,7 @@ def measure(directory: Path, cfg: RunConfig, calibration: list[str], evaluation:
         "residual_by_layer": [r.residual for r in report.layers],
         "qkv_bound_max": max(bounds) if bounds else None,
         "weights_certified_fp16": bool(bounds) and max(bounds) < FP16_MAX / RISK_MARGIN,
-        "verdicts": {p: report.verdicts[p].verdict for p in HALF_POLICIES},
-        "reasons": {p: report.verdicts[p].reason for p in HALF_POLICIES},
-        "recommended": report.recommended,
+        **_verdicts(report),
         "damage": {p: _compare_row(kind, row) for p, row in zip(HALF_POLICIES, damage, strict=True)},
         "params": parameter_stats(directory, 1.0 if cfg.family == "gemma3" else 0.0)
         | {"norm_gain_attention_max": _finite(max(r.norm_gain or 0.0 for r in layers))},

@@ -14,6 +14,7 @@ from studies.fp16_training.measure import HALF_POLICIES
 
 PREDICTORS = ("norm_gain_max", "norm_gain_attention_max", "weight_max_abs", "embedding_row_norm_max", "qkv_bound_max")
 TARGETS = ("residual", "ffn", "attention_inputs")
+WHOLE = ("float16", "bfloat16")
 
 
 def _fmt(x: Any) -> str:
@@ -80,21 +81,22 @@ def growth_table(results: dict[str, Any]) -> list[str]:
     return _table(["run", "lr", "step: largest residual magnitude"], rows)
 
 
-def confusion(results: dict[str, Any]) -> dict[str, dict[str, int]]:
-    """Per half policy, over every checkpoint: check's verdict (flagged = at-risk or fails) against measured damage."""
+def confusion(results: dict[str, Any], verdicts: str = "verdicts") -> dict[str, dict[str, int]]:
+    """Per half policy, over every checkpoint: check's verdict (flagged = at-risk or fails) against measured damage.
+    ``verdicts``: the record's field to read (``verdicts_at_training``: check as it was when the study ran)."""
     table = {
         p: {"flagged, damaged": 0, "flagged, clean": 0, "safe, damaged": 0, "safe, clean": 0} for p in HALF_POLICIES
     }
     for r in results["records"]:
         for p in HALF_POLICIES:
-            flagged = "flagged" if r["verdicts"][p] != "safe" else "safe"
+            flagged = "flagged" if r.get(verdicts, r["verdicts"])[p] != "safe" else "safe"
             hurt = "damaged" if r["damage"][p]["damaged"] else "clean"
             table[p][f"{flagged}, {hurt}"] += 1
     return table
 
 
-def confusion_table(results: dict[str, Any]) -> list[str]:
-    cells = confusion(results)
+def confusion_table(results: dict[str, Any], verdicts: str = "verdicts") -> list[str]:
+    cells = confusion(results, verdicts)
     keys = ["flagged, damaged", "flagged, clean", "safe, damaged", "safe, clean"]
     rows = [[p, *(cells[p][k] for k in keys)] for p in HALF_POLICIES]
     return _table(["policy", "true alarm", "false alarm", "miss", "true clear"], rows)
@@ -120,19 +122,31 @@ def spearman(x: list[float], y: list[float]) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
+def _loss(kind: str, damage: dict[str, Any]) -> float:
+    """How far a policy fell from float32: 1 - top-1 agreement (decoders) or 1 - least cosine (encoders)."""
+    return 1.0 - (damage["top1_agreement"] if kind == "decoder" else damage["min_cos"])
+
+
 def predictor_table(results: dict[str, Any], kind: str) -> list[str]:
-    """Rank correlation, over every checkpoint of one kind, between each weight statistic and each activation."""
+    """Rank correlation, over every checkpoint of one kind, between each weight statistic and each activation
+    maximum, and the whole-model half policies' damage."""
     records = [r for r in results["records"] if _kind(results, r["run"]) == kind]
 
     def stat(r: dict[str, Any], name: str) -> float | None:
         return r["qkv_bound_max"] if name == "qkv_bound_max" else r["params"].get(name)
 
+    def targets(r: dict[str, Any]) -> list[float]:
+        return [r["activity"][t] for t in TARGETS] + [_loss(kind, r["damage"][p]) for p in WHOLE]
+
     rows = []
     for name in PREDICTORS:
         usable = [r for r in records if stat(r, name) is not None]
         xs = [stat(r, name) for r in usable]
-        rows.append([name, *(spearman(xs, [r["activity"][t] for r in usable]) for t in TARGETS)])
-    return _table(["weight statistic", *(f"rank corr. with max {t}" for t in TARGETS)], rows)
+        ys = [targets(r) for r in usable]
+        rows.append([name, *(spearman(xs, [y[i] for y in ys]) for i in range(len(TARGETS) + len(WHOLE)))])
+    metric = "1 - top-1" if kind == "decoder" else "1 - min cosine"
+    header = ["weight statistic", *(f"max {t}" for t in TARGETS), *(f"{p}: {metric}" for p in WHOLE)]
+    return _table(header, rows)
 
 
 def plot_growth(results: dict[str, Any], kind: str, path: Path) -> None:
@@ -203,12 +217,17 @@ def write(results: dict[str, Any], directory: Path) -> None:
         lines += [f"## {kind.capitalize()}s: last checkpoint of each run", ""]
         lines += [f"Damage: {what} against float32 (**bold**: damaged); then `hyprec check`'s verdict.", ""]
         lines += [*final_table(results, kind), ""]
-        lines += [f"### {kind.capitalize()}s: which weight statistics track the activations", ""]
+        lines += [f"### {kind.capitalize()}s: which weight statistics track the activations and the damage", ""]
+        lines += ["Spearman rank correlation over every checkpoint of every run.", ""]
         lines += [*predictor_table(results, kind), ""]
         plot_growth(results, kind, directory / f"growth-{kind}.png")
         lines += [f"![residual growth, {kind}s](growth-{kind}.png)", ""]
     lines += ["## Training length", "", *growth_table(results), ""]
-    lines += ["## `hyprec check` against measured damage (every checkpoint)", "", *confusion_table(results), ""]
+    lines += ["## `hyprec check` against measured damage (every checkpoint)", ""]
+    if any("verdicts_at_training" in r for r in results["records"]):
+        lines += ["`check` as it was when the study ran:", "", *confusion_table(results, "verdicts_at_training"), ""]
+        lines += ["`check` now (`--check-again` re-ran it on the same checkpoints):", ""]
+    lines += [*confusion_table(results), ""]
     plot_maxima(results, directory / "maxima.png")
     lines += ["![activation maxima at the last checkpoint](maxima.png)", ""]
     (directory / "tables.md").write_text("\n".join(lines))

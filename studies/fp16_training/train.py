@@ -112,6 +112,10 @@ def batches(cfg: RunConfig, stream: torch.Tensor, tok: Tokenizer) -> Iterator[di
         yield {"input_ids": inputs, "labels": labels}
 
 
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / f"step-{step:05d}"
+
+
 def _write_json(path: Path, content: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(content, indent=1))
@@ -163,7 +167,7 @@ def train(
         seconds += time.perf_counter() - start
         losses.append(float(loss.detach()))
         if step in due:
-            directory = out / f"step-{step:05d}"
+            directory = checkpoint_dir(out, step)
             save_checkpoint(model.eval(), cfg, tok, directory)
             model.train()
             recent = losses[-max(1, cfg.steps // 20) :]

@@ -9,7 +9,8 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from studies.fp16_training.__main__ import QUICK_TEXTS, main, run_study
+from studies.fp16_training import report
+from studies.fp16_training.__main__ import QUICK_TEXTS, check_again, main, run_study
 from studies.fp16_training.grid import DECODER, ENCODER, default_grid, quick_grid
 from studies.fp16_training.measure import HALF_POLICIES, MIN_COSINE, MIN_TOP1, damaged
 from studies.fp16_training.report import confusion, spearman
@@ -66,6 +67,24 @@ def test_a_recorded_run_is_not_trained_again(quick, tmp_path):
     out, results = quick
     again = run_study(quick_grid()[:1], out / "runs", tmp_path / "report", QUICK_TEXTS, quiet=True)
     assert len(again["records"]) == len(results["records"])
+
+
+def test_check_runs_again_on_the_recorded_checkpoints(quick, tmp_path):
+    out, results = quick
+    again = json.loads(json.dumps(results))
+    for r in again["records"]:
+        r["verdicts"] = dict.fromkeys(HALF_POLICIES, "fails")  # stand-in for an older check's verdicts
+    check_again(again, out / "runs", QUICK_TEXTS)
+    for before, after in zip(results["records"], again["records"], strict=True):
+        assert after["verdicts_at_training"] == dict.fromkeys(HALF_POLICIES, "fails")
+        assert after["verdicts"] == before["verdicts"]  # the same check on the same checkpoint
+        # The study's rule: whole-model bfloat16 is at risk for language models only.
+        generative = again["runs"][after["run"]]["config"]["family"] != "bert"
+        assert (after["verdicts"]["bfloat16"] == "at-risk") == generative
+    report.write(again, tmp_path)
+    tables = (tmp_path / "tables.md").read_text()
+    assert "`check` as it was when the study ran" in tables
+    assert sum(confusion(again, "verdicts_at_training")["float16"][k] for k in ("flagged, damaged", "flagged, clean"))
 
 
 def test_unknown_run_names_are_refused(capsys):

@@ -9,7 +9,7 @@ import torch
 
 from hyprec.entrypoints.cli import main
 from hyprec.tools.check import check
-from tests.helpers import ZOO, ZooModel
+from tests.helpers import ZOO, ZooModel, study_decoder
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 TOKENS = [list(range(3, 60)), list(range(10, 90, 2)), [5, 6, 7, 8] * 10]
@@ -49,8 +49,23 @@ def test_minilm_is_safe_in_float16():
     report = check("minilm")
     assert report.verdicts["float16"].verdict == "safe"
     assert report.verdicts["hybrid-fp16"].verdict == "safe"
+    assert report.verdicts["bfloat16"].verdict == "safe"  # the language-model rule below leaves encoders alone
     assert report.recommended == "hybrid-fp16"
     assert report.calibration_texts == 64 and len(report.layers) == 7  # embeddings + 6 layers
+
+
+def test_whole_bfloat16_is_at_risk_for_a_language_model(tmp_path):
+    """The fp16 training study's rule (docs/fp16-study.md), on a checkpoint the study trains: whole-model bfloat16
+    changes next-token choices through precision, which no activation range shows."""
+    checkpoint, ids = study_decoder(tmp_path)
+    report = check(str(checkpoint), texts=ids)
+    bf16 = report.verdicts["bfloat16"]
+    assert (bf16.verdict, bf16.quantity) == ("at-risk", "precision") and "fp16 study" in bf16.reason
+    # Range: nothing near either limit, so the other policies stay safe and hybrid-fp16 is recommended.
+    assert {p: report.verdicts[p].verdict for p in ("float16", "hybrid-fp16", "hybrid-bf16")} == dict.fromkeys(
+        ("float16", "hybrid-fp16", "hybrid-bf16"), "safe"
+    )
+    assert report.recommended == "hybrid-fp16"
 
 
 @pytest.mark.slow

@@ -40,6 +40,11 @@ RISK_MARGIN = 8.0
 LOGIT_ERROR_AT_RISK = 1.0  # estimated absolute logit error from rounding q/k
 POLICIES = ("float16", "bfloat16", "hybrid-fp16", "hybrid-bf16")
 MAX_LISTED = 10  # non-finite tensors listed in the text report
+#: The reason whole-model bfloat16 is at risk for every language model (measured in docs/fp16-study.md).
+WHOLE_BF16_DECODER = (
+    "language model in whole-model bfloat16: every activation keeps 8 significant bits, and next-token choices "
+    "drift from float32 (fp16 study: REASON_NUMBERS); hybrid-bf16 keeps float32 activations"
+)
 
 
 @dataclass
@@ -374,12 +379,24 @@ def check(model: Any = None, texts: list[str] | None = None, *, device: str = "c
         non_finite=problems,
     )
     report.verdicts, report.recommended = judge(rows, problems)
-    if report.checkpoint_dtype == "bfloat16" and report.verdicts["float16"].verdict == "safe":
-        report.verdicts["float16"] = Verdict(
+    apply_model_rules(report.verdicts, report.checkpoint_dtype, engine.generative)
+    return report
+
+
+def apply_model_rules(verdicts: dict[str, Verdict], checkpoint_dtype: str, generative: bool) -> None:
+    """Rules from what the model is rather than from its activations, applied to verdicts still ``safe``:
+
+    * a bfloat16 checkpoint was trained in bfloat16's range: float16 is at risk beyond the calibration text;
+    * whole-model bfloat16 on a language model is at risk from precision, not range. Evidence: the fp16 training
+      study (``docs/fp16-study.md``): STUDY_EVIDENCE.
+    """
+    if checkpoint_dtype == "bfloat16" and verdicts["float16"].verdict == "safe":
+        verdicts["float16"] = Verdict(
             "at-risk",
             "bfloat16 checkpoint: trained in bfloat16's range; the calibration text stayed below the float16 limit",
         )
-    return report
+    if generative and verdicts["bfloat16"].verdict == "safe":
+        verdicts["bfloat16"] = Verdict("at-risk", WHOLE_BF16_DECODER, quantity="precision")
 
 
 def render(report: CheckReport) -> str:
