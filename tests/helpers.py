@@ -143,6 +143,13 @@ def large_logits(path: Path) -> None:
     _scale(path, {"model.layers.2.self_attn.q_proj.weight": 200.0, "model.layers.2.self_attn.k_proj.weight": 200.0})
 
 
+def first_block_outlier(path: Path) -> None:
+    # The fp16 training study's high-learning-rate shape (docs/fp16-study.md, run decoder-lr-3e-2): the first block
+    # writes an outlier of ~2e4 into the residual stream and later layers carry it; within 8x of 65504, not beyond.
+    _llama(path)
+    _scale(path, {"model.layers.0.mlp.down_proj.weight": 2e6})
+
+
 def clean_llama(path: Path) -> None:
     _llama(path)
 
@@ -169,6 +176,11 @@ ZOO = [
     ),
     ZooModel(
         "large-logits", large_logits, {"hybrid-fp16": ("at-risk", "logits"), "hybrid-bf16": ("at-risk", "logits")}
+    ),
+    ZooModel(
+        "first-block-outlier",
+        first_block_outlier,
+        {"float16": ("at-risk", "residual"), "bfloat16": SAFE, "hybrid-fp16": SAFE, "hybrid-bf16": SAFE},
     ),
     ZooModel("clean-llama", clean_llama, dict.fromkeys(("float16", "bfloat16", "hybrid-fp16", "hybrid-bf16"), SAFE)),
     ZooModel("clean-bert", clean_bert, dict.fromkeys(("float16", "bfloat16", "hybrid-fp16", "hybrid-bf16"), SAFE)),

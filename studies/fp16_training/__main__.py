@@ -106,6 +106,9 @@ def run_study(
             "total_seconds": time.perf_counter() - run_started,
         }
         results_file.write_text(json.dumps(results, indent=1))
+    # Grid order in the tables, also for runs added to the grid after the others were recorded.
+    order = [c.name for c in grid if c.name in results["runs"]]
+    results["runs"] = {name: results["runs"][name] for name in [*order, *results["runs"]]}
     results["machine"] = machine()
     results["study_seconds"] = time.perf_counter() - started
     results_file.write_text(json.dumps(results, indent=1))

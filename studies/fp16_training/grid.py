@@ -67,6 +67,7 @@ def default_grid() -> list[RunConfig]:
         _variant(d, "gemma", "embedding scale + sandwich norms", family="gemma3", activation="gelu_pytorch_tanh"),
         _variant(d, "lr-3e-3", "learning rate", lr=3e-3),
         _variant(d, "lr-1e-2", "learning rate", lr=1e-2),
+        _variant(d, "lr-3e-2", "learning rate", lr=3e-2),
         _variant(d, "lr-3e-4", "learning rate", lr=3e-4),
         _variant(d, "no-warmup", "warm-up", warmup=0),
         _variant(d, "eps-1e-5", "Adam epsilon", eps=1e-5),

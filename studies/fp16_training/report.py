@@ -157,12 +157,11 @@ def plot_growth(results: dict[str, Any], kind: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for run in results["runs"]:
-        if _kind(results, run) != kind:
-            continue
+    runs = [run for run in results["runs"] if _kind(results, run) == kind]
+    for i, run in enumerate(runs):
         points = [(r["step"], r["activity"]["residual"]) for r in results["records"] if r["run"] == run]
-        if points:
-            ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=run)
+        style = ("-", "--", ":")[i // 10 % 3]  # the colour cycle has ten colours
+        ax.plot(*zip(*points, strict=True), marker="o", markersize=3, linestyle=style, label=run)
     ax.axhline(FP16_MAX, color="red", linestyle="--", label="float16 max (65504)")
     ax.set_yscale("log")
     ax.set_xlabel("training step")
@@ -200,6 +199,8 @@ def write(results: dict[str, Any], directory: Path) -> None:
     """``tables.md`` and the PNG plots into ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
     m = results.get("machine", {})
+    total = sum(run["total_seconds"] for run in results["runs"].values())
+    training = sum(run["train_seconds"] for run in results["runs"].values())
     lines = [
         "# fp16 training study: generated tables",
         "",
@@ -207,8 +208,8 @@ def write(results: dict[str, Any], directory: Path) -> None:
         "`docs/fp16-study.md`.",
         "",
         f"Machine: {m.get('cpu')}, {m.get('cores')} cores, torch {m.get('torch')} ({m.get('torch_threads')} threads); "
-        f"flags {m.get('flags')}. Study time {results.get('study_seconds', 0) / 60:.1f} min (runs skipped as "
-        "already recorded are not counted).",
+        f"flags {m.get('flags')}. Training and measuring took {total / 60:.1f} min (the sum over runs; training "
+        f"alone {training / 60:.1f} min).",
         "",
     ]
     kinds = sorted({_kind(results, run) for run in results["runs"]})

@@ -60,7 +60,7 @@ def test_whole_bfloat16_is_at_risk_for_a_language_model(tmp_path):
     checkpoint, ids = study_decoder(tmp_path)
     report = check(str(checkpoint), texts=ids)
     bf16 = report.verdicts["bfloat16"]
-    assert (bf16.verdict, bf16.quantity) == ("at-risk", "precision") and "fp16 study" in bf16.reason
+    assert (bf16.verdict, bf16.quantity) == ("at-risk", "precision") and "fp16-study" in bf16.reason
     # Range: nothing near either limit, so the other policies stay safe and hybrid-fp16 is recommended.
     assert {p: report.verdicts[p].verdict for p in ("float16", "hybrid-fp16", "hybrid-bf16")} == dict.fromkeys(
         ("float16", "hybrid-fp16", "hybrid-bf16"), "safe"
