@@ -1,7 +1,8 @@
-"""``python -m studies.fp16_training [--quick] [--out DIR] [--report DIR] [--only NAME ...]``
+"""``python -m studies.fp16_training [--quick] [--out DIR] [--report DIR] [--only NAME ...] [--check-again]``
 
 Trains each run of the grid, measures every checkpoint, appends one record per checkpoint to ``DIR/results.json``
 (a run already recorded there is skipped, so an interrupted study resumes), then writes the tables and plots.
+``--check-again`` first re-runs ``hyprec check`` on every recorded checkpoint (after check's rules changed).
 """
 
 from __future__ import annotations
@@ -138,6 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     texts_per_checkpoint = QUICK_TEXTS if args.quick else None
     if args.check_again:
         results_file = out / "results.json"
+        if not results_file.is_file():
+            parser.error(f"--check-again: {results_file} does not exist; run the study into --out first")
         results = json.loads(results_file.read_text())
         check_again(results, out, texts_per_checkpoint)
         results_file.write_text(json.dumps(results, indent=1))

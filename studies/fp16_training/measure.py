@@ -27,6 +27,7 @@ MIN_TOP1 = 0.99
 #: opens five engines per checkpoint).
 ENGINE_OPTIONS = {"kv_cache_memory": 2**24}
 ACTIVITY = ("residual", "ffn", "attention_inputs", "logits")
+LAYER_FIELDS = ("residual", "ffn", "q", "k", "v", "logits", "qkv_bound", "norm_gain")
 
 
 def damaged(kind: str, row: dict[str, Any]) -> bool:
@@ -79,8 +80,11 @@ def _damage_rows(path: Path, kind: str, reference: Any, texts: list[str], max_to
     return rows
 
 
-def _verdicts(report: CheckReport) -> dict[str, Any]:
+def _from_check(report: CheckReport) -> dict[str, Any]:
+    """What a record keeps of ``check``'s report: per layer (the embedding output first) the largest |x| of each
+    quantity and the weight facts, and the verdicts."""
     return {
+        "layers": [{k: getattr(r, k) for k in ("layer", *LAYER_FIELDS)} for r in report.layers],
         "verdicts": {p: report.verdicts[p].verdict for p in HALF_POLICIES},
         "reasons": {p: report.verdicts[p].reason for p in HALF_POLICIES},
         "recommended": report.recommended,
@@ -89,9 +93,10 @@ def _verdicts(report: CheckReport) -> dict[str, Any]:
 
 @torch.no_grad()
 def check_again(directory: Path, cfg: RunConfig, calibration: list[str]) -> dict[str, Any]:
-    """``check``'s verdicts on a recorded checkpoint, as :func:`measure` records them (after check's rules change)."""
+    """``check``'s per-layer maxima and verdicts on a recorded checkpoint, as :func:`measure` records them (after
+    check's rules change)."""
     reference = open_model(directory, dtype="float32", precision_guard=False, **ENGINE_OPTIONS)
-    return _verdicts(check(reference, texts=token_ids(reference, calibration, cfg.seq_len)))
+    return _from_check(check(reference, texts=token_ids(reference, calibration, cfg.seq_len)))
 
 
 @torch.no_grad()
@@ -109,10 +114,9 @@ def measure(directory: Path, cfg: RunConfig, calibration: list[str], evaluation:
     damage = _damage_rows(directory, kind, reference, evaluation, cfg.seq_len)
     return {
         "activity": {q: max(getattr(r, q) for r in report.layers) for q in ACTIVITY},
-        "residual_by_layer": [r.residual for r in report.layers],
         "qkv_bound_max": max(bounds) if bounds else None,
         "weights_certified_fp16": bool(bounds) and max(bounds) < FP16_MAX / RISK_MARGIN,
-        **_verdicts(report),
+        **_from_check(report),
         "damage": {p: _compare_row(kind, row) for p, row in zip(HALF_POLICIES, damage, strict=True)},
         "params": parameter_stats(directory, 1.0 if cfg.family == "gemma3" else 0.0)
         | {"norm_gain_attention_max": _finite(max(r.norm_gain or 0.0 for r in layers))},

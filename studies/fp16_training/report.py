@@ -173,6 +173,33 @@ def plot_growth(results: dict[str, Any], kind: str, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_layers(results: dict[str, Any], kind: str, path: Path) -> None:
+    """The residual stream's largest |x| after each layer (the embedding output first) at each run's last
+    checkpoint: where in the depth an outlier is written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    rows = [r for r in finals(results) if _kind(results, r["run"]) == kind]
+    for i, r in enumerate(rows):
+        names = [layer["layer"] for layer in r["layers"]]
+        values = [layer["residual"] for layer in r["layers"]]
+        ax.plot(
+            range(len(names)), values, marker="o", markersize=3, linestyle=("-", "--", ":")[i // 10 % 3], label=r["run"]
+        )
+    ax.axhline(FP16_MAX, color="red", linestyle="--", label="float16 max (65504)")
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(names)), names, fontsize=8)
+    ax.set_ylabel("max |residual| at the last checkpoint")
+    ax.set_title(f"{kind}s: the residual stream layer by layer")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_maxima(results: dict[str, Any], path: Path) -> None:
     """Final residual, FFN and q/k/v maxima per run (log scale) against the float16 maximum."""
     import matplotlib
@@ -223,6 +250,8 @@ def write(results: dict[str, Any], directory: Path) -> None:
         lines += [*predictor_table(results, kind), ""]
         plot_growth(results, kind, directory / f"growth-{kind}.png")
         lines += [f"![residual growth, {kind}s](growth-{kind}.png)", ""]
+        plot_layers(results, kind, directory / f"layers-{kind}.png")
+        lines += [f"![the residual stream layer by layer, {kind}s](layers-{kind}.png)", ""]
     lines += ["## Training length", "", *growth_table(results), ""]
     lines += ["## `hyprec check` against measured damage (every checkpoint)", ""]
     if any("verdicts_at_training" in r for r in results["records"]):

@@ -35,7 +35,8 @@ def test_quick_study_measures_every_checkpoint(quick):
         for r in records:
             assert math.isfinite(r["loss"]) and r["loss"] > 0
             assert all(0 < v < 1e4 for v in r["activity"].values()), r["activity"]  # tiny, barely trained models
-            assert len(r["residual_by_layer"]) == cfg.layers + 1  # the embedding output, then each layer
+            assert [row["layer"] for row in r["layers"]] == ["embeddings"] + [f"layer {i}" for i in range(cfg.layers)]
+            assert max(row["residual"] for row in r["layers"]) == r["activity"]["residual"]
             assert set(r["verdicts"]) == set(HALF_POLICIES) and set(r["verdicts"].values()) <= VERDICTS
             assert r["weights_certified_fp16"] is True  # q/k/v bounds of a few units, far below 65504 / 8
             for policy in HALF_POLICIES:
@@ -55,7 +56,7 @@ def test_quick_study_writes_the_report(quick):
     tables = (out / "report" / "tables.md").read_text()
     for cfg in quick_grid():
         assert f"| {cfg.name} |" in tables
-    for png in ("growth-decoder.png", "growth-encoder.png", "maxima.png"):
+    for png in ("growth-decoder.png", "growth-encoder.png", "layers-decoder.png", "layers-encoder.png", "maxima.png"):
         assert (out / "report" / png).read_bytes()[:4] == b"\x89PNG"
     cells = confusion(results)
     assert all(sum(c.values()) == len(results["records"]) for c in cells.values())
@@ -85,6 +86,13 @@ def test_check_runs_again_on_the_recorded_checkpoints(quick, tmp_path):
     tables = (tmp_path / "tables.md").read_text()
     assert "`check` as it was when the study ran" in tables
     assert sum(confusion(again, "verdicts_at_training")["float16"][k] for k in ("flagged, damaged", "flagged, clean"))
+
+
+def test_check_again_needs_recorded_results(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--quick", "--check-again", "--out", str(tmp_path / "nothing")])
+    assert exit_info.value.code == 2
+    assert "nothing/results.json does not exist" in capsys.readouterr().err
 
 
 def test_unknown_run_names_are_refused(capsys):
