@@ -13,7 +13,7 @@ class RunConfig:
     """One training run. Every field but ``name`` and ``factor`` is a knob; a variant changes one of them."""
 
     name: str
-    factor: str  # the factor this run varies against its kind's baseline ("baseline" for the baselines)
+    factor: str  # the factor this run varies against the run it is based on ("baseline" for the baselines)
     family: str = "llama"  # a key of FAMILIES
     hidden: int = 128
     layers: int = 4
@@ -34,8 +34,10 @@ class RunConfig:
     bias: bool = False  # q/k/v/o and FFN biases (decoders; BERT always has them)
     activation: str = "silu"  # the FFN gate's activation (decoders; BERT uses GELU)
     dropout: float = 0.0
+    embed_scale: bool = True  # Gemma-3 only: False trains it with its embedding multiplier sqrt(hidden) at 1
     clip: float = 1.0  # gradient-norm clipping
     seed: int = 0
+    based_on: str | None = None  # the run this one varies (None: a baseline)
 
     @property
     def kind(self) -> str:
@@ -50,13 +52,14 @@ ENCODER = RunConfig("encoder-baseline", "baseline", family="bert", ffn=512, acti
 
 
 def _variant(base: RunConfig, name: str, factor: str, **change) -> RunConfig:
-    prefix = base.kind
-    return replace(base, name=f"{prefix}-{name}", factor=factor, **change)
+    """``base`` with ``change``, named ``<kind>-<name>``; ``based_on`` records ``base``'s name."""
+    return replace(base, name=f"{base.kind}-{name}", factor=factor, based_on=base.name, **change)
 
 
 def default_grid() -> list[RunConfig]:
     """The study's grid (~45 minutes on 2 cores): see ``docs/fp16-study.md`` for why each variant is there."""
     d, e = DECODER, ENCODER
+    gemma = _variant(d, "gemma", "embedding scale + sandwich norms", family="gemma3", activation="gelu_pytorch_tanh")
     return [
         d,
         _variant(d, "seed1", "seed", seed=1),
@@ -64,7 +67,8 @@ def default_grid() -> list[RunConfig]:
         _variant(d, "bias", "bias terms", bias=True),
         _variant(d, "geglu", "activation", activation="gelu_pytorch_tanh"),
         _variant(d, "qk-norm", "qk-norm", family="qwen3"),
-        _variant(d, "gemma", "embedding scale + sandwich norms", family="gemma3", activation="gelu_pytorch_tanh"),
+        gemma,
+        _variant(gemma, "gemma-no-scale", "embedding scale", embed_scale=False),
         _variant(d, "lr-3e-3", "learning rate", lr=3e-3),
         _variant(d, "lr-1e-2", "learning rate", lr=1e-2),
         _variant(d, "lr-3e-2", "learning rate", lr=3e-2),

@@ -88,8 +88,10 @@ def confusion(results: dict[str, Any], verdicts: str = "verdicts") -> dict[str, 
         p: {"flagged, damaged": 0, "flagged, clean": 0, "safe, damaged": 0, "safe, clean": 0} for p in HALF_POLICIES
     }
     for r in results["records"]:
+        if verdicts not in r:  # measured after check changed: it has no verdicts from before
+            continue
         for p in HALF_POLICIES:
-            flagged = "flagged" if r.get(verdicts, r["verdicts"])[p] != "safe" else "safe"
+            flagged = "flagged" if r[verdicts][p] != "safe" else "safe"
             hurt = "damaged" if r["damage"][p]["damaged"] else "clean"
             table[p][f"{flagged}, {hurt}"] += 1
     return table
@@ -255,7 +257,9 @@ def write(results: dict[str, Any], directory: Path) -> None:
     lines += ["## Training length", "", *growth_table(results), ""]
     lines += ["## `hyprec check` against measured damage (every checkpoint)", ""]
     if any("verdicts_at_training" in r for r in results["records"]):
-        lines += ["`check` as it was when the study ran:", "", *confusion_table(results, "verdicts_at_training"), ""]
+        earlier = sum("verdicts_at_training" in r for r in results["records"])
+        lines += [f"`check` as it was when the study ran ({earlier} checkpoints measured before it changed):", ""]
+        lines += [*confusion_table(results, "verdicts_at_training"), ""]
         lines += ["`check` now (`--check-again` re-ran it on the same checkpoints):", ""]
     lines += [*confusion_table(results), ""]
     plot_maxima(results, directory / "maxima.png")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -62,7 +63,10 @@ def build_model(cfg: RunConfig) -> torch.nn.Module:
             query_pre_attn_scalar=head_dim,
             sliding_window=cfg.seq_len,
         )
-        return transformers.Gemma3ForCausalLM(gemma)
+        model = transformers.Gemma3ForCausalLM(gemma)
+        if not cfg.embed_scale:
+            model.model.embed_tokens.embed_scale.fill_(1.0)
+        return model
     raise ValueError(f"family {cfg.family!r}")
 
 
@@ -116,6 +120,23 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / f"step-{step:05d}"
 
 
+@torch.no_grad()
+def _as_scaled_gemma(model: torch.nn.Module) -> torch.nn.Module:
+    """A Gemma trained with its embedding multiplier at 1, as the Gemma-3 architecture that loaders build (which
+    multiplies the embedding by sqrt(hidden)): the table divided by that, the head untied and kept as trained. It
+    computes what was trained, up to one rounding of the table."""
+    config = copy.deepcopy(model.config)
+    config.tie_word_embeddings = False
+    table = model.model.embed_tokens.weight
+    state = model.state_dict() | {
+        "lm_head.weight": table.clone(),
+        "model.embed_tokens.weight": table / config.hidden_size**0.5,
+    }
+    untied = transformers.Gemma3ForCausalLM(config).eval()
+    untied.load_state_dict(state)
+    return untied
+
+
 def _write_json(path: Path, content: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(content, indent=1))
@@ -125,6 +146,8 @@ def save_checkpoint(model: torch.nn.Module, cfg: RunConfig, tok: Tokenizer, dire
     """A directory hyprec loads: the model and the tokenizer; an encoder without its MLM head, as a
     sentence-transformers model with mean pooling."""
     directory.mkdir(parents=True, exist_ok=True)
+    if cfg.family == "gemma3" and not cfg.embed_scale:
+        model = _as_scaled_gemma(model)
     (model.bert if cfg.kind == "encoder" else model).save_pretrained(directory)
     save_tokenizer(tok, cfg.kind, directory, cfg.seq_len)
     if cfg.kind == "encoder":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,10 +12,11 @@ from scipy.stats import spearmanr
 
 from studies.fp16_training import report
 from studies.fp16_training.__main__ import QUICK_TEXTS, check_again, main, run_study
-from studies.fp16_training.grid import DECODER, ENCODER, default_grid, quick_grid
+from studies.fp16_training.corpus import train_tokenizer
+from studies.fp16_training.grid import DECODER, ENCODER, RunConfig, default_grid, quick_grid
 from studies.fp16_training.measure import HALF_POLICIES, MIN_COSINE, MIN_TOP1, damaged
 from studies.fp16_training.report import confusion, spearman
-from studies.fp16_training.train import build_model, lr_at, optimizer
+from studies.fp16_training.train import build_model, lr_at, optimizer, save_checkpoint
 
 VERDICTS = {"safe", "at-risk", "fails"}
 
@@ -104,19 +106,39 @@ def test_unknown_run_names_are_refused(capsys):
 
 def test_the_default_grid_varies_one_factor_at_a_time():
     grid = default_grid()
-    assert len({c.name for c in grid}) == len(grid)
-    fields = DECODER.__dataclass_fields__
+    by_name = {c.name: c for c in grid}
+    assert len(by_name) == len(grid)
     for cfg in grid:
-        base = DECODER if cfg.kind == "decoder" else ENCODER
-        changed = {f for f in fields if f not in ("name", "factor") and getattr(cfg, f) != getattr(base, f)}
         if cfg.factor == "baseline":
-            assert cfg is base
-        elif cfg.factor == "training length":
+            assert cfg.based_on is None and cfg in (DECODER, ENCODER)
+            continue
+        base = by_name[cfg.based_on]
+        fields = set(RunConfig.__dataclass_fields__) - {"name", "factor", "based_on"}
+        changed = {f for f in fields if getattr(cfg, f) != getattr(base, f)}
+        if cfg.factor == "training length":
             assert changed == {"steps", "checkpoints"}
         elif cfg.factor == "embedding scale + sandwich norms":  # Gemma's bundle: its family and its activation
             assert changed == {"family", "activation"}
         else:
             assert len(changed) == 1, (cfg.name, changed)
+
+
+@torch.no_grad()
+def test_a_gemma_trained_without_its_embedding_scale_is_saved_as_it_computes(tmp_path):
+    """Gemma-3 multiplies its embedding by sqrt(hidden); the run that trains it at 1 saves a table divided by that
+    and an untied head, so the saved Gemma-3 computes what was trained."""
+    import transformers
+
+    cfg = next(c for c in quick_grid() if c.family == "gemma3")
+    cfg = replace(cfg, embed_scale=False)
+    model = build_model(cfg).eval()
+    assert float(model.model.embed_tokens.embed_scale) == 1.0
+    save_checkpoint(model, cfg, train_tokenizer(cfg.kind, ["a b c d e f g"] * 4, 64), tmp_path)
+    saved = transformers.Gemma3ForCausalLM.from_pretrained(tmp_path).eval()
+    assert float(saved.model.embed_tokens.embed_scale) == pytest.approx(cfg.hidden**0.5)
+    ids = torch.arange(3, 40)[None]
+    # float32: one rounding of the table (u = 6e-8) carried through two layers stays far below 1e-5.
+    torch.testing.assert_close(saved(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_learning_rate_warms_up_then_decays_to_a_tenth():
@@ -130,8 +152,6 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth():
 
 @pytest.mark.parametrize("decay_norms", [False, True])
 def test_weight_decay_reaches_norm_gains_only_when_asked(decay_norms):
-    from dataclasses import replace
-
     cfg = replace(quick_grid()[0], decay_norms=decay_norms, bias=True)
     model = build_model(cfg)
     names = {id(p): n for n, p in model.named_parameters()}
