@@ -260,7 +260,7 @@ def write(results: dict[str, Any], directory: Path) -> None:
         earlier = sum("verdicts_at_training" in r for r in results["records"])
         lines += [f"`check` as it was when the study ran ({earlier} checkpoints measured before it changed):", ""]
         lines += [*confusion_table(results, "verdicts_at_training"), ""]
-        lines += ["`check` now (`--check-again` re-ran it on the same checkpoints):", ""]
+        lines += ["`check` now (every checkpoint; `--check-again` re-ran it on the earlier ones):", ""]
     lines += [*confusion_table(results), ""]
     plot_maxima(results, directory / "maxima.png")
     lines += ["![activation maxima at the last checkpoint](maxima.png)", ""]

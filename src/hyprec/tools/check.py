@@ -43,8 +43,8 @@ MAX_LISTED = 10  # non-finite tensors listed in the text report
 #: The reason whole-model bfloat16 is at risk for every language model (measured in docs/fp16-study.md).
 WHOLE_BF16_DECODER = (
     "language model in whole-model bfloat16: every activation keeps 8 significant bits, and next-token choices "
-    "drift from float32 (docs/fp16-study.md: top-1 agreement 0.983-0.996 on 54 trained decoder checkpoints, below "
-    "0.99 on 22; Gemma-3-270M 0.979); hybrid-bf16 keeps float32 activations (0.995-1.000 on the same checkpoints)"
+    "drift from float32 (docs/fp16-study.md: top-1 agreement 0.983-0.996 on 57 trained decoder checkpoints, below "
+    "0.99 on 24; Gemma-3-270M 0.979); hybrid-bf16 keeps float32 activations (0.995-1.000 on the same checkpoints)"
 )
 
 
@@ -391,8 +391,8 @@ def apply_model_rules(verdicts: dict[str, Verdict], checkpoint_dtype: str, gener
     * whole-model bfloat16 on a language model is at risk from precision, not range: rounding every activation to
       8 significant bits moves next-token choices although nothing approaches a limit. Evidence: the fp16 training
       study (``docs/fp16-study.md``), where it changed 0.4-1.7% of the top-1 choices of every trained decoder
-      checkpoint, in every configuration, while the range and logit rules called 48 of the 54 safe; encoders'
-      pooled embeddings kept cosines above 0.99998 to float32, so the rule leaves them alone.
+      checkpoint, in every configuration, while the range and logit rules called 48 of the 54 measured before this
+      rule safe; encoders' pooled embeddings kept cosines above 0.99998 to float32, so the rule leaves them alone.
     """
     if checkpoint_dtype == "bfloat16" and verdicts["float16"].verdict == "safe":
         verdicts["float16"] = Verdict(
