@@ -2,6 +2,7 @@
 
 * Comparisons and model directories: :func:`assert_same_rows`, :func:`model_copy`.
 * The zoo: small models that fail in half precision in known ways, next to clean ones (:data:`ZOO`).
+* A checkpoint the fp16 training study trains, with held-out token ids (:func:`study_decoder`).
 * Decoder-parity cases: small random decoders of every supported family (:data:`DECODER_CASES`).
 * A tiny Llama with a word-level tokenizer and a Jinja chat template (:func:`tiny_chat_llama`).
 * A tiny cross-encoder or classifier with the MiniLM tokenizer (:func:`tiny_cross_encoder`).
