@@ -151,64 +151,59 @@ def predictor_table(results: dict[str, Any], kind: str) -> list[str]:
     return _table(header, rows)
 
 
-def plot_growth(results: dict[str, Any], kind: str, path: Path) -> None:
-    """Max residual |x| against training step, one line per run, with the float16 maximum."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _log_lines(series: dict[str, tuple[list, list]], ylabel: str, title: str, path: Path, xticks=None) -> None:
+    """One line per run (``label -> (xs, ys)``, log scale) against the float16 maximum, written as PNG."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    runs = [run for run in results["runs"] if _kind(results, run) == kind]
-    for i, run in enumerate(runs):
-        points = [(r["step"], r["activity"]["residual"]) for r in results["records"] if r["run"] == run]
+    for i, (label, (xs, ys)) in enumerate(series.items()):
         style = ("-", "--", ":")[i // 10 % 3]  # the colour cycle has ten colours
-        ax.plot(*zip(*points, strict=True), marker="o", markersize=3, linestyle=style, label=run)
+        ax.plot(xs, ys, marker="o", markersize=3, linestyle=style, label=label)
     ax.axhline(FP16_MAX, color="red", linestyle="--", label="float16 max (65504)")
     ax.set_yscale("log")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("max |residual| on held-out text")
-    ax.set_title(f"{kind}s: residual stream growth during training")
+    if xticks is not None:
+        ax.set_xticks(range(len(xticks)), xticks, fontsize=8)
+    else:
+        ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_growth(results: dict[str, Any], kind: str, path: Path) -> None:
+    """Max residual |x| against training step, one line per run, with the float16 maximum."""
+    series = {}
+    for run in results["runs"]:
+        if _kind(results, run) == kind:
+            points = [(r["step"], r["activity"]["residual"]) for r in results["records"] if r["run"] == run]
+            series[run] = tuple(zip(*points, strict=True))
+    _log_lines(series, "max |residual| on held-out text", f"{kind}s: residual stream growth during training", path)
 
 
 def plot_layers(results: dict[str, Any], kind: str, path: Path) -> None:
     """The residual stream's largest |x| after each layer (the embedding output first) at each run's last
     checkpoint: where in the depth an outlier is written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
     rows = [r for r in finals(results) if _kind(results, r["run"]) == kind]
-    for i, r in enumerate(rows):
-        names = [layer["layer"] for layer in r["layers"]]
-        values = [layer["residual"] for layer in r["layers"]]
-        ax.plot(
-            range(len(names)), values, marker="o", markersize=3, linestyle=("-", "--", ":")[i // 10 % 3], label=r["run"]
-        )
-    ax.axhline(FP16_MAX, color="red", linestyle="--", label="float16 max (65504)")
-    ax.set_yscale("log")
-    ax.set_xticks(range(len(names)), names, fontsize=8)
-    ax.set_ylabel("max |residual| at the last checkpoint")
-    ax.set_title(f"{kind}s: the residual stream layer by layer")
-    ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    names = [layer["layer"] for layer in rows[0]["layers"]]
+    series = {r["run"]: (range(len(names)), [layer["residual"] for layer in r["layers"]]) for r in rows}
+    title = f"{kind}s: the residual stream layer by layer"
+    _log_lines(series, "max |residual| at the last checkpoint", title, path, xticks=names)
 
 
 def plot_maxima(results: dict[str, Any], path: Path) -> None:
     """Final residual, FFN and q/k/v maxima per run (log scale) against the float16 maximum."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     rows = finals(results)
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(rows)), 4.5))
