@@ -91,12 +91,17 @@ def _from_check(report: CheckReport) -> dict[str, Any]:
     }
 
 
+def _checked(directory: Path, cfg: RunConfig, calibration: list[str]) -> tuple[Any, CheckReport]:
+    """The checkpoint's float32 engine and ``check``'s report on the first ``cfg.seq_len`` tokens of each text."""
+    reference = open_model(directory, dtype="float32", precision_guard=False, **ENGINE_OPTIONS)
+    return reference, check(reference, texts=token_ids(reference, calibration, cfg.seq_len))
+
+
 @torch.no_grad()
 def check_again(directory: Path, cfg: RunConfig, calibration: list[str]) -> dict[str, Any]:
     """``check``'s per-layer maxima and verdicts on a recorded checkpoint, as :func:`measure` records them (after
     check's rules change)."""
-    reference = open_model(directory, dtype="float32", precision_guard=False, **ENGINE_OPTIONS)
-    return _from_check(check(reference, texts=token_ids(reference, calibration, cfg.seq_len)))
+    return _from_check(_checked(directory, cfg, calibration)[1])
 
 
 @torch.no_grad()
@@ -106,9 +111,8 @@ def measure(directory: Path, cfg: RunConfig, calibration: list[str], evaluation:
     ``check`` runs a float32 pass over ``calibration`` (held-out text); ``compare``'s metrics compare each half
     policy of :data:`HALF_POLICIES` with float32 on ``evaluation``; both read each text's first ``cfg.seq_len``
     tokens (the model has no later positions)."""
-    reference = open_model(directory, dtype="float32", precision_guard=False, **ENGINE_OPTIONS)
+    reference, report = _checked(directory, cfg, calibration)
     kind = cfg.kind
-    report = check(reference, texts=token_ids(reference, calibration, cfg.seq_len))
     layers = report.layers[1:]  # the first row is the embedding output
     bounds = [r.qkv_bound for r in layers if r.qkv_bound is not None]
     damage = _damage_rows(directory, kind, reference, evaluation, cfg.seq_len)
